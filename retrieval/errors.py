@@ -1,0 +1,33 @@
+"""The exceptions a user can meet. Each carries a message written for the user; the CLI prints it in one line."""
+
+
+class ClipsearchError(Exception):
+    """Base class: a problem the user can act on (exit code 1 from the CLI)."""
+
+    exit_code = 1
+
+
+class UsageError(ClipsearchError):
+    """Bad arguments: a missing path, k <= 0, an unknown option value."""
+
+    exit_code = 2
+
+
+class ModelLoadError(ClipsearchError):
+    """The model could not be built or its weights could not be found or downloaded."""
+
+
+class ModelMismatchError(ClipsearchError):
+    """The index was built with another model than the one asked for."""
+
+
+class EmptyIndexError(ClipsearchError):
+    """There is nothing to search yet."""
+
+
+class IndexCorruptError(ClipsearchError):
+    """The index folder is damaged in a way that cannot be repaired automatically."""
+
+
+class IndexBusyError(ClipsearchError):
+    """Another process is writing to this index."""
