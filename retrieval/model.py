@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -92,8 +93,14 @@ class ModelIdentity:
         return cls(**json.loads(text))
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a weights file (whole file: checkpoints are read anyway when loading)."""
+def file_digest(path: Path) -> str:
+    """sha256 of a weights file, memoised per (path, size, mtime): opening an index checks it more than once."""
+    stat = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _file_digest(path: str, _size: int, _mtime_ns: int, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -229,9 +236,10 @@ def model_identity(spec: ModelSpec, model: Any) -> ModelIdentity:
     image_size = model.visual.image_size
     if isinstance(image_size, (tuple, list)):
         image_size = int(image_size[0])
-    return ModelIdentity(
-        name=spec.name,
-        pretrained=None if spec.local_dir is not None else spec.pretrained,
+    local, checkpoint = spec.local_dir, spec.checkpoint_file
+    return ModelIdentity(  # absolute paths, so the index opens from any working directory
+        name=f"{LOCAL_DIR_PREFIX}{local.resolve()}" if local is not None else spec.name,
+        pretrained=str(checkpoint.resolve()) if checkpoint is not None else spec.pretrained,
         weights_digest=file_digest(weights) if weights is not None else None,
         embed_dim=int(model.text_projection.shape[1])
         if getattr(model, "text_projection", None) is not None and hasattr(model.text_projection, "shape")
@@ -317,7 +325,9 @@ TINY_MODEL_CFG: dict[str, Any] = {
 }
 
 
-def make_random_model_dir(out_dir: Path | str, model_cfg: dict[str, Any] | None = None, seed: int = 0) -> Path:
+def make_random_model_dir(
+    out_dir: Path | str, model_cfg: dict[str, Any] | None = None, seed: int = 0
+) -> Path:
     """A seeded random-weight model folder: the offline stand-in for real weights in tests and benchmarks."""
     import open_clip
     import torch
@@ -325,5 +335,16 @@ def make_random_model_dir(out_dir: Path | str, model_cfg: dict[str, Any] | None 
     cfg = json.loads(json.dumps(model_cfg or TINY_MODEL_CFG))
     torch.manual_seed(seed)
     model = open_clip.CLIP(**cfg)
-    model.visual.preprocess_cfg = asdict(open_clip.transform.PreprocessCfg(size=cfg["vision_cfg"]["image_size"]))
+    model.visual.preprocess_cfg = asdict(
+        open_clip.transform.PreprocessCfg(size=cfg["vision_cfg"]["image_size"])
+    )
     return save_model_dir(model, cfg, out_dir)
+
+
+def spec_key(spec: ModelSpec) -> str:
+    """The identity key of a spec without building the model (same value as ``ModelIdentity.key``)."""
+    _check_spec(spec)
+    weights = _weights_path(spec)
+    if weights is not None:
+        return f"sha256:{file_digest(weights)}"
+    return f"{spec.name}/{spec.pretrained or 'random'}"

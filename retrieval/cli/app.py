@@ -25,7 +25,9 @@ F = TypeVar("F", bound=Callable[..., object])
 
 IndexOption = Annotated[
     Path | None,
-    typer.Option("--index", envvar="CLIPSEARCH_INDEX", help="Index folder (default: XDG data dir).", show_default=False),
+    typer.Option(
+        "--index", envvar="CLIPSEARCH_INDEX", help="Index folder (default: XDG data dir).", show_default=False
+    ),
 ]
 
 

@@ -1,0 +1,290 @@
+"""Index folders: scan, diff against the catalog, decode in workers, encode in batches, commit in chunks.
+
+Each chunk is one SQLite transaction (rows + embeddings), so an interrupted run keeps what it committed and the
+next run resumes where it stopped: committed files are unchanged on disk and are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from indexer.images import DecodedItem, ImageFileDataset, collate_decoded, hash_file
+from indexer.plan import Plan, WorkItem, plan_changes
+from indexer.scan import resolve_folder, scan_folder
+from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding
+from retrieval.errors import IndexBusyError, ModelLoadError, UsageError
+from retrieval.layout import IndexLayout
+from retrieval.model import Encoder, ModelSpec, spec_key
+from retrieval.vector_sync import open_vectors, save_vectors
+from retrieval.vectors import VectorIndex
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How to index; the defaults suit a laptop CPU."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    batch_size: int = 32
+    workers: int | None = None  # None: one per core, at most 4
+    device: str = "auto"
+    chunk_size: int = 256  # files per catalog transaction
+    wait_for_lock: bool = True
+    save_every_s: float = 120.0  # also save the FAISS file during long runs
+
+
+@dataclass
+class IndexSummary:
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    encoded: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"added {self.added}, updated {self.updated}, moved {self.moved}, removed {self.removed}, "
+            f"unchanged {self.unchanged}, failed {self.failed} in {self.seconds:.1f} s "
+            f"({self.images_per_second:.1f} images/s)"
+        )
+
+
+def index_paths(
+    index_dir: Path, paths: Sequence[Path], settings: IndexSettings, progress: bool = True
+) -> IndexSummary:
+    """Bring the index in step with the folders (all known folders when ``paths`` is empty)."""
+    from filelock import FileLock, Timeout
+
+    started = time.perf_counter()
+    layout = IndexLayout(Path(index_dir))
+    folders = [resolve_folder(Path(p)) for p in paths]
+    if settings.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(layout.lock))
+    try:
+        lock.acquire(timeout=-1 if settings.wait_for_lock else 0)
+    except Timeout:
+        raise IndexBusyError(f"another clipsearch process is writing to {layout.root}") from None
+    try:
+        summary = _index_locked(layout, folders, settings, progress)
+    finally:
+        lock.release()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _index_locked(layout: IndexLayout, folders: list[str], settings: IndexSettings, progress: bool):
+    catalog = Catalog(layout.catalog, create=True)
+    try:
+        catalog.check_model(spec_key(settings.model), settings.model.describe())
+        if not folders:
+            folders = catalog.roots()
+            if not folders:
+                raise UsageError("nothing indexed yet: run `clipsearch index FOLDER`")
+        summary = IndexSummary()
+        present = []
+        for folder in folders:
+            if os.path.isdir(folder):
+                present.append(folder)
+            else:  # an unmounted drive must not erase its images from the index
+                summary.warnings.append(f"skipped {folder}: folder not found (its images stay indexed)")
+        with catalog.session() as session:
+            scans = {folder: scan_folder(folder) for folder in present}
+            plan = plan_changes(catalog, session, scans, hash_file)
+        for folder, scan in scans.items():
+            if not scan.files and not scan.unreadable and not plan.known_under(folder):
+                raise UsageError(f"no images found in {folder}")
+        catalog.add_roots(present)
+        _run_plan(catalog, layout, plan, settings, summary, progress)
+        return summary
+    finally:
+        catalog.close()
+
+
+class _Writer:
+    """Applies decoded + encoded files to the catalog and the in-memory FAISS index, chunk by chunk."""
+
+    def __init__(
+        self, catalog: Catalog, layout: IndexLayout, vectors: VectorIndex | None, save_every_s: float
+    ):
+        self.catalog = catalog
+        self.layout = layout
+        self.vectors = vectors
+        self.generation = catalog.vectors_generation()
+        self.saved_generation = self.generation
+        self.save_every_s = save_every_s
+        self.last_save = time.monotonic()
+
+    def commit(self, session_work) -> None:
+        removed_ids: list[int] = []
+        added: list[tuple[ImageRow, np.ndarray]] = []
+        with self.catalog.session() as session, session.begin():
+            removed_ids, added = session_work(session)
+            session.flush()
+            added_ids = np.array([row.id for row, _ in added], dtype=np.int64)
+            self.generation = self.catalog.bump_generation(session)
+        if self.vectors is not None:
+            self.vectors.remove(removed_ids)
+            if added:
+                self.vectors.add(added_ids, np.stack([vector for _, vector in added]))
+        if time.monotonic() - self.last_save > self.save_every_s:
+            self.save()
+
+    def save(self) -> None:
+        if self.vectors is not None and self.saved_generation != self.generation:
+            save_vectors(self.catalog, self.layout, self.vectors, self.generation)
+            self.saved_generation = self.generation
+            self.last_save = time.monotonic()
+
+
+def _run_plan(
+    catalog: Catalog,
+    layout: IndexLayout,
+    plan: Plan,
+    settings: IndexSettings,
+    summary: IndexSummary,
+    progress: bool,
+) -> None:
+    summary.unchanged = plan.unchanged
+    identity = catalog.model_identity()
+    vectors = open_vectors(catalog, layout, identity.embed_dim, persist=True) if identity else None
+    writer = _Writer(catalog, layout, vectors, settings.save_every_s)
+    try:
+        if plan.moved or plan.gone or plan.unreadable:
+            writer.commit(lambda session: _apply_moves_and_removals(session, plan, summary))
+        if plan.work:
+            encoder = _load_encoder(catalog, settings)
+            if writer.vectors is None:
+                writer.vectors = open_vectors(catalog, layout, encoder.dim, persist=False)
+            for chunk in _encode(plan.work, encoder, settings, progress):
+                writer.commit(lambda session, chunk=chunk: _apply_chunk(session, chunk, summary))
+    finally:
+        writer.save()
+
+
+def _load_encoder(catalog: Catalog, settings: IndexSettings) -> Encoder:
+    if settings.model.local_dir is None and not settings.model.pretrained:
+        raise ModelLoadError(
+            "random weights differ at every load: pass --pretrained TAG|FILE or a local-dir: model"
+        )
+    encoder = Encoder.load(settings.model, settings.device)
+    if catalog.model_identity() is None:
+        catalog.set_meta("model", encoder.identity.to_json())
+    return encoder
+
+
+def _apply_moves_and_removals(session: Session, plan: Plan, summary: IndexSummary):
+    for row_id, facts in plan.moved:
+        row = session.get(ImageRow, row_id)
+        row.path, row.size, row.mtime_ns = facts.path, facts.size, facts.mtime_ns
+        summary.moved += 1
+    removed = []
+    for row_id in plan.gone:
+        row = session.get(ImageRow, row_id)
+        if row.status == STATUS_OK:
+            removed.append(row_id)
+        session.delete(row)
+        summary.removed += 1
+    for path, reason, row_id in plan.unreadable:
+        row = session.get(ImageRow, row_id) if row_id else None
+        if row is None:
+            row = ImageRow(path=path, size=-1, mtime_ns=-1, status=STATUS_FAILED)
+            session.add(row)
+        elif row.status == STATUS_OK:
+            removed.append(row.id)
+        row.status, row.error, row.embedding, row.indexed_at = STATUS_FAILED, reason, None, time.time()
+        summary.failed += 1
+    return removed, []
+
+
+def _apply_chunk(session: Session, chunk: list[tuple[WorkItem, DecodedItem, np.ndarray | None]], summary):
+    removed: list[int] = []
+    added: list[tuple[ImageRow, np.ndarray]] = []
+    for item, decoded, vector in chunk:
+        facts = item.facts
+        if item.row_id is None:
+            row = ImageRow(path=facts.path)
+            session.add(row)
+        else:
+            row = session.get(ImageRow, item.row_id)
+            if row.status == STATUS_OK:
+                removed.append(row.id)
+        row.size, row.mtime_ns, row.content_hash = facts.size, facts.mtime_ns, decoded.content_hash
+        row.indexed_at = time.time()
+        if vector is None:
+            row.status, row.error, row.embedding = STATUS_FAILED, decoded.error, None
+            row.width = row.height = None
+            summary.failed += 1
+            continue
+        row.status, row.error, row.embedding = STATUS_OK, None, encode_embedding(vector)
+        row.width, row.height = decoded.width, decoded.height
+        added.append((row, vector))
+        summary.encoded += 1
+        if item.row_id is None:
+            summary.added += 1
+        else:
+            summary.updated += 1
+    return removed, added
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _encode(
+    work: list[WorkItem], encoder: Encoder, settings: IndexSettings, progress: bool
+) -> Iterator[list[tuple[WorkItem, DecodedItem, np.ndarray | None]]]:
+    """Decode in DataLoader workers, encode batches, and yield commit-sized chunks in file order."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    dataset = ImageFileDataset(
+        [item.facts.path for item in work], encoder.preprocess, encoder.identity.image_size
+    )
+    workers = default_workers() if settings.workers is None else settings.workers
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        pin_memory=encoder.device.startswith("cuda"),
+        prefetch_factor=4 if workers else None,
+    )
+    pending: list[tuple[WorkItem, DecodedItem, np.ndarray | None]] = []
+    with tqdm(total=len(work), unit="img", disable=not progress, dynamic_ncols=True, desc="indexing") as bar:
+        for batch in loader:
+            ok = [item for item in batch if item.pixels is not None]
+            vectors = encoder.encode_images(torch.stack([item.pixels for item in ok])) if ok else None
+            by_position = {item.position: row for item, row in zip(ok, vectors)} if ok else {}
+            for decoded in batch:
+                pending.append((work[decoded.position], decoded, by_position.get(decoded.position)))
+            bar.update(len(batch))
+            if len(pending) >= settings.chunk_size:
+                yield pending
+                pending = []
+    if pending:
+        yield pending
+
+
+def failures_by_reason(catalog: Catalog) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for row in catalog.failed_rows():
+        grouped[row.error or "unknown"].append(row.path)
+    return grouped

@@ -1,0 +1,72 @@
+"""Walk folders for image files and compare what is on disk with what the catalog knows."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retrieval.errors import UsageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+HEIF_SUFFIXES = frozenset({".heic", ".heif"})
+
+
+def image_suffixes() -> frozenset[str]:
+    """HEIC/HEIF count only when pillow-heif is installed to decode them."""
+    try:
+        import pillow_heif  # noqa: F401
+    except ImportError:
+        return IMAGE_SUFFIXES
+    return IMAGE_SUFFIXES | HEIF_SUFFIXES
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What a cheap ``stat`` tells: enough to skip unchanged files without reading them."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ScanResult:
+    files: list[FileFacts] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): broken links, no access
+
+
+def resolve_folder(path: Path) -> str:
+    """An absolute folder path as the catalog stores it, or a clear error."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UsageError(f"no such folder: {path}")
+    if not path.is_dir():
+        raise UsageError(f"not a folder: {path} (clipsearch indexes folders)")
+    return str(path.resolve())
+
+
+def scan_folder(folder: str) -> ScanResult:
+    """Recursive walk; hidden files and folders are skipped; folder symlinks are not followed (no loops)."""
+    result = ScanResult()
+    suffixes = image_suffixes()
+
+    def on_error(error: OSError) -> None:
+        result.unreadable.append((str(error.filename), f"cannot read folder: {error.strerror}"))
+
+    for current, dirs, files in os.walk(folder, onerror=on_error):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in suffixes:
+                continue
+            path = os.path.join(current, name)
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                result.unreadable.append((path, "broken symbolic link"))
+                continue
+            except OSError as error:
+                result.unreadable.append((path, f"cannot stat: {error.strerror}"))
+                continue
+            result.files.append(FileFacts(path, stat.st_size, stat.st_mtime_ns))
+    return result

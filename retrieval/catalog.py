@@ -1,0 +1,264 @@
+"""The SQLite catalog (SQLAlchemy 2): folders, image facts and their embeddings. The source of truth.
+
+Each image's embedding lives in its row (float16), written in the same transaction as its facts, so a crash can
+never separate a vector from its file; the FAISS file is rebuilt from here whenever it is missing or stale.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from retrieval.errors import EmptyIndexError, IndexCorruptError, ModelMismatchError
+from retrieval.model import ModelIdentity
+
+SCHEMA_VERSION = 1
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+EMBEDDING_DTYPE = np.float16
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Root(Base):
+    """A folder the user asked to index; ``clipsearch index`` with no path refreshes all of them."""
+
+    __tablename__ = "roots"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String, unique=True)
+    added_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class ImageRow(Base):
+    """One file. ``status`` is ok (embedding set) or failed (error set, retried only when the file changes)."""
+
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String, unique=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str | None] = mapped_column(String, nullable=True)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    status: Mapped[str] = mapped_column(String)
+    error: Mapped[str | None] = mapped_column(String, nullable=True)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    indexed_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+    __table_args__ = (Index("ix_images_hash", "content_hash"), Index("ix_images_status", "status"))
+
+    def vector(self) -> np.ndarray:
+        return decode_embedding(self.embedding)
+
+
+class Meta(Base):
+    """Key/value facts about the index: schema version, model identity, vector generation."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(String)
+
+
+def encode_embedding(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype=EMBEDDING_DTYPE).tobytes()
+
+
+def decode_embedding(blob: bytes | None) -> np.ndarray:
+    if blob is None:
+        raise IndexCorruptError("an indexed image has no stored embedding: run `clipsearch check --repair`")
+    return np.frombuffer(blob, dtype=EMBEDDING_DTYPE).astype(np.float32)
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Undo float16 rounding of the norm so inner products stay cosine similarities."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Catalog:
+    """An open catalog file. Short-lived sessions; WAL so readers never wait on the indexer."""
+
+    def __init__(self, path: Path, create: bool = False):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise EmptyIndexError(f"no index at {self.path.parent}: run `clipsearch index FOLDER` first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(f"sqlite:///{self.path}")
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if create:
+            Base.metadata.create_all(self.engine)
+        self._check_schema(create)
+
+    def _check_schema(self, create: bool) -> None:
+        version = self.get_meta("schema_version")
+        if version is None:
+            if not create:
+                raise IndexCorruptError(f"{self.path} is not a clipsearch catalog (no schema version)")
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+        elif int(version) > SCHEMA_VERSION:
+            raise IndexCorruptError(
+                f"this index was written by a newer clipsearch (schema {version}, this one reads "
+                f"{SCHEMA_VERSION}): upgrade clipsearch"
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return self.sessions()
+
+    # --- meta -----------------------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        with self.session() as session:
+            row = session.get(Meta, key)
+            return row.value if row else None
+
+    def set_meta(self, key: str, value: str, session: Session | None = None) -> None:
+        if session is not None:
+            session.merge(Meta(key=key, value=value))
+            return
+        with self.session() as own, own.begin():
+            own.merge(Meta(key=key, value=value))
+
+    def model_identity(self) -> ModelIdentity | None:
+        text = self.get_meta("model")
+        return ModelIdentity.from_json(text) if text else None
+
+    def check_model(self, key: str, wanted: str) -> ModelIdentity | None:
+        """Refuse a model other than the recorded one (``key`` from ``model.spec_key``)."""
+        recorded = self.model_identity()
+        if recorded is not None and recorded.key() != key:
+            raise ModelMismatchError(
+                f"this index was built with {recorded.describe()}, not {wanted}: use the same --model/--pretrained, "
+                f"or another --index folder"
+            )
+        return recorded
+
+    def vectors_generation(self) -> int:
+        return int(self.get_meta("vectors_generation") or 0)
+
+    def bump_generation(self, session: Session) -> int:
+        current = session.get(Meta, "vectors_generation")
+        value = int(current.value) + 1 if current else 1
+        session.merge(Meta(key="vectors_generation", value=str(value)))
+        return value
+
+    # --- roots and rows ---------------------------------------------------------------------------------------
+
+    def roots(self) -> list[str]:
+        with self.session() as session:
+            return list(session.scalars(select(Root.path).order_by(Root.path)))
+
+    def add_roots(self, folders: Iterable[str]) -> None:
+        """Record folders, folding a folder inside a known one into it (and known ones inside a new one)."""
+        with self.session() as session, session.begin():
+            known = list(session.scalars(select(Root)))
+            for folder in folders:
+                if any(_is_under(folder, root.path) for root in known):
+                    continue
+                for root in [r for r in known if _is_under(r.path, folder)]:
+                    session.delete(root)
+                    known.remove(root)
+                root = Root(path=folder)
+                session.add(root)
+                known.append(root)
+
+    def rows_under(self, session: Session, folder: str) -> list[ImageRow]:
+        prefix = folder.rstrip("/") + "/"
+        return list(
+            session.scalars(select(ImageRow).where(ImageRow.path.startswith(prefix, autoescape=True)))
+        )
+
+    def ids_under(self, folder: str) -> np.ndarray:
+        prefix = folder.rstrip("/") + "/"
+        with self.session() as session:
+            ids = session.scalars(
+                select(ImageRow.id).where(
+                    ImageRow.status == STATUS_OK, ImageRow.path.startswith(prefix, autoescape=True)
+                )
+            )
+            return np.fromiter(ids, dtype=np.int64)
+
+    def rows_by_id(self, ids: Sequence[int]) -> dict[int, ImageRow]:
+        with self.session() as session:
+            rows = session.scalars(select(ImageRow).where(ImageRow.id.in_([int(i) for i in ids])))
+            return {row.id: row for row in rows}
+
+    def row_by_path(self, path: str) -> ImageRow | None:
+        with self.session() as session:
+            return session.scalars(select(ImageRow).where(ImageRow.path == path)).first()
+
+    def rows_by_paths(self, paths: Sequence[str]) -> dict[str, ImageRow]:
+        found: dict[str, ImageRow] = {}
+        with self.session() as session:
+            for start in range(0, len(paths), 500):
+                chunk = list(paths[start : start + 500])
+                found.update(
+                    {r.path: r for r in session.scalars(select(ImageRow).where(ImageRow.path.in_(chunk)))}
+                )
+        return found
+
+    def count(self, status: str | None = None) -> int:
+        with self.session() as session:
+            query = select(func.count(ImageRow.id))
+            if status is not None:
+                query = query.where(ImageRow.status == status)
+            return int(session.scalar(query) or 0)
+
+    def failed_rows(self) -> list[ImageRow]:
+        with self.session() as session:
+            return list(
+                session.scalars(
+                    select(ImageRow).where(ImageRow.status == STATUS_FAILED).order_by(ImageRow.path)
+                )
+            )
+
+    def iter_embeddings(self, batch: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, normalised float32 vectors) of ok rows, in id order, in batches."""
+        last = 0
+        with self.session() as session:
+            while True:
+                rows = session.execute(
+                    select(ImageRow.id, ImageRow.embedding)
+                    .where(ImageRow.status == STATUS_OK, ImageRow.id > last)
+                    .order_by(ImageRow.id)
+                    .limit(batch)
+                ).all()
+                if not rows:
+                    return
+                ids = np.array([r[0] for r in rows], dtype=np.int64)
+                vectors = np.stack([decode_embedding(r[1]) for r in rows])
+                last = int(ids[-1])
+                yield ids, normalise(vectors)
+
+
+def _is_under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")

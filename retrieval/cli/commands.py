@@ -1,0 +1,146 @@
+"""The core commands: index, search, similar, info. Each is one library call plus printing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from retrieval.cli.app import IndexOption, app, quiet_libraries, resolve_index_dir, user_errors
+from retrieval.model import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+ModelOption = Annotated[
+    str, typer.Option("--model", help="open_clip model name, or local-dir:FOLDER with a saved model.")
+]
+PretrainedOption = Annotated[
+    str, typer.Option("--pretrained", help="open_clip pretrained tag, or a checkpoint file path.")
+]
+KOption = Annotated[int, typer.Option("-k", "--top-k", help="How many results.")]
+MinScoreOption = Annotated[
+    float | None, typer.Option("--min-score", help="Drop results below this cosine score.")
+]
+UnderOption = Annotated[Path | None, typer.Option("--under", help="Only results inside this folder.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
+PathsOption = Annotated[bool, typer.Option("--paths", help="Print one path per line (for piping).")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+@app.command()
+@user_errors
+def index(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Folders to index; none: refresh all known.")
+    ] = None,
+    index_dir: IndexOption = None,
+    model: ModelOption = DEFAULT_MODEL,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 32,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Decoding processes (default: cores).")
+    ] = None,
+    device: DeviceOption = "auto",
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Fail instead of waiting for another indexer.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Index folders of images (only what changed since the last run)."""
+    quiet_libraries()
+    from indexer.pipeline import IndexSettings, index_paths
+    from retrieval.model import ModelSpec
+
+    settings = IndexSettings(
+        model=ModelSpec(model, pretrained or None),
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        wait_for_lock=not no_wait,
+    )
+    summary = index_paths(resolve_index_dir(index_dir), paths or [], settings, progress=not quiet)
+    for warning in summary.warnings:
+        typer.echo(f"clipsearch: {warning}", err=True)
+    typer.echo(summary.line())
+
+
+def _print_results(results, as_json: bool, as_paths: bool, query: dict) -> None:
+    if as_json:
+        typer.echo(json.dumps({"query": query, "results": [r.to_dict() for r in results]}, indent=2))
+    elif as_paths:
+        for result in results:
+            typer.echo(result.path)
+    elif not results:
+        typer.echo("no results", err=True)
+    else:
+        typer.echo(f"{'rank':>4}  {'score':>6}  path")
+        for result in results:
+            typer.echo(f"{result.rank:>4}  {result.score:6.3f}  {result.path}")
+
+
+@app.command()
+@user_errors
+def search(
+    text: Annotated[str, typer.Argument(help="What to look for, in words.")],
+    index_dir: IndexOption = None,
+    k: KOption = 10,
+    min_score: MinScoreOption = None,
+    under: UnderOption = None,
+    as_json: JsonOption = False,
+    as_paths: PathsOption = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Find images matching a text description."""
+    quiet_libraries()
+    from retrieval.engine import SearchEngine
+
+    with SearchEngine(resolve_index_dir(index_dir), device=device) as engine:
+        results = engine.search_text(text, k=k, min_score=min_score, under=under)
+    _print_results(results, as_json, as_paths, {"text": text, "k": k})
+
+
+@app.command()
+@user_errors
+def similar(
+    image: Annotated[Path, typer.Argument(help="An image file (indexed or not).")],
+    index_dir: IndexOption = None,
+    k: KOption = 10,
+    min_score: MinScoreOption = None,
+    under: UnderOption = None,
+    as_json: JsonOption = False,
+    as_paths: PathsOption = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Find images that look like IMAGE (IMAGE itself is left out)."""
+    quiet_libraries()
+    from retrieval.engine import SearchEngine
+
+    with SearchEngine(resolve_index_dir(index_dir), device=device) as engine:
+        results = engine.search_image(image, k=k, min_score=min_score, under=under)
+    _print_results(results, as_json, as_paths, {"image": str(image), "k": k})
+
+
+@app.command()
+@user_errors
+def info(
+    index_dir: IndexOption = None,
+    failed: Annotated[bool, typer.Option("--failed", help="List files that could not be indexed.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the model, image count, folders, failures and size of an index."""
+    from retrieval.stats import index_info
+
+    details = index_info(resolve_index_dir(index_dir), with_failures=failed)
+    if as_json:
+        typer.echo(json.dumps(details.to_dict(), indent=2))
+        return
+    typer.echo(f"index:   {details.index_dir}")
+    typer.echo(f"model:   {details.model or '(none yet)'}")
+    typer.echo(f"images:  {details.images} indexed, {details.failed} failed")
+    typer.echo(
+        f"vectors: {details.index_type}, dim {details.embed_dim}, {'current' if details.vectors_current else 'stale (rebuilt on next use)'}"
+    )
+    typer.echo(f"size:    {details.size_bytes / 1e6:.1f} MB")
+    typer.echo("folders: " + (", ".join(details.roots) or "(none)"))
+    for path, reason in details.failures:
+        typer.echo(f"failed:  {path}: {reason}")

@@ -1,0 +1,39 @@
+"""Where an index folder keeps its files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CATALOG_FILE = "catalog.sqlite"
+VECTORS_FILE = "vectors.faiss"
+LOCK_FILE = "write.lock"
+
+
+def default_index_dir() -> Path:
+    """``$XDG_DATA_HOME/clipsearch/index`` (``~/.local/share/clipsearch/index`` when unset)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "clipsearch" / "index"
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    """The files of one index folder: the catalog is the truth, the FAISS file is derived from it."""
+
+    root: Path
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / CATALOG_FILE
+
+    @property
+    def vectors(self) -> Path:
+        return self.root / VECTORS_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def exists(self) -> bool:
+        return self.catalog.is_file()

@@ -1,0 +1,56 @@
+"""What `clipsearch info` reports about an index folder, without loading the model or the vectors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog
+from retrieval.layout import IndexLayout
+from retrieval.vector_sync import FAISS_GENERATION_KEY, INDEX_TYPE_KEY
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    index_dir: str
+    model: str | None
+    embed_dim: int | None
+    images: int
+    failed: int
+    roots: list[str]
+    index_type: str
+    size_bytes: int
+    vectors_current: bool
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), with failed=True only
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def index_info(index_dir: Path, with_failures: bool = False) -> IndexInfo:
+    layout = IndexLayout(Path(index_dir).expanduser())
+    catalog = Catalog(layout.catalog, create=False)
+    try:
+        identity = catalog.model_identity()
+        saved = catalog.get_meta(FAISS_GENERATION_KEY)
+        failures = [(row.path, row.error or "") for row in catalog.failed_rows()] if with_failures else []
+        return IndexInfo(
+            index_dir=str(layout.root),
+            model=identity.describe() if identity else None,
+            embed_dim=identity.embed_dim if identity else None,
+            images=catalog.count(STATUS_OK),
+            failed=catalog.count(STATUS_FAILED),
+            roots=catalog.roots(),
+            index_type=catalog.get_meta(INDEX_TYPE_KEY) or "flat",
+            size_bytes=_size(layout),
+            vectors_current=layout.vectors.is_file() and saved == str(catalog.vectors_generation()),
+            failures=failures,
+        )
+    finally:
+        catalog.close()
+
+
+def _size(layout: IndexLayout) -> int:
+    files = [layout.catalog, layout.vectors, Path(f"{layout.catalog}-wal")]
+    return sum(os.path.getsize(f) for f in files if os.path.exists(f))
