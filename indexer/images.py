@@ -65,9 +65,7 @@ def decode_image_and_size(data: bytes, min_side: int | None = None) -> tuple[Ima
             if min_side and image.format == "JPEG":
                 scale = min_side / max(1, min(width, height))
                 if scale < 1:
-                    image.draft(
-                        "RGB", (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999)))
-                    )
+                    image.draft("RGB", (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999))))
             if getattr(image, "is_animated", False):
                 image.seek(0)
             image.load()
@@ -144,9 +142,7 @@ class ImageFileDataset:
         except DecodeError as error:
             return DecodedItem(position, None, digest, None, None, str(error))
         except Exception as error:  # a worker must never die on one file
-            return DecodedItem(
-                position, None, digest, None, None, f"cannot decode ({type(error).__name__}: {error})"
-            )
+            return DecodedItem(position, None, digest, None, None, f"cannot decode ({type(error).__name__}: {error})")
 
 
 def collate_decoded(items: list[DecodedItem]) -> list[DecodedItem]:

@@ -64,9 +64,7 @@ class IndexSummary:
         )
 
 
-def index_paths(
-    index_dir: Path, paths: Sequence[Path], settings: IndexSettings, progress: bool = True
-) -> IndexSummary:
+def index_paths(index_dir: Path, paths: Sequence[Path], settings: IndexSettings, progress: bool = True) -> IndexSummary:
     """Bring the index in step with the folders (all known folders when ``paths`` is empty)."""
     from filelock import FileLock, Timeout
 
@@ -120,9 +118,7 @@ def _index_locked(layout: IndexLayout, folders: list[str], settings: IndexSettin
 class _Writer:
     """Applies decoded + encoded files to the catalog and the in-memory FAISS index, chunk by chunk."""
 
-    def __init__(
-        self, catalog: Catalog, layout: IndexLayout, vectors: VectorIndex | None, save_every_s: float
-    ):
+    def __init__(self, catalog: Catalog, layout: IndexLayout, vectors: VectorIndex | None, save_every_s: float):
         self.catalog = catalog
         self.layout = layout
         self.vectors = vectors
@@ -180,9 +176,7 @@ def _run_plan(
 
 def _load_encoder(catalog: Catalog, settings: IndexSettings) -> Encoder:
     if settings.model.local_dir is None and not settings.model.pretrained:
-        raise ModelLoadError(
-            "random weights differ at every load: pass --pretrained TAG|FILE or a local-dir: model"
-        )
+        raise ModelLoadError("random weights differ at every load: pass --pretrained TAG|FILE or a local-dir: model")
     encoder = Encoder.load(settings.model, settings.device)
     if catalog.model_identity() is None:
         catalog.set_meta("model", encoder.identity.to_json())
@@ -255,9 +249,7 @@ def _encode(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    dataset = ImageFileDataset(
-        [item.facts.path for item in work], encoder.preprocess, encoder.identity.image_size
-    )
+    dataset = ImageFileDataset([item.facts.path for item in work], encoder.preprocess, encoder.identity.image_size)
     workers = default_workers() if settings.workers is None else settings.workers
     loader = DataLoader(
         dataset,

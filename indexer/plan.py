@@ -73,9 +73,7 @@ def plan_changes(
     return plan
 
 
-def _match_moves(
-    new: list[FileFacts], gone: list[ImageRow], hash_file: Callable[[str], str], plan: Plan
-) -> set[int]:
+def _match_moves(new: list[FileFacts], gone: list[ImageRow], hash_file: Callable[[str], str], plan: Plan) -> set[int]:
     """Pair new files with vanished rows of the same size and content hash; the rest of ``new`` is work."""
     candidates: dict[int, list[ImageRow]] = defaultdict(list)
     for row in gone:

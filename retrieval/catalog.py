@@ -193,9 +193,7 @@ class Catalog:
 
     def rows_under(self, session: Session, folder: str) -> list[ImageRow]:
         prefix = folder.rstrip("/") + "/"
-        return list(
-            session.scalars(select(ImageRow).where(ImageRow.path.startswith(prefix, autoescape=True)))
-        )
+        return list(session.scalars(select(ImageRow).where(ImageRow.path.startswith(prefix, autoescape=True))))
 
     def ids_under(self, folder: str) -> np.ndarray:
         prefix = folder.rstrip("/") + "/"
@@ -221,9 +219,7 @@ class Catalog:
         with self.session() as session:
             for start in range(0, len(paths), 500):
                 chunk = list(paths[start : start + 500])
-                found.update(
-                    {r.path: r for r in session.scalars(select(ImageRow).where(ImageRow.path.in_(chunk)))}
-                )
+                found.update({r.path: r for r in session.scalars(select(ImageRow).where(ImageRow.path.in_(chunk)))})
         return found
 
     def count(self, status: str | None = None) -> int:
@@ -236,9 +232,7 @@ class Catalog:
     def failed_rows(self) -> list[ImageRow]:
         with self.session() as session:
             return list(
-                session.scalars(
-                    select(ImageRow).where(ImageRow.status == STATUS_FAILED).order_by(ImageRow.path)
-                )
+                session.scalars(select(ImageRow).where(ImageRow.status == STATUS_FAILED).order_by(ImageRow.path))
             )
 
     def iter_embeddings(self, batch: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -200,9 +200,7 @@ def _read_karpathy(images: list, annotations: Path) -> list[_Record]:
                 name = f"{image['filepath']}/{name}"
             captions = [sentence["raw"].strip() for sentence in image["sentences"]]
         except (KeyError, TypeError) as error:
-            raise DatasetError(
-                f"{annotations}: image #{number} lacks field {error} (Karpathy layout)"
-            ) from None
+            raise DatasetError(f"{annotations}: image #{number} lacks field {error} (Karpathy layout)") from None
         records.append(_Record(name, captions, image.get("split")))
     return records
 
@@ -228,9 +226,7 @@ def _read_token(lines: list[str], annotations: Path) -> list[_Record]:
     for number, line in enumerate(lines, 1):
         match = _TOKEN_LINE.match(line)
         if match is None:
-            raise DatasetError(
-                f"{annotations}:{number}: expected `image.jpg#N<TAB>caption`, got {line[:60]!r}"
-            )
+            raise DatasetError(f"{annotations}:{number}: expected `image.jpg#N<TAB>caption`, got {line[:60]!r}")
         rows.append((match["image"].strip(), match["caption"], None))
     return _group(rows)
 
@@ -326,9 +322,7 @@ def _of_split(items: Sequence[T], name: str, source_format: str) -> list[T]:
     return chosen
 
 
-def _locate_images(
-    records: list[_Record], images_dir: Path, source_format: str, allow_missing: bool
-) -> CaptionedSet:
+def _locate_images(records: list[_Record], images_dir: Path, source_format: str, allow_missing: bool) -> CaptionedSet:
     root = images_dir.resolve()
     found, missing = [], []
     for record in records:

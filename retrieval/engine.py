@@ -57,9 +57,7 @@ class SearchEngine:
     @property
     def model_spec(self) -> ModelSpec:
         if self.identity is None:
-            raise EmptyIndexError(
-                f"the index at {self.layout.root} is empty: run `clipsearch index FOLDER` first"
-            )
+            raise EmptyIndexError(f"the index at {self.layout.root} is empty: run `clipsearch index FOLDER` first")
         return ModelSpec(self.identity.name, self.identity.pretrained)
 
     @property
@@ -87,9 +85,7 @@ class SearchEngine:
 
     # --- queries --------------------------------------------------------------------------------------------
 
-    def search_text(
-        self, text: str, k: int = 10, min_score: float | None = None, under: Path | str | None = None
-    ):
+    def search_text(self, text: str, k: int = 10, min_score: float | None = None, under: Path | str | None = None):
         if not text.strip():
             raise UsageError("the query text is empty")
         _check_k(k)

@@ -156,8 +156,7 @@ def _check_spec(spec: ModelSpec) -> None:
         if not open_clip.get_pretrained_cfg(spec.name, spec.pretrained):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
             raise ModelLoadError(
-                f"{spec.pretrained!r} is neither a checkpoint file nor a pretrained tag of {spec.name} "
-                f"(tags: {tags})"
+                f"{spec.pretrained!r} is neither a checkpoint file nor a pretrained tag of {spec.name} (tags: {tags})"
             )
     elif spec.checkpoint_file is not None and not spec.checkpoint_file.is_file():
         raise ModelLoadError(f"checkpoint file not found: {spec.checkpoint_file}")
@@ -325,9 +324,7 @@ TINY_MODEL_CFG: dict[str, Any] = {
 }
 
 
-def make_random_model_dir(
-    out_dir: Path | str, model_cfg: dict[str, Any] | None = None, seed: int = 0
-) -> Path:
+def make_random_model_dir(out_dir: Path | str, model_cfg: dict[str, Any] | None = None, seed: int = 0) -> Path:
     """A seeded random-weight model folder: the offline stand-in for real weights in tests and benchmarks."""
     import open_clip
     import torch
@@ -335,9 +332,7 @@ def make_random_model_dir(
     cfg = json.loads(json.dumps(model_cfg or TINY_MODEL_CFG))
     torch.manual_seed(seed)
     model = open_clip.CLIP(**cfg)
-    model.visual.preprocess_cfg = asdict(
-        open_clip.transform.PreprocessCfg(size=cfg["vision_cfg"]["image_size"])
-    )
+    model.visual.preprocess_cfg = asdict(open_clip.transform.PreprocessCfg(size=cfg["vision_cfg"]["image_size"]))
     return save_model_dir(model, cfg, out_dir)
 
 

@@ -256,9 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=("png", "jpg"), default="png")
     args = parser.parse_args(argv)
     try:
-        path = generate_shapes_dataset(
-            args.out, args.images, args.seed, args.size, args.val, args.test, args.format
-        )
+        path = generate_shapes_dataset(args.out, args.images, args.seed, args.size, args.val, args.test, args.format)
     except ValueError as error:
         parser.error(str(error))
     print(f"wrote {args.images} images and {path}")

@@ -18,9 +18,7 @@ PretrainedOption = Annotated[
     str, typer.Option("--pretrained", help="open_clip pretrained tag, or a checkpoint file path.")
 ]
 KOption = Annotated[int, typer.Option("-k", "--top-k", help="How many results.")]
-MinScoreOption = Annotated[
-    float | None, typer.Option("--min-score", help="Drop results below this cosine score.")
-]
+MinScoreOption = Annotated[float | None, typer.Option("--min-score", help="Drop results below this cosine score.")]
 UnderOption = Annotated[Path | None, typer.Option("--under", help="Only results inside this folder.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
 PathsOption = Annotated[bool, typer.Option("--paths", help="Print one path per line (for piping).")]
@@ -30,20 +28,14 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda."
 @app.command()
 @user_errors
 def index(
-    paths: Annotated[
-        list[Path] | None, typer.Argument(help="Folders to index; none: refresh all known.")
-    ] = None,
+    paths: Annotated[list[Path] | None, typer.Argument(help="Folders to index; none: refresh all known.")] = None,
     index_dir: IndexOption = None,
     model: ModelOption = DEFAULT_MODEL,
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 32,
-    workers: Annotated[
-        int | None, typer.Option("--workers", help="Decoding processes (default: cores).")
-    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Decoding processes (default: cores).")] = None,
     device: DeviceOption = "auto",
-    no_wait: Annotated[
-        bool, typer.Option("--no-wait", help="Fail instead of waiting for another indexer.")
-    ] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting for another indexer.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Index folders of images (only what changed since the last run)."""
@@ -137,9 +129,8 @@ def info(
     typer.echo(f"index:   {details.index_dir}")
     typer.echo(f"model:   {details.model or '(none yet)'}")
     typer.echo(f"images:  {details.images} indexed, {details.failed} failed")
-    typer.echo(
-        f"vectors: {details.index_type}, dim {details.embed_dim}, {'current' if details.vectors_current else 'stale (rebuilt on next use)'}"
-    )
+    state = "current" if details.vectors_current else "stale (rebuilt on next use)"
+    typer.echo(f"vectors: {details.index_type}, dim {details.embed_dim}, {state}")
     typer.echo(f"size:    {details.size_bytes / 1e6:.1f} MB")
     typer.echo("folders: " + (", ".join(details.roots) or "(none)"))
     for path, reason in details.failures:
