@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny seeded open_clip model saved as a local-dir folder, and generated image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.pipeline import IndexSettings
+from retrieval.model import ModelSpec, make_random_model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-weight, seeded, 32-dim CLIP (64 px images) written as `local-dir:` — real open_clip, made small."""
+    return make_random_model_dir(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_model_dir) -> ModelSpec:
+    return ModelSpec(f"local-dir:{tiny_model_dir}", None)
+
+
+@pytest.fixture
+def settings(tiny_spec) -> IndexSettings:
+    """In-process decoding keeps small tests fast; worker processes are tested on their own."""
+    return IndexSettings(model=tiny_spec, batch_size=8, workers=0, chunk_size=8)
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:
+    """A distinct picture per seed: smooth colour gradients plus noise, so encoders see different content."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = [np.sin(x * rng.uniform(2, 9) + y * rng.uniform(2, 9) + rng.uniform(0, 6)) for _ in range(3)]
+    pixels = (np.stack(channels, axis=-1) * 100 + 128 + rng.normal(0, 20, (height, width, 3))).clip(0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, format=fmt)
+    return path
+
+
+def make_images(folder: Path, count: int, seed: int = 0, suffix: str = ".jpg") -> list[Path]:
+    return [write_image(folder / f"img_{seed}_{i:03d}{suffix}", seed * 1000 + i) for i in range(count)]
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    make_images(folder, 10, seed=1)
+    make_images(folder / "2023" / "summer", 6, seed=2, suffix=".png")
+    return folder
