@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from indexer.images import DecodedItem, ImageFileDataset, collate_decoded, hash_file
 from indexer.plan import Plan, WorkItem, plan_changes
 from indexer.scan import resolve_folder, scan_folder
-from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding
+from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding, normalise
 from retrieval.errors import IndexBusyError, ModelLoadError, UsageError
 from retrieval.layout import IndexLayout
 from retrieval.model import Encoder, ModelSpec, spec_key
@@ -138,7 +138,7 @@ class _Writer:
         if self.vectors is not None:
             self.vectors.remove(removed_ids)
             if added:
-                self.vectors.add(added_ids, np.stack([vector for _, vector in added]))
+                self.vectors.add(added_ids, normalise(np.stack([vector for _, vector in added])))
         if time.monotonic() - self.last_save > self.save_every_s:
             self.save()
 
@@ -228,7 +228,7 @@ def _apply_chunk(session: Session, chunk: list[tuple[WorkItem, DecodedItem, np.n
             continue
         row.status, row.error, row.embedding = STATUS_OK, None, encode_embedding(vector)
         row.width, row.height = decoded.width, decoded.height
-        added.append((row, vector))
+        added.append((row, row.vector()))  # as stored, so a rebuilt FAISS index answers identically
         summary.encoded += 1
         if item.row_id is None:
             summary.added += 1
