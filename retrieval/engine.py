@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.catalog import STATUS_OK, Catalog, normalise
+from retrieval.catalog import STATUS_OK, Catalog, ImageRow, normalise
 from retrieval.errors import EmptyIndexError, UsageError
 from retrieval.layout import IndexLayout
 from retrieval.model import Encoder, ModelIdentity, ModelSpec, spec_key
@@ -129,6 +129,21 @@ class SearchEngine:
         if missing:
             raise UsageError(f"{len(missing)} image(s) are not indexed, e.g. {missing[0]}")
         return normalise(np.stack([rows[key].vector() for key in keys]))
+
+    def row(self, image_id: int) -> ImageRow | None:
+        """The catalog row of an indexed image (ok or failed), or None: how the web app maps ids to files."""
+        return self.catalog.rows_by_id([int(image_id)]).get(int(image_id))
+
+    def search_by_id(
+        self, image_id: int, k: int = 10, min_score: float | None = None, under: Path | str | None = None
+    ) -> list[SearchResult]:
+        """Images like the indexed image ``image_id``, from its stored vector; it is left out of its own results."""
+        _check_k(k)
+        self.vectors  # noqa: B018
+        row = self.row(image_id)
+        if row is None or row.status != STATUS_OK:
+            raise UsageError(f"no indexed image has id {image_id}")
+        return self._search(normalise(row.vector()[None, :]), k, min_score, under, exclude=(row.id,))
 
     def _encode_file(self, path: Path) -> np.ndarray:
         from indexer.images import DecodeError, load_image
