@@ -1,6 +1,8 @@
 """The `clipsearch` command: a thin skin over the library. Each command module registers itself on `app`."""
 
 from retrieval.cli import commands  # noqa: F401  (registers index, search, similar, info)
+from retrieval.cli import eval as eval_commands  # noqa: F401  (registers eval flickr30k, eval captions)
+from retrieval.cli import serve as serve_command  # noqa: F401  (registers serve)
 from retrieval.cli.app import app
 
 
