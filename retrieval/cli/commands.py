@@ -23,6 +23,15 @@ UnderOption = Annotated[Path | None, typer.Option("--under", help="Only results 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
 PathsOption = Annotated[bool, typer.Option("--paths", help="Print one path per line (for piping).")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        envvar="CLIPSEARCH_SERVER",
+        help="Ask a running `clipsearch serve` (e.g. http://127.0.0.1:8000) instead of loading the model.",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
@@ -81,13 +90,19 @@ def search(
     as_json: JsonOption = False,
     as_paths: PathsOption = False,
     device: DeviceOption = "auto",
+    server: ServerOption = None,
 ) -> None:
     """Find images matching a text description."""
     quiet_libraries()
-    from retrieval.engine import SearchEngine
+    if server:
+        from retrieval.client import ServerClient
 
-    with SearchEngine(resolve_index_dir(index_dir), device=device) as engine:
-        results = engine.search_text(text, k=k, min_score=min_score, under=under)
+        results = ServerClient(server).search_text(text, k=k, min_score=min_score, under=under)
+    else:
+        from retrieval.engine import SearchEngine
+
+        with SearchEngine(resolve_index_dir(index_dir), device=device) as engine:
+            results = engine.search_text(text, k=k, min_score=min_score, under=under)
     _print_results(results, as_json, as_paths, {"text": text, "k": k})
 
 
@@ -102,13 +117,19 @@ def similar(
     as_json: JsonOption = False,
     as_paths: PathsOption = False,
     device: DeviceOption = "auto",
+    server: ServerOption = None,
 ) -> None:
     """Find images that look like IMAGE (IMAGE itself is left out)."""
     quiet_libraries()
-    from retrieval.engine import SearchEngine
+    if server:
+        from retrieval.client import ServerClient
 
-    with SearchEngine(resolve_index_dir(index_dir), device=device) as engine:
-        results = engine.search_image(image, k=k, min_score=min_score, under=under)
+        results = ServerClient(server).search_image(image, k=k, min_score=min_score, under=under)
+    else:
+        from retrieval.engine import SearchEngine
+
+        with SearchEngine(resolve_index_dir(index_dir), device=device) as engine:
+            results = engine.search_image(image, k=k, min_score=min_score, under=under)
     _print_results(results, as_json, as_paths, {"image": str(image), "k": k})
 
 

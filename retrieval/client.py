@@ -1,0 +1,116 @@
+"""Search through a running `clipsearch serve` (``--server URL``): repeated searches skip loading the model.
+
+Standard library only, so the CLI needs no HTTP package. Results come back as the same ``SearchResult`` the
+local engine returns, so the CLI prints them the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+from retrieval.engine import SearchResult
+from retrieval.errors import ClipsearchError, UsageError
+
+RESULT_FIELDS = ("rank", "score", "path", "image_id", "width", "height")
+
+
+class ServerClient:
+    """The search API of one server. Paths of query images and ``under`` folders are resolved here, on the
+    client, the way the local engine would resolve them."""
+
+    def __init__(self, url: str, timeout: float = 120.0):
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--server must be an http:// or https:// URL, not {url!r}")
+        self.base = url.rstrip("/")
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server: no proxy
+
+    def search_text(self, text: str, k: int = 10, min_score: float | None = None, under=None) -> list[SearchResult]:
+        if not text.strip():
+            raise UsageError("the query text is empty")
+        return self._results(self._request("GET", "/api/search", {"q": text, **_filters(k, min_score, under)}))
+
+    def search_image(self, image: Path | str, k: int = 10, min_score: float | None = None, under=None):
+        """Like ``SearchEngine.search_image``: an indexed image is searched by its id (and left out of its own
+        results); any other file is uploaded."""
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise UsageError(f"no such image file: {path}")
+        params = _filters(k, min_score, under)
+        image_id = self.indexed_id(path.resolve())
+        if image_id is not None:
+            return self._results(self._request("GET", f"/api/similar/{image_id}", params))
+        body, content_type = _multipart("image", path.name, path.read_bytes())
+        return self._results(self._request("POST", "/api/search/image", params, body, content_type))
+
+    def indexed_id(self, path: Path) -> int | None:
+        """The id of an indexed (not failed) file, or None."""
+        try:
+            image = self._request("GET", "/api/images", {"path": str(path)})
+        except _NotFound:
+            return None
+        return int(image["image_id"]) if image.get("status") == "ok" else None
+
+    def _request(self, method: str, route: str, params: dict, body: bytes | None = None, content_type: str = ""):
+        url = f"{self.base}{route}?{urllib.parse.urlencode(params)}"
+        request = urllib.request.Request(url, data=body, method=method)
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:
+            detail = _detail(error)
+            if error.code == 404 and route == "/api/images":
+                raise _NotFound(detail) from None
+            kind = UsageError if error.code in (400, 404, 413, 422) else ClipsearchError
+            raise kind(f"{detail} (server {self.base})") from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ClipsearchError(f"cannot reach a clipsearch server at {self.base}: {reason}") from None
+
+    @staticmethod
+    def _results(page: dict) -> list[SearchResult]:
+        return [SearchResult(**{name: item[name] for name in RESULT_FIELDS}) for item in page["results"]]
+
+
+class _NotFound(Exception):
+    pass
+
+
+def _filters(k: int, min_score: float | None, under) -> dict:
+    if k < 1:
+        raise UsageError("-k must be at least 1")
+    params: dict = {"k": k}
+    if min_score is not None:
+        params["min_score"] = min_score
+    if under is not None:
+        params["under"] = str(Path(under).expanduser().resolve())
+    return params
+
+
+def _detail(error: urllib.error.HTTPError) -> str:
+    try:
+        detail = json.loads(error.read() or b"{}").get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, list):  # FastAPI's validation errors
+        detail = "; ".join(str(item.get("msg", item)) for item in detail)
+    return str(detail or f"HTTP {error.code} {error.reason}")
+
+
+def _multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    safe_name = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
+    media_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{safe_name}"\r\n'
+        f"Content-Type: {media_type}\r\n\r\n"
+    ).encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"

@@ -1,0 +1,417 @@
+"""The local web app and JSON API: one warm SearchEngine behind FastAPI, plus the static page.
+
+Only indexed files are ever read: requests name images by catalog id, and the path comes from the catalog. The
+one path a request may carry, the ``under`` filter, must lie inside an indexed folder before it is used at all.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from retrieval.catalog import STATUS_OK
+from retrieval.engine import SearchEngine, SearchResult
+from retrieval.errors import (
+    ClipsearchError,
+    EmptyIndexError,
+    IndexBusyError,
+    ModelLoadError,
+    ModelMismatchError,
+    UsageError,
+)
+from retrieval.thumbnails import THUMBNAIL_SIZES, ThumbnailCache, ThumbnailError
+
+STATIC_DIR = Path(__file__).with_name("static")
+THUMBNAILS_DIR = "thumbnails"
+MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around an uploaded file
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits of the HTTP API; the defaults suit a personal photo collection."""
+
+    device: str = "auto"
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_results: int = 1000  # offset + k of one request: deeper scrolling stops here
+    default_k: int = 48
+
+
+# --- response shapes (they document the API in /openapi.json) -------------------------------------------------
+
+
+class ResultOut(BaseModel):
+    rank: int
+    score: float
+    image_id: int
+    path: str
+    width: int | None
+    height: int | None
+    thumbnail_url: str
+    preview_url: str
+    file_url: str
+
+
+class SearchOut(BaseModel):
+    query: dict[str, str | int | float | None]
+    offset: int
+    k: int
+    has_more: bool
+    took_ms: float
+    results: list[ResultOut]
+
+
+class ImageOut(BaseModel):
+    image_id: int
+    path: str
+    width: int | None
+    height: int | None
+    size: int
+    status: str
+    error: str | None
+    thumbnail_url: str
+    preview_url: str
+    file_url: str
+
+
+class StatsOut(BaseModel):
+    index_dir: str
+    model: str | None
+    embed_dim: int | None
+    images: int
+    failed: int
+    roots: list[str]
+    index_type: str
+    size_bytes: int
+    vectors_current: bool
+
+
+# --- the warm engine ------------------------------------------------------------------------------------------
+
+
+class SearchService:
+    """The engine all requests share. Queries run one at a time (torch already uses every core); before each,
+    a cheap catalog read notices what an indexer committed meanwhile, so new photos appear without a restart."""
+
+    def __init__(self, index_dir: Path, device: str = "auto"):
+        self.engine = SearchEngine(index_dir, device=device)
+        self.thumbnails = ThumbnailCache(self.engine.layout.root / THUMBNAILS_DIR)
+        self._lock = threading.Lock()
+        self._generation = self.engine.catalog.vectors_generation()
+
+    def warm(self) -> None:
+        """Load the model and the vectors now, so the first query is as fast as the rest."""
+        try:
+            with self._lock:
+                self.engine.vectors  # noqa: B018
+                self.engine.encoder  # noqa: B018
+        except EmptyIndexError:
+            pass  # nothing indexed yet: search answers 409 until the indexer has committed
+
+    def query(self, search: Callable[[SearchEngine], list[SearchResult]]) -> list[SearchResult]:
+        with self._lock:
+            generation = self.engine.catalog.vectors_generation()
+            if generation != self._generation:
+                self.engine.refresh()
+                self._generation = generation
+            return search(self.engine)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# --- the app --------------------------------------------------------------------------------------------------
+
+ERROR_STATUS: tuple[tuple[type[ClipsearchError], int], ...] = (
+    (UsageError, 400),
+    (EmptyIndexError, 409),
+    (ModelMismatchError, 409),
+    (IndexBusyError, 503),
+    (ModelLoadError, 503),
+)
+
+
+def create_app(index_dir: Path | str, settings: ServerSettings | None = None, warm: bool = True) -> FastAPI:
+    """The ASGI app for one index. Opening (and with ``warm``, loading the model) happens here, so a bad index or
+    model fails before a server starts listening."""
+    settings = settings or ServerSettings()
+    service = SearchService(Path(index_dir).expanduser(), settings.device)
+    if warm:
+        service.warm()
+    app = FastAPI(
+        title="clipsearch",
+        summary="Search an index of photos by text, by an uploaded image, or by an indexed image.",
+        version="1",
+    )
+    app.state.service = service
+    app.state.settings = settings
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
+    app.add_exception_handler(ClipsearchError, _clipsearch_error)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_page_routes(app)
+    _add_search_routes(app, service, settings)
+    _add_image_routes(app, service)
+    return app
+
+
+def run_server(index_dir: Path, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None):
+    """Serve until interrupted: the model and the index are loaded once, before the port opens."""
+    import uvicorn
+
+    app = create_app(index_dir, settings)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+async def _clipsearch_error(_request: Request, error: ClipsearchError) -> JSONResponse:
+    status = next((code for kind, code in ERROR_STATUS if isinstance(error, kind)), 500)
+    return JSONResponse({"detail": str(error)}, status_code=status)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413: at once when Content-Length says so, and while
+    streaming when it does not, so an oversized upload is never spooled to disk whole."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = JSONResponse({"detail": _too_large(self.max_bytes)}, status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, _too_large(self.max_bytes))
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def _too_large(max_bytes: int) -> str:
+    limit = f"{max_bytes / 2**20:.1f} MiB" if max_bytes >= 2**20 else f"{max_bytes / 1024:.0f} KiB"
+    return f"the upload is larger than the limit of {limit}"
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+KQuery = Annotated[int | None, Query(ge=1, description="Results per page (default 48).")]
+OffsetQuery = Annotated[int, Query(ge=0, description="Skip this many results (for the next page).")]
+MinScoreQuery = Annotated[float | None, Query(ge=-1, le=1, description="Drop results below this cosine score.")]
+UnderQuery = Annotated[str | None, Query(description="Only results inside this folder (one inside the index).")]
+
+
+def _add_search_routes(app: FastAPI, service: SearchService, settings: ServerSettings) -> None:
+    def page(query: dict, k: int | None, offset: int, run: Callable[[int, str | None], list[SearchResult]], under):
+        """One page of results: search ``offset + k + 1`` deep (one extra says whether another page exists)."""
+        k = k or settings.default_k
+        if offset + k > settings.max_results:
+            raise UsageError(f"offset + k may be at most {settings.max_results}")
+        folder = _checked_under(service, under)
+        started = time.perf_counter()
+        results = service.query(lambda engine: run(offset + k + 1, folder))
+        took_ms = (time.perf_counter() - started) * 1000
+        shown = _results_out(service, results[offset : offset + k])
+        return SearchOut(
+            query=query, offset=offset, k=k, has_more=len(results) > offset + k, took_ms=took_ms, results=shown
+        )
+
+    @app.get("/api/search", response_model=SearchOut, tags=["search"])
+    def search_text(
+        q: Annotated[str, Query(min_length=1, max_length=1000, description="What to look for, in words.")],
+        k: KQuery = None,
+        offset: OffsetQuery = 0,
+        min_score: MinScoreQuery = None,
+        under: UnderQuery = None,
+    ) -> SearchOut:
+        """Images matching a text description, best first."""
+        return page(
+            {"text": q},
+            k,
+            offset,
+            lambda depth, folder: service.engine.search_text(q, depth, min_score, folder),
+            under,
+        )
+
+    @app.get("/api/similar/{image_id}", response_model=SearchOut, tags=["search"])
+    def search_similar(
+        image_id: int,
+        k: KQuery = None,
+        offset: OffsetQuery = 0,
+        min_score: MinScoreQuery = None,
+        under: UnderQuery = None,
+    ) -> SearchOut:
+        """Images like an indexed image ("more like this"); the image itself is left out."""
+        _indexed_row(service, image_id)
+        return page(
+            {"image_id": image_id},
+            k,
+            offset,
+            lambda depth, folder: service.engine.search_by_id(image_id, depth, min_score, folder),
+            under,
+        )
+
+    @app.post("/api/search/image", response_model=SearchOut, tags=["search"])
+    def search_upload(
+        image: Annotated[UploadFile, File(description="A JPEG, PNG, WebP, GIF, TIFF or BMP image.")],
+        k: KQuery = None,
+        offset: OffsetQuery = 0,
+        min_score: MinScoreQuery = None,
+        under: UnderQuery = None,
+    ) -> SearchOut:
+        """Images like an uploaded one. It is decoded with the indexer's protections (size, bombs, EXIF)."""
+        data = image.file.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(413, _too_large(settings.max_upload_bytes))
+        picture = _decode_upload(service, data)
+        return page(
+            {"upload": image.filename or "image"},
+            k,
+            offset,
+            lambda depth, folder: service.engine.search_image(picture, depth, min_score, folder),
+            under,
+        )
+
+    @app.get("/api/stats", response_model=StatsOut, tags=["index"])
+    def stats() -> StatsOut:
+        """What is indexed: image and failure counts, model, folders, size."""
+        from retrieval.stats import index_info
+
+        details = index_info(service.engine.layout.root).to_dict()
+        details.pop("failures")
+        return StatsOut(**details)
+
+
+def _add_image_routes(app: FastAPI, service: SearchService) -> None:
+    @app.get("/api/images", response_model=ImageOut, tags=["images"])
+    def image_by_path(path: Annotated[str, Query(description="The absolute path of an indexed file.")]) -> ImageOut:
+        """Look an indexed file up by its path (a catalog lookup: the path never touches the disk)."""
+        row = service.engine.catalog.row_by_path(path)
+        if row is None:
+            raise HTTPException(404, "that path is not in the index")
+        return _image_out(row)
+
+    @app.get("/api/images/{image_id}", response_model=ImageOut, tags=["images"])
+    def image_details(image_id: int) -> ImageOut:
+        """The facts the catalog holds about one image."""
+        row = service.engine.row(image_id)
+        if row is None:
+            raise HTTPException(404, f"no image has id {image_id}")
+        return _image_out(row)
+
+    @app.get(
+        "/api/images/{image_id}/thumbnail",
+        tags=["images"],
+        response_class=FileResponse,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
+    def thumbnail(image_id: int, size: Annotated[int, Query(description=f"One of {THUMBNAIL_SIZES}.")] = 256):
+        """An upright JPEG thumbnail (made on first request, then cached in the index folder)."""
+        if size not in THUMBNAIL_SIZES:
+            raise HTTPException(400, f"size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}")
+        row = _indexed_row(service, image_id)
+        try:
+            cached = service.thumbnails.get(row.id, row.path, size)
+        except ThumbnailError as error:
+            raise HTTPException(404, str(error)) from None
+        return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/api/images/{image_id}/file", tags=["images"], response_class=FileResponse)
+    def original(image_id: int):
+        """The original file, as it is on disk."""
+        row = _indexed_row(service, image_id)
+        if not os.path.isfile(row.path):
+            raise HTTPException(404, f"the file of image {image_id} is no longer on disk")
+        media_type = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
+        return FileResponse(
+            row.path,
+            media_type=media_type,
+            filename=os.path.basename(row.path),
+            content_disposition_type="inline",
+            headers={"Cache-Control": "private, max-age=3600"},
+        )
+
+
+# --- helpers --------------------------------------------------------------------------------------------------
+
+
+def _indexed_row(service: SearchService, image_id: int):
+    row = service.engine.row(image_id)
+    if row is None or row.status != STATUS_OK:
+        raise HTTPException(404, f"no indexed image has id {image_id}")
+    return row
+
+
+def _checked_under(service: SearchService, under: str | None) -> str | None:
+    """Accept only a folder inside an indexed one, judged on the text alone (``..`` folded first)."""
+    if under is None or not under.strip():
+        return None
+    folder = os.path.normpath(under.strip())
+    if not os.path.isabs(folder):
+        raise UsageError("under must be an absolute folder path")
+    roots = service.engine.catalog.roots()
+    if not any(folder == root or folder.startswith(root.rstrip("/") + "/") for root in roots):
+        raise UsageError("under must be a folder inside the indexed folders")
+    return folder
+
+
+def _decode_upload(service: SearchService, data: bytes):
+    from indexer.images import DecodeError, decode_image
+
+    image_size = service.engine.identity.image_size if service.engine.identity else None
+    try:
+        return decode_image(data, min_side=image_size)
+    except DecodeError as error:
+        raise UsageError(f"cannot use the upload as a query: {error}") from None
+
+
+def _urls(image_id: int, version: int) -> dict[str, str]:
+    base = f"/api/images/{image_id}"
+    return {
+        "thumbnail_url": f"{base}/thumbnail?v={version}",
+        "preview_url": f"{base}/thumbnail?size={THUMBNAIL_SIZES[-1]}&v={version}",
+        "file_url": f"{base}/file",
+    }
+
+
+def _results_out(service: SearchService, results: list[SearchResult]) -> list[ResultOut]:
+    """Results with their URLs; the version token (the indexed mtime) lets browsers cache thumbnails for long."""
+    rows = service.engine.catalog.rows_by_id([r.image_id for r in results])
+    return [
+        ResultOut(**r.to_dict(), **_urls(r.image_id, rows[r.image_id].mtime_ns if r.image_id in rows else 0))
+        for r in results
+    ]
+
+
+def _image_out(row) -> ImageOut:
+    return ImageOut(
+        image_id=row.id,
+        path=row.path,
+        width=row.width,
+        height=row.height,
+        size=row.size,
+        status=row.status,
+        error=row.error,
+        **_urls(row.id, row.mtime_ns),
+    )
