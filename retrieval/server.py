@@ -10,7 +10,8 @@ import mimetypes
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -170,6 +171,28 @@ def run_server(index_dir: Path, host: str = "127.0.0.1", port: int = 8000, setti
 
     app = create_app(index_dir, settings)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+@contextmanager
+def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` from a background thread (port 0: any free one) and yield its base URL; for tests, benchmarks
+    and scripts that talk to a real server."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="clipsearch-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
 
 
 async def _clipsearch_error(_request: Request, error: ClipsearchError) -> JSONResponse:
