@@ -1,0 +1,169 @@
+"""The search page in a real headless Chromium: type a query, see thumbnails, open one, search for more like it.
+
+Needs Debian's chromium at /usr/bin/chromium and the playwright package (its Python API only: it drives the
+system browser, nothing is downloaded). ``scripts/test.sh`` installs both. With CLIPSEARCH_SCREENSHOT_DIR set, the
+screenshots are copied there too (``docs/screenshots`` in the repository).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from indexer.pipeline import IndexSettings, index_paths
+from retrieval.server import ServerSettings, create_app, running_server
+from tests.conftest import make_images
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PAGE_SIZE = 12
+
+pytestmark = pytest.mark.slow
+
+if not CHROMIUM.is_file():
+    pytest.skip(
+        "no /usr/bin/chromium: install Debian's chromium package (scripts/test.sh does)", allow_module_level=True
+    )
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory, tiny_spec):
+    root = tmp_path_factory.mktemp("browser")
+    photos = root / "photos"
+    make_images(photos, 22, seed=11)
+    make_images(photos / "more", 18, seed=12, suffix=".png")
+    settings = IndexSettings(model=tiny_spec, batch_size=16, workers=0, chunk_size=64)
+    index_paths(root / "index", [photos], settings, progress=False)
+    with running_server(create_app(root / "index", ServerSettings(device="cpu"))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+    yield page
+    context.close()
+
+
+def keep_screenshot(page, tmp_path: Path, name: str) -> Path:
+    """Write to pytest's tmp dir; copy to $CLIPSEARCH_SCREENSHOT_DIR when set."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot))
+    if os.environ.get("CLIPSEARCH_SCREENSHOT_DIR"):
+        folder = Path(os.environ["CLIPSEARCH_SCREENSHOT_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, folder / name)
+    print(f"screenshot: {shot}")
+    return shot
+
+
+def tile_ids(page) -> list[int]:
+    return [int(i) for i in page.eval_on_selector_all(".tile", "tiles => tiles.map(t => t.dataset.imageId)")]
+
+
+def wait_for_thumbnails(page, count: int) -> None:
+    """The first ``count`` tiles show a decoded image (not a broken icon)."""
+    page.wait_for_function(
+        "n => { const imgs = [...document.querySelectorAll('.tile img')].slice(0, n);"
+        " return imgs.length === n && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+        arg=count,
+    )
+
+
+def test_type_a_query_see_thumbnails_open_one_and_get_more_like_it(page, server_url, tmp_path):
+    page.goto(f"{server_url}/?k={PAGE_SIZE}")
+    page.wait_for_selector("#status:has-text('40 images indexed')")
+    assert not page.is_visible("#query-image") and not page.is_visible("#drop-overlay")
+    page.fill("#q", "a sunset over the sea")
+    page.press("#q", "Enter")
+    page.wait_for_function(f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
+    wait_for_thumbnails(page, 8)
+    assert "q=a+sunset+over+the+sea" in page.url
+    scores = [float(s) for s in page.eval_on_selector_all(".tile .score", "els => els.map(e => e.textContent)")]
+    assert scores == sorted(scores, reverse=True)
+    assert not page.is_visible("#query-image") and not page.is_visible("#drop-overlay")
+    first_results = tile_ids(page)
+    keep_screenshot(page, tmp_path, "search.png")
+
+    page.mouse.wheel(0, 5000)  # scrolling down loads the next pages
+    page.wait_for_function(f"document.querySelectorAll('.tile').length > {PAGE_SIZE}")
+    assert tile_ids(page)[:PAGE_SIZE] == first_results[:PAGE_SIZE]
+    page.evaluate("window.scrollTo(0, 0)")
+
+    page.click(".tile >> nth=0")
+    viewer = page.locator("#viewer")
+    viewer.wait_for(state="visible")
+    page.wait_for_function(
+        "() => { const i = document.getElementById('viewer-img'); return i.complete && i.naturalWidth > 0; }"
+    )
+    assert page.inner_text("#viewer-path").endswith((".jpg", ".png"))
+    keep_screenshot(page, tmp_path, "viewer.png")
+
+    page.click("#viewer-similar")
+    page.wait_for_url(f"**/?like={first_results[0]}*")
+    page.wait_for_function(f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
+    wait_for_thumbnails(page, 8)
+    similar = tile_ids(page)
+    assert first_results[0] not in similar and similar != first_results
+    assert page.is_visible("#query-image")
+
+    page.reload()  # the query lives in the URL
+    page.wait_for_function(f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
+    assert tile_ids(page)[:PAGE_SIZE] == similar[:PAGE_SIZE]
+    page.go_back()
+    page.wait_for_function("new URLSearchParams(location.search).get('q') === 'a sunset over the sea'")
+    page.wait_for_function(f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
+    assert tile_ids(page)[:PAGE_SIZE] == first_results[:PAGE_SIZE]
+    assert page.input_value("#q") == "a sunset over the sea"
+    assert page.errors == []
+
+
+@pytest.mark.parametrize("gesture", ["drop", "paste"])
+def test_dropping_or_pasting_an_image_searches_by_it(page, server_url, gesture):
+    page.goto(server_url)
+    page.wait_for_selector("#status:has-text('images indexed')")
+    page.evaluate(
+        """async (gesture) => {
+            const blob = await (await fetch('/api/images/5/file')).blob();
+            const data = new DataTransfer();
+            data.items.add(new File([blob], 'dropped.jpg', {type: blob.type}));
+            const event = gesture === 'drop'
+                ? new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true})
+                : new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true});
+            document.body.dispatchEvent(event);
+        }""",
+        gesture,
+    )
+    page.wait_for_function("document.querySelectorAll('.tile').length > 0")
+    assert tile_ids(page)[0] == 5  # the indexed copy of the dropped photo comes first
+    assert float(page.inner_text(".tile >> nth=0 >> .score")) > 0.99
+    assert page.is_visible("#query-image") and page.errors == []
+
+
+def test_an_error_from_the_api_is_shown_not_swallowed(page, server_url):
+    page.goto(f"{server_url}/?like=99999")
+    page.wait_for_selector("#status.error")
+    assert "no indexed image" in page.inner_text("#status")
