@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from PIL import Image, ImageFile, ImageOps
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+MAX_FILE_BYTES = 1 << 30  # a video or disk image named .jpg is not read into every worker's memory
 
 
 class DecodeError(Exception):
@@ -94,14 +97,28 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_file(path: str | Path) -> bytes:
+    """The file's bytes. Opened non-blocking and checked to be a regular file first: a FIFO or device named
+    ``.jpg`` would otherwise hang or stream forever."""
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise DecodeError("file vanished before it could be read") from None
     except IsADirectoryError:
         raise DecodeError("is a folder") from None
     except OSError as error:
         raise DecodeError(f"unreadable: {error.strerror or error}") from None
+    with os.fdopen(fd, "rb") as file:
+        facts = os.fstat(file.fileno())
+        if stat.S_ISDIR(facts.st_mode):
+            raise DecodeError("is a folder")
+        if not stat.S_ISREG(facts.st_mode):
+            raise DecodeError("not a regular file")
+        if facts.st_size > MAX_FILE_BYTES:
+            raise DecodeError(f"file too large for an image ({facts.st_size / 2**30:.1f} GiB)")
+        try:
+            return file.read()
+        except OSError as error:
+            raise DecodeError(f"unreadable: {error.strerror or error}") from None
 
 
 def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:

@@ -6,10 +6,11 @@ next run resumes where it stopped: committed files are unchanged on disk and are
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from indexer.images import DecodedItem, ImageFileDataset, collate_decoded, hash_
 from indexer.plan import Plan, WorkItem, plan_changes
 from indexer.scan import resolve_folder, scan_folder
 from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding, normalise
-from retrieval.errors import IndexBusyError, ModelLoadError, UsageError
+from retrieval.errors import ClipsearchError, ModelLoadError, UsageError
+from retrieval.faults import fault_point
 from retrieval.layout import IndexLayout
 from retrieval.model import Encoder, ModelSpec, spec_key
 from retrieval.vector_sync import open_vectors, save_vectors
 from retrieval.vectors import VectorIndex
+from retrieval.write_lock import write_lock
 
 
 @dataclass(frozen=True)
@@ -64,27 +67,45 @@ class IndexSummary:
         )
 
 
-def index_paths(index_dir: Path, paths: Sequence[Path], settings: IndexSettings, progress: bool = True) -> IndexSummary:
-    """Bring the index in step with the folders (all known folders when ``paths`` is empty)."""
-    from filelock import FileLock, Timeout
+def index_paths(
+    index_dir: Path,
+    paths: Sequence[Path],
+    settings: IndexSettings,
+    progress: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+) -> IndexSummary:
+    """Bring the index in step with the folders (all known folders when ``paths`` is empty).
 
+    ``on_wait`` hears why the run pauses when another process holds the write lock.
+    """
     started = time.perf_counter()
     layout = IndexLayout(Path(index_dir))
     folders = [resolve_folder(Path(p)) for p in paths]
     if settings.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    layout.root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(layout.lock))
     try:
-        lock.acquire(timeout=-1 if settings.wait_for_lock else 0)
-    except Timeout:
-        raise IndexBusyError(f"another clipsearch process is writing to {layout.root}") from None
-    try:
-        summary = _index_locked(layout, folders, settings, progress)
-    finally:
-        lock.release()
+        with write_lock(layout, settings.wait_for_lock, on_wait):
+            summary = _index_locked(layout, folders, settings, progress)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise ClipsearchError(
+            f"the disk holding {layout.root} is full: the index is intact up to the last committed chunk; "
+            f"free some space and run `clipsearch index` again to continue"
+        ) from None
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT from Python, SQLITE_FULL from SQLite, anywhere in the exception's chain."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _index_locked(layout: IndexLayout, folders: list[str], settings: IndexSettings, progress: bool):
@@ -105,6 +126,7 @@ def _index_locked(layout: IndexLayout, folders: list[str], settings: IndexSettin
         with catalog.session() as session:
             scans = {folder: scan_folder(folder) for folder in present}
             plan = plan_changes(catalog, session, scans, hash_file)
+        fault_point("planned")
         for folder, scan in scans.items():
             if not scan.files and not scan.unreadable and not plan.known_under(folder):
                 raise UsageError(f"no images found in {folder}")
@@ -134,7 +156,10 @@ class _Writer:
             removed_ids, added = session_work(session)
             session.flush()
             added_ids = np.array([row.id for row, _ in added], dtype=np.int64)
-            self.generation = self.catalog.bump_generation(session)
+            generation = self.catalog.bump_generation(session)
+            fault_point("commit_begin")
+        self.generation = generation  # only once committed: a failed commit must not mark the FAISS file newer
+        fault_point("commit_end")
         if self.vectors is not None:
             self.vectors.remove(removed_ids)
             if added:

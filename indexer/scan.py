@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from retrieval.errors import UsageError
 
@@ -67,6 +68,9 @@ def scan_folder(folder: str) -> ScanResult:
                 continue
             except OSError as error:
                 result.unreadable.append((path, f"cannot stat: {error.strerror}"))
+                continue
+            if not S_ISREG(stat.st_mode):  # a FIFO or device would block or never end when read
+                result.unreadable.append((path, "not a regular file"))
                 continue
             result.files.append(FileFacts(path, stat.st_size, stat.st_mtime_ns))
     return result

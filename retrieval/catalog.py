@@ -26,8 +26,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from retrieval.errors import EmptyIndexError, IndexCorruptError, ModelMismatchError
 from retrieval.model import ModelIdentity
+from retrieval.path_text import FsPath
 
-SCHEMA_VERSION = 1
+# 2: image ids are never reused (AUTOINCREMENT); paths may hold escaped non-UTF-8 bytes (retrieval/path_text.py).
+SCHEMA_VERSION = 2
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 EMBEDDING_DTYPE = np.float16
@@ -42,7 +44,7 @@ class Root(Base):
 
     __tablename__ = "roots"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(String, unique=True)
+    path: Mapped[str] = mapped_column(FsPath, unique=True)
     added_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -51,7 +53,7 @@ class ImageRow(Base):
 
     __tablename__ = "images"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(String, unique=True)
+    path: Mapped[str] = mapped_column(FsPath, unique=True)
     size: Mapped[int] = mapped_column(Integer)
     mtime_ns: Mapped[int] = mapped_column(Integer)
     content_hash: Mapped[str | None] = mapped_column(String, nullable=True)
@@ -62,7 +64,11 @@ class ImageRow(Base):
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     indexed_at: Mapped[float] = mapped_column(Float, default=time.time)
 
-    __table_args__ = (Index("ix_images_hash", "content_hash"), Index("ix_images_status", "status"))
+    __table_args__ = (
+        Index("ix_images_hash", "content_hash"),
+        Index("ix_images_status", "status"),
+        {"sqlite_autoincrement": True},  # a FAISS id held by a reader never names another image
+    )
 
     def vector(self) -> np.ndarray:
         return decode_embedding(self.embedding)
@@ -122,11 +128,18 @@ class Catalog:
             if not create:
                 raise IndexCorruptError(f"{self.path} is not a clipsearch catalog (no schema version)")
             self.set_meta("schema_version", str(SCHEMA_VERSION))
+        elif not version.isdigit():
+            raise IndexCorruptError(f"{self.path} records an unreadable schema version {version!r}")
         elif int(version) > SCHEMA_VERSION:
             raise IndexCorruptError(
                 f"this index was written by a newer clipsearch (schema {version}, this one reads "
                 f"{SCHEMA_VERSION}): upgrade clipsearch"
             )
+        elif int(version) < SCHEMA_VERSION:
+            from retrieval.migrations import migrate_catalog
+
+            self.engine.dispose()
+            migrate_catalog(self.path, int(version), SCHEMA_VERSION)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -192,16 +205,12 @@ class Catalog:
                 known.append(root)
 
     def rows_under(self, session: Session, folder: str) -> list[ImageRow]:
-        prefix = folder.rstrip("/") + "/"
-        return list(session.scalars(select(ImageRow).where(ImageRow.path.startswith(prefix, autoescape=True))))
+        return list(session.scalars(select(ImageRow).where(path_under(ImageRow.path, folder))))
 
     def ids_under(self, folder: str) -> np.ndarray:
-        prefix = folder.rstrip("/") + "/"
         with self.session() as session:
             ids = session.scalars(
-                select(ImageRow.id).where(
-                    ImageRow.status == STATUS_OK, ImageRow.path.startswith(prefix, autoescape=True)
-                )
+                select(ImageRow.id).where(ImageRow.status == STATUS_OK, path_under(ImageRow.path, folder))
             )
             return np.fromiter(ids, dtype=np.int64)
 
@@ -252,6 +261,13 @@ class Catalog:
                 vectors = np.stack([decode_embedding(r[1]) for r in rows])
                 last = int(ids[-1])
                 yield ids, normalise(vectors)
+
+
+def path_under(column, folder: str):
+    """SQL for "inside ``folder``": a binary range on the path, exact and case-sensitive (SQLite's LIKE folds
+    ASCII case, which made /a/Photos look inside /a/photos), and it uses the path index."""
+    prefix = folder.rstrip("/") + "/"
+    return (column >= prefix) & (column < prefix[:-1] + "0")  # "0" is the character after "/"
 
 
 def _is_under(path: str, folder: str) -> bool:

@@ -8,6 +8,8 @@ a rebuild, never a wrong answer.
 from __future__ import annotations
 
 from retrieval.catalog import STATUS_OK, Catalog
+from retrieval.errors import IndexCorruptError
+from retrieval.faults import fault_point
 from retrieval.layout import IndexLayout
 from retrieval.vectors import VectorIndex
 
@@ -20,8 +22,11 @@ def open_vectors(catalog: Catalog, layout: IndexLayout, dim: int, persist: bool)
     generation = catalog.vectors_generation()
     saved = catalog.get_meta(FAISS_GENERATION_KEY)
     if layout.vectors.is_file() and saved is not None and int(saved) == generation:
-        index = VectorIndex.load(layout.vectors)
-        if index.dim == dim and len(index) == catalog.count(STATUS_OK):
+        try:
+            index = VectorIndex.load(layout.vectors)
+        except IndexCorruptError:  # a damaged derived file is rebuilt, never fatal
+            index = None
+        if index is not None and index.dim == dim and len(index) == catalog.count(STATUS_OK):
             return index
     index = rebuild_vectors(catalog, dim)
     if persist:
@@ -37,4 +42,5 @@ def rebuild_vectors(catalog: Catalog, dim: int) -> VectorIndex:
 def save_vectors(catalog: Catalog, layout: IndexLayout, index: VectorIndex, generation: int) -> None:
     """Save, then record which catalog generation the file reflects (a crash in between only forces a rebuild)."""
     index.save(layout.vectors)
+    fault_point("vectors_replaced")
     catalog.set_meta(FAISS_GENERATION_KEY, str(generation))

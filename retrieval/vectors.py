@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import IndexCorruptError
+from retrieval.faults import fault_point
 
 INDEX_TYPES = ("flat",)
 
@@ -50,9 +51,11 @@ class VectorIndex:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            faiss.write_index(self.index, str(tmp))
-            with open(tmp, "rb") as f:
+            with open(tmp, "wb") as f:  # through Python's file: faiss's own writer ignores a full disk
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
+                f.flush()
                 os.fsync(f.fileno())
+            fault_point("vectors_tmp_written")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

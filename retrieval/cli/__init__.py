@@ -1,5 +1,6 @@
 """The `clipsearch` command: a thin skin over the library. Each command module registers itself on `app`."""
 
+from retrieval.cli import check as check_command  # noqa: F401  (registers check)
 from retrieval.cli import commands  # noqa: F401  (registers index, search, similar, info)
 from retrieval.cli import eval as eval_commands  # noqa: F401  (registers eval flickr30k, eval captions)
 from retrieval.cli import serve as serve_command  # noqa: F401  (registers serve)
@@ -8,4 +9,9 @@ from retrieval.cli.app import app
 
 
 def main() -> None:
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as their own bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     app()

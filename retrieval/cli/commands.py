@@ -59,7 +59,13 @@ def index(
         device=device,
         wait_for_lock=not no_wait,
     )
-    summary = index_paths(resolve_index_dir(index_dir), paths or [], settings, progress=not quiet)
+    summary = index_paths(
+        resolve_index_dir(index_dir),
+        paths or [],
+        settings,
+        progress=not quiet,
+        on_wait=lambda message: typer.echo(f"clipsearch: {message}", err=True),
+    )
     for warning in summary.warnings:
         typer.echo(f"clipsearch: {warning}", err=True)
     typer.echo(summary.line())
