@@ -11,11 +11,12 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from indexer.pipeline import IndexSettings, index_paths
 from retrieval.server import ServerSettings, create_app, running_server
-from tests.conftest import make_images
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -37,12 +38,28 @@ if not CHROMIUM.is_file():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 
 
+def draw_shapes(folder: Path, count: int, seed: int, suffix: str) -> None:
+    """Flat coloured shapes on plain backgrounds: distinct pictures that make a readable screenshot."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        background = tuple(int(v) for v in rng.integers(0, 256, 3))
+        image = Image.new("RGB", (160, 120), background)
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 4))):
+            x, y, r = int(rng.integers(20, 140)), int(rng.integers(20, 100)), int(rng.integers(12, 40))
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape((x - r, y - r, x + r, y + r), fill=colour)
+        image.save(folder / f"shapes_{seed}_{i:03d}{suffix}")
+
+
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory, tiny_spec):
     root = tmp_path_factory.mktemp("browser")
     photos = root / "photos"
-    make_images(photos, 22, seed=11)
-    make_images(photos / "more", 18, seed=12, suffix=".png")
+    draw_shapes(photos, 22, seed=11, suffix=".jpg")
+    draw_shapes(photos / "more", 18, seed=12, suffix=".png")
     settings = IndexSettings(model=tiny_spec, batch_size=16, workers=0, chunk_size=64)
     index_paths(root / "index", [photos], settings, progress=False)
     with running_server(create_app(root / "index", ServerSettings(device="cpu"))) as url:
