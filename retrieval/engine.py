@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from indexer.scan import catalog_path
 from retrieval.catalog import STATUS_OK, Catalog, ImageRow, normalise
 from retrieval.errors import EmptyIndexError, UsageError
 from retrieval.layout import IndexLayout
@@ -104,7 +105,7 @@ class SearchEngine:
             path = Path(image).expanduser()
             if not path.is_file():
                 raise UsageError(f"no such image file: {path}")
-            row = self.catalog.row_by_path(str(path.resolve()))
+            row = self.catalog.row_by_path(catalog_path(path))
             if row is not None and row.status == STATUS_OK:
                 query = normalise(row.vector()[None, :])
                 exclude = (row.id,)
@@ -123,7 +124,7 @@ class SearchEngine:
 
     def vectors_for_paths(self, paths: list[str | Path]) -> np.ndarray:
         """Stored normalised embeddings in the order given; every path must be indexed successfully."""
-        keys = [str(Path(p).expanduser().resolve()) for p in paths]
+        keys = [catalog_path(p) for p in paths]
         rows = self.catalog.rows_by_paths(keys)
         missing = [key for key in keys if key not in rows or rows[key].status != STATUS_OK]
         if missing:

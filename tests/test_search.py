@@ -159,3 +159,14 @@ def test_vector_search_matches_exact_similarity(tmp_path, settings):
         results = engine.search_vectors(queries, k=4)
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :4]
     assert [[r.path for r in row] for row in results] == [[paths[i] for i in row] for row in exact]
+
+
+def test_a_symlinked_file_is_found_by_the_path_it_was_indexed_under(tmp_path, settings):
+    folder = tmp_path / "links"
+    original = write_image(tmp_path / "elsewhere" / "real.jpg", seed=41)
+    make_images(folder, 2, seed=42)
+    (folder / "link.jpg").symlink_to(original)
+    index_paths(tmp_path / "index", [folder], settings, progress=False)
+    with SearchEngine(tmp_path / "index") as engine:
+        assert engine.vectors_for_paths([folder / "link.jpg"]).shape == (1, 32)
+        assert str(folder / "link.jpg") not in [r.path for r in engine.search_image(folder / "link.jpg", k=2)]
