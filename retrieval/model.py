@@ -248,6 +248,9 @@ def model_identity(spec: ModelSpec, model: Any) -> ModelIdentity:
     )
 
 
+_LOADED: dict[tuple[str, str], Encoder] = {}
+
+
 class Encoder:
     """A loaded CLIP model with its preprocessing and tokenizer; all outputs are L2-normalised float32."""
 
@@ -260,9 +263,19 @@ class Encoder:
 
     @classmethod
     def load(cls, spec: ModelSpec, device: str = "auto") -> Encoder:
+        """One load per process for a given model and device: the indexer, the engine, evaluation and the server
+        share it instead of holding two copies (about 1 GB for ViT-B-32)."""
+        device = resolve_device(device)
+        key = (spec_key(spec), device)
+        if key not in _LOADED:
+            _LOADED.clear()  # keep at most one model in memory
+            _LOADED[key] = cls._build(spec, device)
+        return _LOADED[key]
+
+    @classmethod
+    def _build(cls, spec: ModelSpec, device: str) -> Encoder:
         import open_clip
 
-        device = resolve_device(device)
         precision = "fp16" if device.startswith("cuda") else "fp32"
         model, preprocess = build_model(spec, device=device, precision=precision)
         tokenizer = open_clip.get_tokenizer(spec.name)
