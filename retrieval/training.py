@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import platform
 import tempfile
@@ -53,6 +54,7 @@ class TrainSettings:
     device: str = "auto"
     precision: str = "auto"
     workers: int = 0
+    threads: int | None = None
     val_split: str = "val"
     max_val_images: int = 1000
     recall_ks: tuple[int, ...] = (1, 5, 10)
@@ -194,7 +196,11 @@ def load_start_model(settings: TrainSettings, device: str) -> StartModel:
             (Path(folder) / CONFIG_FILE).write_text(json.dumps(config))
             torch.manual_seed(settings.seed)
             spec = ModelSpec(f"local-dir:{folder}", None)
-            model, preprocess = build_model(spec, device=device)
+            logging.disable(logging.WARNING)  # open_clip warns that the folder has no weights: that is the point
+            try:
+                model, preprocess = build_model(spec, device=device)
+            finally:
+                logging.disable(logging.NOTSET)
             tokenizer = open_clip.get_tokenizer(spec.name)
         return StartModel(model, preprocess, tokenizer, model_cfg, {"random_init": source, "seed": settings.seed})
     spec = settings.model
@@ -390,6 +396,8 @@ def train_model(
     if settings.epochs < 1 or settings.batch_size < 2:
         raise UsageError("--epochs must be at least 1 and --batch-size at least 2")
     device = resolve_device(settings.device)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     captioned = load_captioned_set(Path(annotations), Path(images_dir))
     data = split_train_val(captioned, settings.val_split, settings.seed, settings.max_val_images)
 
@@ -481,7 +489,7 @@ def train_model(
                 epoch=epoch,
                 train_loss=float(np.mean(losses)) if losses else float("nan"),
                 learning_rate=optimizer.param_groups[0]["lr"],
-                logit_scale=float(model.logit_scale.exp()),
+                logit_scale=float(model.logit_scale.detach().exp()),
                 images_per_second=seen / max(1e-9, seconds),
                 seconds=seconds,
                 val=validate(),
