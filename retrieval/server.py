@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -149,7 +149,14 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
     service = SearchService(Path(index_dir).expanduser(), settings.device)
     if warm:
         service.warm()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        service.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="clipsearch",
         summary="Search an index of photos by text, by an uploaded image, or by an indexed image.",
         version="1",
@@ -169,8 +176,28 @@ def run_server(index_dir: Path, host: str = "127.0.0.1", port: int = 8000, setti
     """Serve until interrupted: the model and the index are loaded once, before the port opens."""
     import uvicorn
 
+    _check_port_free(host, port)
     app = create_app(index_dir, settings)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail in one line, before the model loads, when the port is taken (uvicorn would say so only after)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise UsageError(f"cannot listen on {host!r}: {error.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise UsageError(f"cannot listen on {host}:{port} ({error.strerror}): choose another --port") from None
 
 
 @contextmanager

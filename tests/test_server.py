@@ -277,3 +277,15 @@ def test_serve_on_a_missing_index_fails_in_one_line(tmp_path):
     result = CliRunner().invoke(cli_app, ["serve", "--index", str(tmp_path / "none"), "--port", "0"])
     assert result.exit_code == 1
     assert "no index at" in result.stderr and "Traceback" not in result.output
+
+
+def test_serve_on_a_taken_port_fails_in_one_line_before_loading_the_model(indexed):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli_app, ["serve", "--index", str(indexed[0]), "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.output
