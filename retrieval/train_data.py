@@ -73,7 +73,11 @@ class CaptionPairs:
             offsets.append(first)
             first += count
         self.offsets = offsets
-        self.tokens = tokenize([caption for item in items for caption in item.captions]).to(torch.long)
+        captions = [caption for item in items for caption in item.captions]
+        unique = list(dict.fromkeys(captions))  # captions repeat a lot in some sets: tokenise each once
+        row_of = {caption: row for row, caption in enumerate(unique)}
+        unique_tokens = tokenize(unique).to(torch.long)
+        self.tokens = unique_tokens[torch.tensor([row_of[c] for c in captions], dtype=torch.long)]
         self.preprocess = preprocess
 
     def __len__(self) -> int:
