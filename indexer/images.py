@@ -23,6 +23,7 @@ MAX_IMAGE_PIXELS = 2 * 89_478_485
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 MAX_FILE_BYTES = 1 << 30  # a video or disk image named .jpg is not read into every worker's memory
+MAX_ASPECT = 20  # longer sides are cropped to their middle (see _limit_aspect)
 
 
 class DecodeError(Exception):
@@ -62,6 +63,7 @@ def decode_image_and_size(data: bytes, min_side: int | None = None) -> tuple[Ima
         raise DecodeError("empty file")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like: noise, not failures
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
@@ -75,13 +77,28 @@ def decode_image_and_size(data: bytes, min_side: int | None = None) -> tuple[Ima
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
                 width, height = height, width
             image = ImageOps.exif_transpose(image) or image
-            return _to_rgb(image), (width, height)
+            return _to_rgb(_limit_aspect(image)), (width, height)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise DecodeError(f"decompression bomb refused ({error})") from None
     except Image.UnidentifiedImageError:
         raise DecodeError("not an image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
         raise DecodeError(f"corrupt or truncated image ({error})") from None
+
+
+def _limit_aspect(image: Image.Image) -> Image.Image:
+    """Keep the middle of absurdly long images. CLIP's resize scales the short side up to the model size, so a
+    300-byte 1 x 100000 PNG would become 64 x 6.4 million pixels (gigabytes per worker); its centre crop only ever
+    keeps the middle square, which this leaves untouched."""
+    width, height = image.size
+    keep = min(width, height) * MAX_ASPECT
+    if max(width, height) <= keep:
+        return image
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     func,
     select,
 )
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from retrieval.errors import EmptyIndexError, IndexCorruptError, ModelMismatchError
@@ -123,10 +124,12 @@ class Catalog:
         self._check_schema(create)
 
     def _check_schema(self, create: bool) -> None:
-        version = self.get_meta("schema_version")
+        version = self._recorded_version()
         if version is None:
-            if not create:
+            if not create and self._holds_images():
                 raise IndexCorruptError(f"{self.path} is not a clipsearch catalog (no schema version)")
+            if not create:  # a first run died while creating the file: nothing to lose, nothing to read
+                raise EmptyIndexError(f"no index at {self.path.parent} yet: run `clipsearch index FOLDER` first")
             self.set_meta("schema_version", str(SCHEMA_VERSION))
         elif not version.isdigit():
             raise IndexCorruptError(f"{self.path} records an unreadable schema version {version!r}")
@@ -140,6 +143,26 @@ class Catalog:
 
             self.engine.dispose()
             migrate_catalog(self.path, int(version), SCHEMA_VERSION)
+
+    def _recorded_version(self) -> str | None:
+        """The schema version; None when the file has no meta table yet (creation interrupted)."""
+        try:
+            return self.get_meta("schema_version")
+        except DatabaseError as error:
+            if "no such table" in str(error):
+                return None
+            self.engine.dispose()
+            raise IndexCorruptError(
+                f"{self.path} is not a readable SQLite catalog ({getattr(error, 'orig', error)}): index the folders "
+                f"again into a new --index folder"
+            ) from None
+
+    def _holds_images(self) -> bool:
+        try:
+            with self.session() as session:
+                return bool(session.scalar(select(func.count(ImageRow.id))))
+        except DatabaseError:
+            return False
 
     def close(self) -> None:
         self.engine.dispose()

@@ -47,6 +47,11 @@ def fault_point(name: str) -> None:
             _act(action, name)
 
 
+def reset_faults() -> None:
+    """Forget how often each point was reached (for tests that run several faulty writes in one process)."""
+    _reached.clear()
+
+
 def _parse(spec: str, after_commits: str) -> list[tuple[str, int, str]]:
     faults = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
