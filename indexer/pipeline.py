@@ -23,8 +23,10 @@ from indexer.scan import resolve_folder, scan_folder
 from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding, normalise
 from retrieval.errors import ClipsearchError, ModelLoadError, UsageError
 from retrieval.faults import fault_point
+from retrieval.index_types import check_index_type
 from retrieval.layout import IndexLayout
 from retrieval.model import Encoder, ModelSpec, spec_key
+from retrieval.reindex import apply_index_type
 from retrieval.vector_sync import open_vectors, save_vectors
 from retrieval.vectors import VectorIndex
 from retrieval.write_lock import write_lock
@@ -41,6 +43,8 @@ class IndexSettings:
     chunk_size: int = 256  # files per catalog transaction
     wait_for_lock: bool = True
     save_every_s: float = 120.0  # also save the FAISS file during long runs
+    index_type: str | None = None  # auto, flat, ivf, ivfpq or hnsw; None keeps the index's own (new: auto)
+    max_memory: int | None = None  # bytes auto may plan with; None keeps the recorded budget (default: RAM / 2)
 
 
 @dataclass
@@ -54,6 +58,7 @@ class IndexSummary:
     encoded: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    vectors_note: str | None = None  # set when the run rebuilt the vector index as another type
 
     @property
     def images_per_second(self) -> float:
@@ -83,6 +88,8 @@ def index_paths(
     folders = [resolve_folder(Path(p)) for p in paths]
     if settings.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if settings.index_type is not None:
+        check_index_type(settings.index_type)
     try:
         with write_lock(layout, settings.wait_for_lock, on_wait):
             summary = _index_locked(layout, folders, settings, progress)
@@ -132,6 +139,8 @@ def _index_locked(layout: IndexLayout, folders: list[str], settings: IndexSettin
                 raise UsageError(f"no images found in {folder}")
         catalog.add_roots(present)
         _run_plan(catalog, layout, plan, settings, summary, progress)
+        rebuilt = apply_index_type(catalog, layout, settings.index_type, settings.max_memory, settings.device)
+        summary.vectors_note = rebuilt.line() if rebuilt else None
         return summary
     finally:
         catalog.close()

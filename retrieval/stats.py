@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog
+from retrieval.catalog_vectors import REQUESTED_TYPE_KEY
 from retrieval.layout import IndexLayout
+from retrieval.reindex import recorded_recall
 from retrieval.vector_sync import FAISS_GENERATION_KEY, INDEX_TYPE_KEY
 
 
@@ -23,6 +25,10 @@ class IndexInfo:
     size_bytes: int
     vectors_current: bool
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), with failed=True only
+    index_type_requested: str = "auto"  # what later `clipsearch index` runs keep in force
+    recall_at_10: float | None = None  # approximate types: measured against exact search when built
+    recall_queries: int = 0
+    recall_query_kind: str | None = None  # "text" (or "image" when the model could not be loaded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,6 +41,7 @@ def index_info(index_dir: Path, with_failures: bool = False) -> IndexInfo:
         identity = catalog.model_identity()
         saved = catalog.get_meta(FAISS_GENERATION_KEY)
         failures = [(row.path, row.error or "") for row in catalog.failed_rows()] if with_failures else []
+        recall = recorded_recall(catalog)
         return IndexInfo(
             index_dir=str(layout.root),
             model=identity.describe() if identity else None,
@@ -46,6 +53,10 @@ def index_info(index_dir: Path, with_failures: bool = False) -> IndexInfo:
             size_bytes=_size(layout),
             vectors_current=layout.vectors.is_file() and saved == str(catalog.vectors_generation()),
             failures=failures,
+            index_type_requested=catalog.get_meta(REQUESTED_TYPE_KEY) or "auto",
+            recall_at_10=recall.recall if recall else None,
+            recall_queries=recall.queries if recall else 0,
+            recall_query_kind=recall.kind if recall else None,
         )
     finally:
         catalog.close()

@@ -8,13 +8,14 @@ a rebuild, never a wrong answer.
 from __future__ import annotations
 
 from retrieval.catalog import STATUS_OK, Catalog
+from retrieval.catalog_vectors import INDEX_TYPE_KEY, attach_catalog, build_from_catalog
 from retrieval.errors import IndexCorruptError
 from retrieval.faults import fault_point
 from retrieval.layout import IndexLayout
 from retrieval.vectors import VectorIndex
 
 FAISS_GENERATION_KEY = "faiss_generation"
-INDEX_TYPE_KEY = "index_type"
+__all__ = ["FAISS_GENERATION_KEY", "INDEX_TYPE_KEY", "open_vectors", "rebuild_vectors", "save_vectors"]
 
 
 def open_vectors(catalog: Catalog, layout: IndexLayout, dim: int, persist: bool) -> VectorIndex:
@@ -27,7 +28,7 @@ def open_vectors(catalog: Catalog, layout: IndexLayout, dim: int, persist: bool)
         except IndexCorruptError:  # a damaged derived file is rebuilt, never fatal
             index = None
         if index is not None and index.dim == dim and len(index) == catalog.count(STATUS_OK):
-            return index
+            return attach_catalog(index, catalog)
     index = rebuild_vectors(catalog, dim)
     if persist:
         save_vectors(catalog, layout, index, generation)
@@ -35,12 +36,13 @@ def open_vectors(catalog: Catalog, layout: IndexLayout, dim: int, persist: bool)
 
 
 def rebuild_vectors(catalog: Catalog, dim: int) -> VectorIndex:
-    index_type = catalog.get_meta(INDEX_TYPE_KEY) or "flat"
-    return VectorIndex.build(dim, catalog.iter_embeddings(), index_type)
+    return build_from_catalog(catalog, dim)  # the recorded type and knobs (retrieval.catalog_vectors)
 
 
 def save_vectors(catalog: Catalog, layout: IndexLayout, index: VectorIndex, generation: int) -> None:
     """Save, then record which catalog generation the file reflects (a crash in between only forces a rebuild)."""
+    if index.needs_rebuild:  # an hnsw index that was asked to remove vectors: rebuilt in place from the catalog
+        index.replace_with(build_from_catalog(catalog, index.dim))
     index.save(layout.vectors)
     fault_point("vectors_replaced")
     catalog.set_meta(FAISS_GENERATION_KEY, str(generation))

@@ -1,36 +1,71 @@
-"""The FAISS side: an ``IndexIDMap2`` whose ids are catalog keys, saved atomically, rebuilt from the catalog."""
+"""The FAISS side: vectors keyed by catalog ids, in one of the types of ``retrieval.index_types``, saved atomically.
+
+Ids are catalog primary keys: ``IndexIDMap2`` around flat and HNSW storage, the IVF types' own ids otherwise (an
+``IndexIDMap2`` around an IVF index would mis-number its ids after a removal).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from retrieval.errors import IndexCorruptError
 from retrieval.faults import fault_point
+from retrieval.index_types import INDEX_TYPES, IndexParams, default_params
 
-INDEX_TYPES = ("flat",)
+FAST_SCAN_MAX_QUERIES = 16  # below this, flat search runs as one multi-threaded matrix-vector product
+TRAIN_SAMPLE = 200_000  # vectors used to train the IVF types
+EXACT_FILTER_LIMIT = 20_000  # a narrower --under is searched exactly over the catalog's vectors
+
+RescoreSource = Callable[[np.ndarray], np.ndarray]  # ids -> their exact normalised float32 vectors, same order
 
 
 class VectorIndex:
     """Inner-product search over L2-normalised vectors (= cosine similarity)."""
 
-    def __init__(self, index):
+    def __init__(self, index, index_type: str | None = None, params: IndexParams | None = None):
         self.index = index
+        self.index_type = index_type or _detect_type(index)
+        self.params = params or _params_of(index, self.index_type)
+        self.needs_rebuild = False  # set when a type that cannot remove was asked to (hnsw)
+        self.rescore_source: RescoreSource | None = None
 
     @classmethod
-    def create(cls, dim: int, index_type: str = "flat") -> VectorIndex:
-        import faiss
-
-        if index_type != "flat":
+    def create(cls, dim: int, index_type: str = "flat", params: IndexParams | None = None) -> VectorIndex:
+        """An empty index; the IVF types train themselves on the first vectors added."""
+        if index_type not in INDEX_TYPES:
             raise ValueError(f"unknown index type {index_type!r}")
-        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+        params = params or IndexParams()  # zeros stay until training sees how many vectors there are
+        return cls(_make_faiss(dim, index_type, default_params(index_type, 0, dim, params)), index_type, params)
 
     @classmethod
-    def build(cls, dim: int, batches: Iterable[tuple[np.ndarray, np.ndarray]], index_type: str = "flat"):
-        index = cls.create(dim, index_type)
+    def build(
+        cls,
+        dim: int,
+        batches: Iterable[tuple[np.ndarray, np.ndarray]],
+        index_type: str = "flat",
+        params: IndexParams | None = None,
+    ) -> VectorIndex:
+        """Build from (ids, vectors) batches; the IVF types train on up to ``TRAIN_SAMPLE`` of the first vectors."""
+        index = cls.create(dim, index_type, params)
+        batches = iter(batches)
+        if index.trained:
+            for ids, vectors in batches:
+                index.add(ids, vectors)
+            return index
+        held_ids, held_vectors, held = [], [], 0
+        for ids, vectors in batches:
+            held_ids.append(ids)
+            held_vectors.append(vectors)
+            held += len(ids)
+            if held >= TRAIN_SAMPLE:
+                break
+        if held:
+            index.add(np.concatenate(held_ids), np.concatenate(held_vectors))
         for ids, vectors in batches:
             index.add(ids, vectors)
         return index
@@ -72,9 +107,39 @@ class VectorIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
+    def replace_with(self, other: VectorIndex) -> None:
+        """Take over another index's contents (an in-place rebuild that holders of this object see)."""
+        self.index, self.index_type, self.params = other.index, other.index_type, other.params
+        self.rescore_source, self.needs_rebuild = other.rescore_source, other.needs_rebuild
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.index.is_trained)
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        if len(ids):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+        if not len(ids):
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not self.trained:
+            self._train(vectors)
+        self.index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+
+    def _train(self, vectors: np.ndarray) -> None:
+        """Fit the IVF lists (and PQ codebooks) to these vectors, shrinking both to what they can support."""
+        wanted, count = self.params, len(vectors)
+        derived = default_params(self.index_type, count, self.dim)
+        nlist = max(1, min(wanted.nlist or derived.nlist, count // 39))
+        params = replace(
+            derived,
+            nlist=nlist,
+            nprobe=min(wanted.nprobe or max(1, nlist // 16), nlist),
+            pq_m=wanted.pq_m or derived.pq_m,
+            pq_bits=max(1, min(wanted.pq_bits, int(np.log2(max(2, count // 39))))),  # ~39 points per centroid
+            rescore=wanted.rescore,
+        )
+        self.params = params
+        self.index = _make_faiss(self.dim, self.index_type, params)
+        self.index.train(vectors)
 
     def remove(self, ids: Iterable[int]) -> int:
         import faiss
@@ -82,22 +147,171 @@ class VectorIndex:
         ids = np.fromiter(ids, dtype=np.int64)
         if not len(ids):
             return 0
+        if self.index_type == "hnsw":  # FAISS cannot delete graph nodes: rebuilt from the catalog when saved
+            self.needs_rebuild = True
+            return len(ids)
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
 
     def ids(self) -> np.ndarray:
         import faiss
 
+        if self.index_type in ("ivf", "ivfpq"):
+            lists = self.index.invlists
+            found = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(lists.nlist)]
+            return np.concatenate([np.array(part, dtype=np.int64) for part in found if part is not None] or [[]])
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    def stored_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) as stored, in ``ids()`` order: exact for flat and hnsw, None for the IVF types."""
+        import faiss
+
+        if self.index_type not in ("flat", "hnsw"):
+            raise ValueError(f"a {self.index_type} index does not keep its vectors in order")
+        inner = faiss.downcast_index(self.index.index)
+        return self.ids(), inner.reconstruct_n(0, len(self)) if len(self) else np.zeros((0, self.dim), np.float32)
 
     def search(
         self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query; ids are -1 where fewer than k vectors qualify."""
-        import faiss
-
+        if self.needs_rebuild:
+            raise RuntimeError("this hnsw index had removals; rebuild it from the catalog before searching")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(k, len(self)))
-        if allowed_ids is None:
-            return self.index.search(queries, k)
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed_ids, dtype=np.int64)))
+        if allowed_ids is not None:
+            return self._search_allowed(queries, k, np.asarray(allowed_ids, dtype=np.int64))
+        if self.index_type == "flat" and len(queries) <= FAST_SCAN_MAX_QUERIES and len(self):
+            return self._scan_flat(queries, k)
+        if self.index_type == "ivfpq" and self.rescore_source is not None and self.params.rescore > 1:
+            scores, ids = self.index.search(queries, k * self.params.rescore)
+            return _rescore(queries, ids, k, self.rescore_source)
+        return self.index.search(queries, k)
+
+    def _scan_flat(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k straight from FAISS's own storage (no copy): one BLAS call on all cores, where FAISS
+        would scan a lone query on one core."""
+        import faiss
+
+        n, dim = len(self), self.dim
+        inner = faiss.downcast_index(self.index.index)
+        stored = faiss.rev_swig_ptr(inner.get_xb(), n * dim).reshape(n, dim)
+        ids = faiss.rev_swig_ptr(self.index.id_map.data(), n)
+        return _top_k(stored @ queries.T, ids, k)
+
+    def _search_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Search within ``allowed`` ids: exactly over their stored vectors when the catalog is at hand (an
+        approximate index visits too few allowed vectors under a narrow filter), else with a FAISS selector."""
+        import faiss
+
+        if self.index_type != "flat" and self.rescore_source is not None and len(allowed) <= EXACT_FILTER_LIMIT:
+            scores = np.nan_to_num(self.rescore_source(allowed) @ queries.T, nan=-np.inf)
+            return _top_k(scores, allowed, min(k, len(allowed)), pad_to=k)
+        selector = faiss.IDSelectorBatch(allowed)
+        if self.index_type in ("ivf", "ivfpq"):
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
+        elif self.index_type == "hnsw":
+            hnsw = faiss.downcast_index(self.index.index).hnsw
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(hnsw.efSearch, k))
+        else:
+            params = faiss.SearchParameters(sel=selector)
         return self.index.search(queries, k, params=params)
+
+    def set_search_effort(self, effort: int) -> None:
+        """nprobe (IVF types) or efSearch (hnsw): how much of the index a query visits."""
+        import faiss
+
+        if self.index_type in ("ivf", "ivfpq"):
+            effort = max(1, min(effort, self.index.nlist))
+            self.index.nprobe = effort
+            self.params = replace(self.params, nprobe=effort)
+        elif self.index_type == "hnsw":
+            faiss.downcast_index(self.index.index).hnsw.efSearch = effort
+            self.params = replace(self.params, ef_search=effort)
+
+    def search_effort(self) -> int:
+        return self.params.nprobe if self.index_type in ("ivf", "ivfpq") else self.params.ef_search
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` per column of an (n, queries) score matrix, as FAISS returns them: (queries, k) arrays."""
+    scores = np.ascontiguousarray(scores.T)
+    if k < scores.shape[1]:
+        part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), (len(scores), scores.shape[1]))
+    best = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-best, axis=1, kind="stable")
+    top_scores = np.take_along_axis(best, order, axis=1).astype(np.float32)
+    top_ids = np.asarray(ids, dtype=np.int64)[np.take_along_axis(part, order, axis=1)]
+    if pad_to is not None and pad_to > k:
+        width = pad_to - k
+        top_scores = np.pad(top_scores, ((0, 0), (0, width)), constant_values=-np.inf)
+        top_ids = np.pad(top_ids, ((0, 0), (0, width)), constant_values=-1)
+    return top_scores, top_ids
+
+
+def _rescore(queries: np.ndarray, candidates: np.ndarray, k: int, source: RescoreSource):
+    """Exact scores for each query's candidates (from the catalog), best ``k`` kept."""
+    out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for row, (query, found) in enumerate(zip(queries, candidates)):
+        found = found[found >= 0]
+        if not len(found):
+            continue
+        scores = source(found) @ query if len(found) else np.zeros(0, np.float32)
+        keep = [i for i in np.argsort(-scores, kind="stable")[:k] if np.isfinite(scores[i])]
+        out_scores[row, : len(keep)] = scores[keep]
+        out_ids[row, : len(keep)] = found[keep]
+    return out_scores, out_ids
+
+
+def _make_faiss(dim: int, index_type: str, params: IndexParams):
+    import faiss
+
+    if index_type == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if index_type == "hnsw":
+        graph = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = params.ef_construction
+        graph.hnsw.efSearch = params.ef_search
+        return faiss.IndexIDMap2(graph)
+    quantizer = faiss.IndexFlatIP(dim)
+    if index_type == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, params.nlist, params.pq_m, params.pq_bits, faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = params.nprobe
+    index.cp.spherical = True  # unit vectors: centroids on the sphere suit inner product
+    index.cp.min_points_per_centroid = 1  # small collections get fewer lists, not a warning per training run
+    if index_type == "ivfpq":
+        index.pq.cp.min_points_per_centroid = 1
+    return index
+
+
+def _detect_type(index) -> str:
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    for name, kind in (
+        ("flat", faiss.IndexFlat),
+        ("hnsw", faiss.IndexHNSW),
+        ("ivfpq", faiss.IndexIVFPQ),
+        ("ivf", faiss.IndexIVFFlat),
+    ):
+        if isinstance(inner, kind):
+            return name
+    raise IndexCorruptError(f"unsupported vector index type {type(inner).__name__}: run `clipsearch reindex`")
+
+
+def _params_of(index, index_type: str) -> IndexParams:
+    """The knobs a loaded FAISS file carries (nprobe and efSearch are saved with it)."""
+    import faiss
+
+    if index_type in ("ivf", "ivfpq"):
+        pq_m = int(index.pq.M) if index_type == "ivfpq" else 0
+        pq_bits = int(index.pq.nbits) if index_type == "ivfpq" else 8
+        return IndexParams(nlist=int(index.nlist), nprobe=int(index.nprobe), pq_m=pq_m, pq_bits=pq_bits)
+    if index_type == "hnsw":
+        hnsw = faiss.downcast_index(index.index).hnsw
+        return IndexParams(ef_search=int(hnsw.efSearch), ef_construction=int(hnsw.efConstruction))
+    return IndexParams()

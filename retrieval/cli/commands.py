@@ -23,6 +23,21 @@ UnderOption = Annotated[Path | None, typer.Option("--under", help="Only results 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
 PathsOption = Annotated[bool, typer.Option("--paths", help="Print one path per line (for piping).")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+IndexTypeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--index-type",
+        help="Vector index: auto (exact flat up to 1M images, then ivf, then ivfpq to fit --max-memory), flat, "
+        "ivf, ivfpq or hnsw. Kept for later runs; default: the index's own (new indexes: auto).",
+        show_default=False,
+    ),
+]
+MaxMemoryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory", help="Memory budget auto plans the vector index with, e.g. 4G (default: half the RAM)."
+    ),
+]
 ServerOption = Annotated[
     str | None,
     typer.Option(
@@ -46,10 +61,13 @@ def index(
     device: DeviceOption = "auto",
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting for another indexer.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    index_type: IndexTypeOption = None,
+    max_memory: MaxMemoryOption = None,
 ) -> None:
     """Index folders of images (only what changed since the last run)."""
     quiet_libraries()
     from indexer.pipeline import IndexSettings, index_paths
+    from retrieval.index_types import parse_memory
     from retrieval.model import ModelSpec
 
     settings = IndexSettings(
@@ -58,6 +76,8 @@ def index(
         workers=workers,
         device=device,
         wait_for_lock=not no_wait,
+        index_type=index_type,
+        max_memory=parse_memory(max_memory),
     )
     summary = index_paths(
         resolve_index_dir(index_dir),
@@ -69,6 +89,8 @@ def index(
     for warning in summary.warnings:
         typer.echo(f"clipsearch: {warning}", err=True)
     typer.echo(summary.line())
+    if summary.vectors_note:
+        typer.echo(summary.vectors_note)
 
 
 def _print_results(results, as_json: bool, as_paths: bool, query: dict) -> None:
@@ -157,7 +179,12 @@ def info(
     typer.echo(f"model:   {details.model or '(none yet)'}")
     typer.echo(f"images:  {details.images} indexed, {details.failed} failed")
     state = "current" if details.vectors_current else "stale (rebuilt on next use)"
-    typer.echo(f"vectors: {details.index_type}, dim {details.embed_dim}, {state}")
+    typer.echo(f"vectors: {details.index_type} ({details.index_type_requested}), dim {details.embed_dim}, {state}")
+    if details.recall_at_10 is not None:
+        typer.echo(
+            f"recall:  {details.recall_at_10:.3f} recall@10 against exact search "
+            f"({details.recall_queries} {details.recall_query_kind} queries, measured when built)"
+        )
     typer.echo(f"size:    {details.size_bytes / 1e6:.1f} MB")
     typer.echo("folders: " + (", ".join(details.roots) or "(none)"))
     for path, reason in details.failures:

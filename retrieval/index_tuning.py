@@ -1,0 +1,117 @@
+"""Measure an approximate index against exact search, and tune how much of it a query visits.
+
+Recall is measured with *text* queries: CLIP text vectors sit apart from the image vectors (the modality gap),
+which is exactly where approximate indexes lose neighbours; image-to-image probes would flatter them. The effort
+(nprobe, efSearch, rescore depth) is chosen on half of the probes and recall is reported on the other half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from retrieval.index_types import TARGET_RECALL
+from retrieval.vectors import VectorIndex
+
+K = 10
+SUBJECTS = (
+    "a dog",
+    "a cat",
+    "a small child",
+    "an old man",
+    "a woman smiling",
+    "a red car",
+    "a bicycle",
+    "a sailing boat",
+    "a mountain lake",
+    "a busy city street",
+    "a birthday cake",
+    "a bowl of fruit",
+    "a wooden house",
+    "a bird on a branch",
+    "a horse in a field",
+    "a stone bridge",
+    "a sandy beach",
+    "a forest path",
+    "a plate of pasta",
+    "a group of friends",
+)
+SETTINGS = ("at sunset", "in the snow", "in the rain", "at night", "on a sunny day", "in black and white")
+
+
+def probe_texts() -> list[str]:
+    """120 everyday captions: the kind of thing people type into a photo search."""
+    return [f"a photo of {subject} {setting}" for subject in SUBJECTS for setting in SETTINGS]
+
+
+def exact_top_k(batches: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int = K) -> np.ndarray:
+    """Ids of the exact top-k per query by brute force over (ids, vectors) batches; -1 pads short results."""
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
+    for ids, vectors in batches:
+        scores = queries @ vectors.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if scores.shape[1] > k else np.indices(scores.shape)[1]
+        scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+        candidates = np.concatenate([best_ids, np.asarray(ids, dtype=np.int64)[top]], axis=1)
+        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(scores, keep, axis=1)
+        best_ids = np.take_along_axis(candidates, keep, axis=1)
+    if best_ids.shape[1] < k:
+        best_ids = np.pad(best_ids, ((0, 0), (0, k - best_ids.shape[1])), constant_values=-1)
+    return best_ids
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of the exact top-k that the index returned (ids -1 ignored)."""
+    shares = []
+    for got, want in zip(found, exact):
+        want = set(int(i) for i in want if i >= 0)
+        if want:
+            shares.append(len(want & {int(i) for i in got if i >= 0}) / len(want))
+    return float(np.mean(shares)) if shares else 1.0
+
+
+@dataclass(frozen=True)
+class RecallReport:
+    recall: float  # on the held-out half of the probes
+    queries: int
+    kind: str  # "text" or "image" (when the model could not be loaded)
+    effort: int  # nprobe or efSearch chosen
+    rescore: int  # ivfpq candidates per result rescored exactly
+
+
+def efforts(index: VectorIndex) -> list[int]:
+    if index.index_type in ("ivf", "ivfpq"):
+        ladder, step = [], 1
+        while step < index.index.nlist:
+            ladder.append(step)
+            step *= 2
+        return [*ladder, int(index.index.nlist)]
+    return [16, 32, 64, 128, 256, 512, 1024]
+
+
+def tune(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, kind: str, target: float = TARGET_RECALL):
+    """Smallest effort (and ivfpq rescore depth) that clears ``target`` with a margin on the even probes (a few
+    dozen probes are a noisy estimate); recall is then measured on the odd ones."""
+    aim = target + (1 - target) / 2
+    tune_q, tune_exact = queries[0::2], exact[0::2]
+    check_q, check_exact = queries[1::2], exact[1::2]
+    rescoring = index.index_type == "ivfpq" and index.rescore_source is not None
+    depths = (8, 16, 32) if rescoring else (index.params.rescore,)
+    chosen = None
+    for depth in depths:
+        index.params = replace(index.params, rescore=depth)
+        for effort in efforts(index):
+            index.set_search_effort(effort)
+            if recall_at_k(index.search(tune_q, K)[1], tune_exact) >= aim:
+                chosen = (depth, effort)
+                break
+        if chosen:
+            break
+    depth, effort = chosen or (depths[-1], efforts(index)[-1])
+    index.params = replace(index.params, rescore=depth)
+    index.set_search_effort(effort)
+    held_out = recall_at_k(index.search(check_q, K)[1], check_exact)
+    return RecallReport(round(held_out, 4), len(check_q), kind, effort, depth)

@@ -1,0 +1,161 @@
+"""Rebuild the vector index as another type from the catalog's stored embeddings, without running the encoder.
+
+The type asked for (``auto`` or a type) and the memory budget are recorded, so later `clipsearch index` runs keep
+them in force: ``auto`` moves to another type when the collection crosses a threshold, and an IVF index is
+retrained once the collection has doubled since it was trained. Approximate types are tuned and measured against
+exact search on text queries at build time; the recall is recorded for `clipsearch info`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.catalog import STATUS_OK, Catalog
+from retrieval.catalog_vectors import (
+    BUILT_N_KEY,
+    INDEX_TYPE_KEY,
+    MAX_MEMORY_KEY,
+    PARAMS_KEY,
+    RECALL_KEY,
+    REQUESTED_TYPE_KEY,
+    fetch_vectors,
+)
+from retrieval.errors import ClipsearchError, EmptyIndexError
+from retrieval.index_tuning import RecallReport, exact_top_k, probe_texts, tune
+from retrieval.index_types import APPROXIMATE_TYPES, check_index_type, choose_index_type, default_params
+from retrieval.layout import IndexLayout
+from retrieval.model import ModelIdentity, ModelSpec
+from retrieval.vector_sync import save_vectors
+from retrieval.vectors import VectorIndex
+from retrieval.write_lock import write_lock
+
+
+@dataclass(frozen=True)
+class ReindexSummary:
+    index_type: str
+    previous_type: str
+    vectors: int
+    seconds: float
+    file_bytes: int  # size of the FAISS file, close to its resident memory
+    recall: RecallReport | None  # None for exact search
+
+    def line(self) -> str:
+        text = (
+            f"vectors: {self.previous_type} -> {self.index_type} over {self.vectors} images in {self.seconds:.1f} s "
+            f"({self.file_bytes / 1e6:.1f} MB)"
+        )
+        if self.recall is None:
+            return text + "; exact search"
+        return text + (
+            f"; recall@10 {self.recall.recall:.3f} against exact search on {self.recall.queries} "
+            f"{self.recall.kind} queries (search effort {self.recall.effort})"
+        )
+
+
+def reindex(
+    index_dir: Path, index_type: str = "auto", max_memory: int | None = None, device: str = "auto", wait: bool = True
+) -> ReindexSummary:
+    """Rebuild as ``index_type`` (``auto``: chosen from size and ``max_memory``) and keep that choice in force."""
+    layout = IndexLayout(Path(index_dir).expanduser())
+    check_index_type(index_type)
+    if not layout.exists():
+        raise EmptyIndexError(f"no index at {layout.root}: run `clipsearch index FOLDER` first")
+    with write_lock(layout, wait):
+        catalog = Catalog(layout.catalog, create=False)
+        try:
+            record_request(catalog, index_type, max_memory)
+            identity = _identity(catalog, layout)
+            return rebuild_as(catalog, layout, planned_type(catalog, identity.embed_dim), device)
+        finally:
+            catalog.close()
+
+
+def apply_index_type(
+    catalog: Catalog, layout: IndexLayout, index_type: str | None, max_memory: int | None, device: str = "auto"
+) -> ReindexSummary | None:
+    """After an index run, with the write lock held: rebuild when the type in force calls for another type, or
+    when an IVF index has doubled since it was trained. None when nothing needed doing."""
+    if index_type is not None:
+        check_index_type(index_type)
+    record_request(catalog, index_type, max_memory)
+    identity = catalog.model_identity()
+    count = catalog.count(STATUS_OK)
+    if identity is None or count == 0:
+        return None
+    wanted = planned_type(catalog, identity.embed_dim)
+    current = catalog.get_meta(INDEX_TYPE_KEY) or "flat"
+    built = int(catalog.get_meta(BUILT_N_KEY) or 0)
+    outgrown = current in ("ivf", "ivfpq") and count > 2 * max(built, 1)
+    if wanted == current and not outgrown:
+        return None
+    return rebuild_as(catalog, layout, wanted, device)
+
+
+def record_request(catalog: Catalog, index_type: str | None, max_memory: int | None) -> None:
+    if index_type is not None and catalog.get_meta(REQUESTED_TYPE_KEY) != index_type:
+        catalog.set_meta(REQUESTED_TYPE_KEY, index_type)
+    if max_memory is not None:
+        catalog.set_meta(MAX_MEMORY_KEY, str(int(max_memory)))
+
+
+def planned_type(catalog: Catalog, dim: int) -> str:
+    """The type in force: the one asked for, or auto's pick for today's size and the recorded budget."""
+    requested = catalog.get_meta(REQUESTED_TYPE_KEY) or "auto"
+    if requested != "auto":
+        return requested
+    budget = catalog.get_meta(MAX_MEMORY_KEY)
+    return choose_index_type(catalog.count(STATUS_OK), dim, int(budget) if budget else None)
+
+
+def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: str = "auto") -> ReindexSummary:
+    """Build ``index_type`` from stored embeddings, tune and measure it, save it, then record it (write lock held)."""
+    started = time.perf_counter()
+    identity = _identity(catalog, layout)
+    previous = catalog.get_meta(INDEX_TYPE_KEY) or "flat"
+    count, generation, dim = catalog.count(STATUS_OK), catalog.vectors_generation(), identity.embed_dim
+    index = VectorIndex.build(dim, catalog.iter_embeddings(), index_type, default_params(index_type, count, dim))
+    report = None
+    if index_type in APPROXIMATE_TYPES:
+        index.rescore_source = lambda ids: fetch_vectors(catalog, ids)
+        queries, kind = probe_queries(catalog, identity, device)
+        report = tune(index, queries, exact_top_k(catalog.iter_embeddings(), queries), kind)
+    save_vectors(catalog, layout, index, generation)  # the file first: meta never names a type the file lacks
+    recall = json.dumps(report.__dict__) if report else ""
+    with catalog.session() as session, session.begin():
+        catalog.set_meta(INDEX_TYPE_KEY, index_type, session)
+        catalog.set_meta(PARAMS_KEY, index.params.to_json(), session)
+        catalog.set_meta(BUILT_N_KEY, str(count), session)
+        catalog.set_meta(RECALL_KEY, recall, session)
+    return ReindexSummary(
+        index_type, previous, count, time.perf_counter() - started, layout.vectors.stat().st_size, report
+    )
+
+
+def recorded_recall(catalog: Catalog) -> RecallReport | None:
+    text = catalog.get_meta(RECALL_KEY)
+    return RecallReport(**json.loads(text)) if text else None
+
+
+def probe_queries(catalog: Catalog, identity: ModelIdentity, device: str = "auto") -> tuple[np.ndarray, str]:
+    """Text probes encoded with the index's own model; stored image vectors when the model cannot be loaded."""
+    from retrieval.model import Encoder
+
+    try:
+        encoder = Encoder.load(ModelSpec(identity.name, identity.pretrained), device)
+        return encoder.encode_texts(probe_texts()), "text"
+    except ClipsearchError:
+        ids, vectors = next(iter(catalog.iter_embeddings()))
+        pick = np.linspace(0, len(ids) - 1, num=min(len(ids), len(probe_texts()))).astype(int)
+        return vectors[pick], "image"
+
+
+def _identity(catalog: Catalog, layout: IndexLayout) -> ModelIdentity:
+    identity = catalog.model_identity()
+    if identity is None or catalog.count(STATUS_OK) == 0:
+        raise EmptyIndexError(f"no images are indexed in {layout.root} yet")
+    return identity
