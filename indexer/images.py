@@ -124,18 +124,20 @@ def read_file(path: str | Path) -> bytes:
         raise DecodeError("is a folder") from None
     except OSError as error:
         raise DecodeError(f"unreadable: {error.strerror or error}") from None
-    with os.fdopen(fd, "rb") as file:
-        facts = os.fstat(file.fileno())
+    try:
+        facts = os.fstat(fd)
         if stat.S_ISDIR(facts.st_mode):
             raise DecodeError("is a folder")
         if not stat.S_ISREG(facts.st_mode):
             raise DecodeError("not a regular file")
         if facts.st_size > MAX_FILE_BYTES:
             raise DecodeError(f"file too large for an image ({facts.st_size / 2**30:.1f} GiB)")
-        try:
+        with os.fdopen(fd, "rb", closefd=False) as file:
             return file.read()
-        except OSError as error:
-            raise DecodeError(f"unreadable: {error.strerror or error}") from None
+    except OSError as error:
+        raise DecodeError(f"unreadable: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
 
 
 def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
