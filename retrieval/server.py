@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,33 +102,39 @@ class StatsOut(BaseModel):
 
 
 class SearchService:
-    """The engine all requests share. Queries run one at a time (torch already uses every core); before each,
+    """The engine all requests share. Queries take turns on one dedicated thread: torch already uses every core,
+    and one calling thread keeps one warm OpenMP team instead of a team per web worker thread. Before each query
     a cheap catalog read notices what an indexer committed meanwhile, so new photos appear without a restart."""
 
     def __init__(self, index_dir: Path, device: str = "auto"):
         self.engine = SearchEngine(index_dir, device=device)
         self.thumbnails = ThumbnailCache(self.engine.layout.root / THUMBNAILS_DIR)
-        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-query")
         self._generation = self.engine.catalog.vectors_generation()
 
     def warm(self) -> None:
         """Load the model and the vectors now, so the first query is as fast as the rest."""
+        self._worker.submit(self._warm).result()
+
+    def _warm(self) -> None:
         try:
-            with self._lock:
-                self.engine.vectors  # noqa: B018
-                self.engine.encoder  # noqa: B018
+            self.engine.vectors  # noqa: B018
+            self.engine.encoder.encode_texts(["warm up"])
         except EmptyIndexError:
             pass  # nothing indexed yet: search answers 409 until the indexer has committed
 
     def query(self, search: Callable[[SearchEngine], list[SearchResult]]) -> list[SearchResult]:
-        with self._lock:
-            generation = self.engine.catalog.vectors_generation()
-            if generation != self._generation:
-                self.engine.refresh()
-                self._generation = generation
-            return search(self.engine)
+        return self._worker.submit(self._query, search).result()
+
+    def _query(self, search: Callable[[SearchEngine], list[SearchResult]]) -> list[SearchResult]:
+        generation = self.engine.catalog.vectors_generation()
+        if generation != self._generation:
+            self.engine.refresh()
+            self._generation = generation
+        return search(self.engine)
 
     def close(self) -> None:
+        self._worker.shutdown(wait=True)
         self.engine.close()
 
 
