@@ -24,7 +24,7 @@ from retrieval.errors import IndexCorruptError
 from retrieval.faults import fault_point
 from retrieval.layout import IndexLayout
 from retrieval.path_text import display_path
-from retrieval.vector_sync import FAISS_GENERATION_KEY, rebuild_vectors, save_vectors
+from retrieval.vector_sync import FAISS_GENERATION_KEY, INDEX_TYPE_KEY, rebuild_vectors, save_vectors
 from retrieval.vectors import VectorIndex
 from retrieval.write_lock import write_lock
 
@@ -210,6 +210,11 @@ def _inspect_vectors(
         findings.problems.append(f"the FAISS file holds {index.dim}-d vectors, the model makes {dim}-d")
         findings.rebuild_vectors = True
         return
+    recorded_type = catalog.get_meta(INDEX_TYPE_KEY) or "flat"
+    if index.index_type != recorded_type:
+        findings.problems.append(f"the FAISS file is a {index.index_type} index, the catalog records {recorded_type}")
+        findings.rebuild_vectors = True
+        return
     if saved != generation:
         findings.notices.append(
             f"the FAISS file is behind the catalog (generation {saved}, catalog {generation}): normal after an "
@@ -237,8 +242,8 @@ def _compare_vectors(index: VectorIndex, ok_vectors: dict[int, np.ndarray]) -> s
         faults.append(f"{len(extra)} id(s) not in the catalog")
     if len(missing):
         faults.append(f"{len(missing)} image(s) missing")
-    if not faults and len(ids):
-        stored = index.index.index.reconstruct_n(0, len(ids))  # IndexIDMap2 -> flat storage, in id_map order
+    if not faults and len(ids) and index.index_type in ("flat", "hnsw"):  # the IVF types keep no exact vectors
+        ids, stored = index.stored_vectors()
         wanted = normalise(np.stack([ok_vectors[int(i)] for i in ids]).astype(np.float32))
         wrong = int((np.abs(stored - wanted).max(axis=1) > VECTOR_TOLERANCE).sum())
         if wrong:

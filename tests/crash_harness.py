@@ -30,6 +30,11 @@ EMBEDDING_TOLERANCE = 2e-3  # float16 storage and batch-dependent float sums
 
 def run_in_child(work: Callable[[], object], fault: str | None = None, after_commits: int | None = None) -> int:
     """Fork, run ``work`` with the given fault armed, and return the child's exit code (-9 when it was killed)."""
+    return wait_for_child(start_child(work, fault, after_commits))
+
+
+def start_child(work: Callable[[], object], fault: str | None = None, after_commits: int | None = None) -> int:
+    """Fork a child that runs ``work`` (exit 0, or 1 with a traceback on stderr); return its pid."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 0
@@ -50,8 +55,13 @@ def run_in_child(work: Callable[[], object], fault: str | None = None, after_com
             code = 1
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return pid
+
+
+def wait_for_child(pid: int, block: bool = True) -> int | None:
+    """The child's exit code (-9 when killed); None when ``block`` is false and it is still running."""
+    done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    return os.waitstatus_to_exitcode(status) if done else None
 
 
 def stored_embeddings(index_dir: Path) -> dict[str, np.ndarray]:
