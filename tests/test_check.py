@@ -1,0 +1,152 @@
+"""`clipsearch check [--repair]`: each kind of damage is reported, repaired, and the repaired index is whole."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from indexer.pipeline import index_paths
+from retrieval.catalog import STATUS_FAILED, Catalog
+from retrieval.check import DAMAGED_EMBEDDING, check_index
+from retrieval.cli import app
+from retrieval.engine import SearchEngine
+from retrieval.errors import IndexBusyError
+from retrieval.layout import IndexLayout
+from retrieval.vectors import VectorIndex
+from retrieval.write_lock import write_lock
+from tests.crash_harness import assert_index_whole
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def index_dir(settings, photo_folder, tmp_path) -> Path:
+    index_dir = tmp_path / "index"
+    index_paths(index_dir, [photo_folder], settings, progress=False)
+    return index_dir
+
+
+def sql(index_dir: Path, statement: str, *args) -> list[tuple]:
+    connection = sqlite3.connect(index_dir / "catalog.sqlite")
+    try:
+        rows = connection.execute(statement, args).fetchall()
+        connection.commit()
+        return rows
+    finally:
+        connection.close()
+
+
+def repaired(index_dir: Path, expect_problem: str | None) -> list[str]:
+    """Check finds the problem (or only notices), repair fixes it, and a second check is clean."""
+    before = check_index(index_dir)
+    if expect_problem:
+        assert any(expect_problem in line for line in before.problems), before.problems
+        assert not before.healthy
+    else:
+        assert before.healthy and before.notices
+    report = check_index(index_dir, repair=True)
+    assert report.healthy and report.repairs, report
+    after = check_index(index_dir)
+    assert (after.problems, after.notices) == ([], [])
+    return report.repairs
+
+
+def test_a_healthy_index_checks_clean(index_dir):
+    report = check_index(index_dir)
+    assert report.healthy and (report.problems, report.notices, report.repairs) == ([], [], [])
+    assert (report.images, report.vectors_in_file) == (16, 16)
+    result = runner.invoke(app, ["check", "--index", str(index_dir)])
+    assert result.exit_code == 0 and result.output.strip().endswith("ok")
+
+
+def test_stale_vectors_file_is_a_notice_and_repair_saves_a_current_one(index_dir):
+    sql(index_dir, "UPDATE meta SET value = value - 1 WHERE key = 'faiss_generation'")
+    repairs = repaired(index_dir, None)
+    assert any("rebuilt the FAISS file" in line for line in repairs)
+
+
+def test_missing_vectors_file_is_a_notice(index_dir):
+    (index_dir / "vectors.faiss").unlink()
+    repaired(index_dir, None)
+    assert (index_dir / "vectors.faiss").is_file()
+
+
+def test_unreadable_vectors_file_does_not_stop_searches_and_is_rebuilt(index_dir):
+    data = (index_dir / "vectors.faiss").read_bytes()
+    (index_dir / "vectors.faiss").write_bytes(data[: len(data) // 3])
+    with SearchEngine(index_dir) as engine:
+        assert len(engine.vectors) == 16  # rebuilt in memory from the catalog
+    repaired(index_dir, "unreadable")
+
+
+@pytest.mark.parametrize("damage", ["swap_id", "duplicate_id", "wrong_vector"])
+def test_vectors_file_that_disagrees_with_the_catalog_is_rebuilt(index_dir, damage):
+    """A file claiming to be current but holding other ids or vectors (same count, so a search would trust it)."""
+    path = index_dir / "vectors.faiss"
+    index = VectorIndex.load(path)
+    ids, vectors = index.stored_vectors()
+    if damage == "swap_id":
+        ids = ids.copy()
+        ids[0] = ids.max() + 100
+    elif damage == "duplicate_id":
+        ids = ids.copy()
+        ids[1] = ids[0]
+    else:
+        vectors = vectors.copy()
+        vectors[3] = -vectors[3]
+    forged = VectorIndex.create(index.dim)
+    forged.add(ids, vectors)
+    forged.save(path)
+    repaired(index_dir, "disagrees with the catalog")
+    assert_index_whole(index_dir)
+
+
+@pytest.mark.parametrize("blob", [b"\x00\x01\x02", np.full(32, np.nan, np.float16).tobytes(), bytes(64)])
+def test_damaged_embedding_is_marked_and_re_encoded_by_the_next_run(index_dir, settings, photo_folder, blob):
+    victim = sql(index_dir, "SELECT id, path FROM images ORDER BY id LIMIT 1")[0]
+    sql(index_dir, "UPDATE images SET embedding = ? WHERE id = ?", blob, victim[0])
+    repaired(index_dir, "damaged embedding")
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    row = catalog.rows_by_id([victim[0]])[victim[0]]
+    catalog.close()
+    assert (row.status, row.error) == (STATUS_FAILED, DAMAGED_EMBEDDING)
+
+    summary = index_paths(index_dir, [photo_folder], settings, progress=False)
+    assert (summary.updated, summary.unchanged) == (1, 15)
+    assert len(assert_index_whole(index_dir)) == 16
+
+
+def test_failed_row_that_still_holds_an_embedding_is_cleared(index_dir):
+    blob = sql(index_dir, "SELECT embedding FROM images LIMIT 1")[0][0]
+    sql(index_dir, "UPDATE images SET status = 'failed', error = 'x' WHERE id = (SELECT max(id) FROM images)")
+    sql(index_dir, "UPDATE images SET embedding = ? WHERE id = (SELECT max(id) FROM images)", blob)
+    repaired(index_dir, "still carry an embedding")
+
+
+def test_temporary_files_of_a_killed_save_are_removed(index_dir):
+    stray = index_dir / ".vectors.faiss.12345.tmp"
+    stray.write_bytes(b"half a file")
+    repaired(index_dir, None)
+    assert not stray.exists()
+
+
+def test_repair_never_races_a_writer(index_dir):
+    (index_dir / "vectors.faiss").unlink()
+    with write_lock(IndexLayout(index_dir)), pytest.raises(IndexBusyError):
+        check_index(index_dir, repair=True, wait=False)
+
+
+def test_cli_reports_problems_with_exit_code_1_and_json(index_dir):
+    (index_dir / "vectors.faiss").write_bytes(b"garbage")
+    result = runner.invoke(app, ["check", "--index", str(index_dir)])
+    assert result.exit_code == 1
+    assert "problem:  the FAISS file is unreadable" in result.output and "try --repair" in result.output
+    fixed = runner.invoke(app, ["check", "--index", str(index_dir), "--repair", "--json"])
+    assert fixed.exit_code == 0
+    report = json.loads(fixed.output)
+    assert report["healthy"] and report["remaining"] == [] and report["repairs"]
