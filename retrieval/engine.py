@@ -13,6 +13,7 @@ from retrieval.catalog import STATUS_OK, Catalog, ImageRow, normalise
 from retrieval.errors import EmptyIndexError, UsageError
 from retrieval.layout import IndexLayout
 from retrieval.model import Encoder, ModelIdentity, ModelSpec, spec_key
+from retrieval.path_text import display_path
 from retrieval.vector_sync import open_vectors
 from retrieval.vectors import VectorIndex
 
@@ -30,7 +31,9 @@ class SearchResult:
     height: int | None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: a file name that is not valid UTF-8 shows its odd bytes as ``\\xNN`` (``.path`` keeps
+        them exactly, for opening the file)."""
+        return asdict(self) | {"path": display_path(self.path)}
 
 
 class SearchEngine:

@@ -3,6 +3,7 @@ a hang, a duplicate or a lost index. The corpus is generated (tests/hostile_corp
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -165,6 +166,8 @@ def test_names_that_are_not_utf8_round_trip(hostile, settings, tmp_path):
         inside = engine.search_text("a photo", k=5, under=odd_folder)
     assert similar and all(result.path != odd_file for result in similar)
     assert [result.path for result in inside] == [os.path.join(odd_folder, "inside.jpg")]
+    shown = inside[0].to_dict()["path"]  # JSON output (CLI --json, web app) must encode as strict UTF-8
+    assert json.dumps(shown, ensure_ascii=False).encode("utf-8") and shown.endswith("/f\\xf6lder/inside.jpg")
 
 
 @pytest.mark.slow
