@@ -89,7 +89,7 @@ def test_searches_during_indexing_answer_from_committed_state(settings, tmp_path
     settings = replace(settings, chunk_size=4, save_every_s=0.0)
     index_paths(index_dir, [folder], settings, progress=False)
     make_images(folder / "b_more", 20, seed=82)
-    pause = ",".join(f"commit_end:{n}:sleep=0.2" for n in range(1, 6))
+    pause = ",".join(f"commit_end:{n}:sleep=0.3" for n in range(1, 6))
 
     pid = start_child(lambda: index_paths(index_dir, [folder], settings, progress=False), fault=pause)
     long_lived = SearchEngine(index_dir)
