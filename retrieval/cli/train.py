@@ -51,6 +51,9 @@ def train(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda (mixed precision on CUDA).")] = "auto",
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads for torch (1 is fastest on a busy machine).")
+    ] = None,
     val_split: Annotated[str, typer.Option("--val-split", help="Split to validate on after each epoch.")] = "val",
     save_fp16: Annotated[bool, typer.Option("--save-fp16", help="Store the weights in half precision.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out.")] = False,
@@ -73,6 +76,7 @@ def train(
         seed=seed,
         device=device,
         workers=workers,
+        threads=threads,
         val_split=val_split,
         save_fp16=save_fp16,
         overwrite=overwrite,
