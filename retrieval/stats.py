@@ -9,6 +9,7 @@ from pathlib import Path
 from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog
 from retrieval.catalog_vectors import REQUESTED_TYPE_KEY
 from retrieval.layout import IndexLayout
+from retrieval.path_text import display_path
 from retrieval.reindex import recorded_recall
 from retrieval.vector_sync import FAISS_GENERATION_KEY, INDEX_TYPE_KEY
 
@@ -31,7 +32,11 @@ class IndexInfo:
     recall_query_kind: str | None = None  # "text" (or "image" when the model could not be loaded)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: folder and file names that are not valid UTF-8 show their odd bytes as ``\\xNN``."""
+        return asdict(self) | {
+            "roots": [display_path(root) for root in self.roots],
+            "failures": [(display_path(path), reason) for path, reason in self.failures],
+        }
 
 
 def index_info(index_dir: Path, with_failures: bool = False) -> IndexInfo:
