@@ -21,7 +21,7 @@ from indexer.images import DecodedItem, ImageFileDataset, collate_decoded, hash_
 from indexer.plan import Plan, WorkItem, plan_changes
 from indexer.scan import resolve_folder, scan_folder
 from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding, normalise
-from retrieval.errors import ClipsearchError, ModelLoadError, UsageError
+from retrieval.errors import DiskFullError, ModelLoadError, UsageError
 from retrieval.faults import fault_point
 from retrieval.index_types import check_index_type
 from retrieval.layout import IndexLayout
@@ -96,7 +96,7 @@ def index_paths(
     except Exception as error:
         if not is_disk_full(error):
             raise
-        raise ClipsearchError(
+        raise DiskFullError(
             f"the disk holding {layout.root} is full: the index is intact up to the last committed chunk; "
             f"free some space and run `clipsearch index` again to continue"
         ) from None

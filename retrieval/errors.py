@@ -31,3 +31,7 @@ class IndexCorruptError(ClipsearchError):
 
 class IndexBusyError(ClipsearchError):
     """Another process is writing to this index."""
+
+
+class DiskFullError(ClipsearchError):
+    """The disk holding the index filled up; what was committed before is intact."""

@@ -22,7 +22,7 @@ import pytest
 
 from indexer.pipeline import IndexSettings, index_paths
 from retrieval.catalog import STATUS_OK, Catalog
-from retrieval.errors import ClipsearchError, EmptyIndexError
+from retrieval.errors import DiskFullError, EmptyIndexError
 from retrieval.faults import FAULT_ENV, reset_faults
 from retrieval.layout import IndexLayout
 from tests.conftest import make_images, write_image
@@ -221,7 +221,7 @@ def test_injected_disk_full_is_a_clear_error_and_the_index_stays_whole(
     index_dir = tmp_path / "index"
     monkeypatch.setenv(FAULT_ENV, f"{point}:enospc")
     reset_faults()
-    with pytest.raises(ClipsearchError, match="disk holding .* is full: the index is intact"):
+    with pytest.raises(DiskFullError, match="disk holding .* is full: the index is intact"):
         index_paths(index_dir, [folder], crash_settings, progress=False)
     monkeypatch.delenv(FAULT_ENV)
     assert not list(index_dir.glob(".*.tmp")), "a temporary FAISS file was left behind"
@@ -257,7 +257,7 @@ def test_real_full_disk(small_disk, crash_settings, tmp_path):
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 96 * 1024))  # room for a few commits
 
-    with pytest.raises(ClipsearchError, match="is full"):
+    with pytest.raises(DiskFullError, match="is full"):
         index_paths(index_dir, [folder], settings, progress=False)
     assert_index_whole(index_dir, reference)
     filler.unlink()
