@@ -51,7 +51,10 @@ def text_searches(engine, attributes, test_entries) -> None:
     for entry in test_entries[::step][:TEXT_QUERIES]:
         query = entry["sentences"][0]["raw"]
         print(f'\n   "{query}"')
-        print_results(engine.search_text(query, k=5), attributes, entry["attributes"])
+        ranked = engine.search_text(query, k=len(attributes))
+        print_results(ranked[:5], attributes, entry["attributes"])
+        rank = next(hit.rank for hit in ranked if Path(hit.path).name == entry["filename"])
+        print(f"   the image this caption was written for, {entry['filename']}, is at rank {rank}")
 
 
 def image_search(engine, attributes, test_entries) -> None:
@@ -87,6 +90,18 @@ def evaluate_models(work: Path, test_entries) -> None:
     print("   Each test image has its own shape-colour-size-position, so every caption has exactly one right image.")
 
 
+def prepare_work_folder(work: Path, fresh: bool) -> None:
+    """Start over when asked, or when the bundled model changed since the last run (an index keeps its model)."""
+    from retrieval.model import WEIGHTS_FILE, file_digest
+
+    digest = file_digest(MODEL_DIR / WEIGHTS_FILE)
+    marker = work / "model-digest"
+    if work.exists() and (fresh or not marker.is_file() or marker.read_text().strip() != digest):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--index", type=Path, default=ROOT / ".demo", help="work folder (default: .demo/)")
@@ -102,8 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     work = args.index.expanduser().resolve()
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
+    prepare_work_folder(work, args.fresh)
     attributes, test_entries = load_attributes()
     spec = ModelSpec(f"local-dir:{MODEL_DIR}", None)
     print(f"== Index {SAMPLES / 'images'} with {MODEL_DIR}")

@@ -58,7 +58,6 @@ def tiny_settings(config: Path, **overrides) -> TrainSettings:
         lr=2e-3,
         warmup_steps=2,
         seed=1,
-        threads=1,
     )
     return TrainSettings(**{**values, **overrides})
 
@@ -152,7 +151,7 @@ def test_same_seed_gives_the_same_model_through_the_cli(
 ) -> None:
     args = ["train", "--images", str(shapes_set.parent / "images"), "--annotations", str(shapes_set)]
     args += ["--model", str(tiny_config), "--from-scratch", "--epochs", "2", "--batch-size", "16"]
-    args += ["--lr", "2e-3", "--warmup", "2", "--seed", "1", "--threads", "1", "--quiet"]
+    args += ["--lr", "2e-3", "--warmup", "2", "--seed", "1", "--quiet"]
 
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "again")])
 
@@ -184,7 +183,10 @@ def test_save_then_load_gives_the_same_embeddings(tiny_config: Path, tmp_path: P
     save_trained_model(start.model, start.model_cfg, tmp_path / "saved", fp16=fp16)
     loaded = Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'saved'}", None), device="cpu")
 
-    tolerance = 2e-2 if fp16 else 0
+    if not fp16:  # the very same numbers, so embeddings differ only by float32 rounding of batched kernels
+        saved, reloaded = start.model.state_dict(), loaded.model.state_dict()
+        assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
+    tolerance = 2e-2 if fp16 else 1e-6
     np.testing.assert_allclose(loaded.encode_pil(images), before_images.numpy(), atol=tolerance)
     np.testing.assert_allclose(loaded.encode_texts(texts), before_texts.numpy(), atol=tolerance)
 
@@ -198,7 +200,6 @@ def recall_of(spec_dir: Path, items) -> dict[str, float]:
     return evaluate_recall(encoder.model, encoder.preprocess, encoder.tokenizer, items, "cpu")
 
 
-@pytest.mark.slow
 def test_bundled_model_beats_random_weights_by_a_wide_margin(tmp_path: Path) -> None:
     """Measured on the 200 held-out sample images x 1,000 captions (see data/models/shapes-clip/REPRODUCE.md)."""
     items = bundled_test_split()
