@@ -1,7 +1,7 @@
 """The demo: index the bundled sample images with the bundled shapes model, search by text and by image, and
 evaluate recall@k on the held-out split next to random weights of the same architecture. Offline, CPU, < 2 min.
 
-    python scripts/demo.py [--index DIR] [--fresh]
+    python scripts/demo.py [--work DIR] [--fresh]
 
 The bundled model (data/models/shapes-clip) was trained from scratch with `clipsearch train` on generated
 images of coloured shapes; data/samples holds 300 other images from the same generator (200 of them the
@@ -96,7 +96,9 @@ def prepare_work_folder(work: Path, fresh: bool) -> None:
 
     digest = file_digest(MODEL_DIR / WEIGHTS_FILE)
     marker = work / "model-digest"
-    if work.exists() and (fresh or not marker.is_file() or marker.read_text().strip() != digest):
+    if work.exists() and any(work.iterdir()) and not marker.is_file():
+        sys.exit(f"demo: {work} is not empty and not a demo work folder: choose another --work folder")
+    if marker.is_file() and (fresh or marker.read_text().strip() != digest):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     marker.write_text(digest + "\n")
@@ -104,8 +106,8 @@ def prepare_work_folder(work: Path, fresh: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--index", type=Path, default=ROOT / ".demo", help="work folder (default: .demo/)")
-    parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    parser.add_argument("--work", type=Path, default=ROOT / ".demo", help="work folder for the indexes (.demo/)")
+    parser.add_argument("--fresh", action="store_true", help="start over: delete the demo's work folder first")
     args = parser.parse_args(argv)
 
     from retrieval.cli.app import quiet_libraries
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     from retrieval.model import ModelSpec
 
     started = time.perf_counter()
-    work = args.index.expanduser().resolve()
+    work = args.work.expanduser().resolve()
     prepare_work_folder(work, args.fresh)
     attributes, test_entries = load_attributes()
     spec = ModelSpec(f"local-dir:{MODEL_DIR}", None)
