@@ -4,6 +4,7 @@ accumulation is exact, and the bundled shapes model beats random weights by a wi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +213,14 @@ def test_bundled_model_beats_random_weights_by_a_wide_margin(tmp_path: Path) -> 
     assert bundled["text_to_image_recall@5"] >= 0.8
     assert bundled["text_to_image_recall@1"] >= 0.3
     assert bundled["image_to_text_recall@1"] >= 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_precision_training_on_cuda(shapes_set: Path, tiny_config: Path, tmp_path: Path) -> None:
+    settings = tiny_settings(tiny_config, device="cuda", micro_batch_size=8)
+    report = train_model(shapes_set.parent / "images", shapes_set, tmp_path / "gpu", settings, progress=False)
+
+    assert all(math.isfinite(epoch.train_loss) for epoch in report.epochs)
+    assert report.epochs[-1].train_loss < report.epochs[0].train_loss * 1.1
+    assert Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'gpu'}", None), device="cpu").dim == 32
