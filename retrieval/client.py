@@ -14,7 +14,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from retrieval.engine import SearchResult
+from indexer.scan import catalog_path
+from retrieval.engine import SearchEngine, SearchResult
 from retrieval.errors import ClipsearchError, UsageError
 
 RESULT_FIELDS = ("rank", "score", "path", "image_id", "width", "height")
@@ -31,6 +32,12 @@ class ServerClient:
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server: no proxy
 
+    def __enter__(self) -> ServerClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
     def search_text(self, text: str, k: int = 10, min_score: float | None = None, under=None) -> list[SearchResult]:
         if not text.strip():
             raise UsageError("the query text is empty")
@@ -43,7 +50,7 @@ class ServerClient:
         if not path.is_file():
             raise UsageError(f"no such image file: {path}")
         params = _filters(k, min_score, under)
-        image_id = self.indexed_id(path.resolve())
+        image_id = self.indexed_id(Path(catalog_path(path)))
         if image_id is not None:
             return self._results(self._request("GET", f"/api/similar/{image_id}", params))
         body, content_type = _multipart("image", path.name, path.read_bytes())
@@ -114,3 +121,9 @@ def _multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
         f"Content-Type: {media_type}\r\n\r\n"
     ).encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def open_searcher(index_dir: Path, device: str = "auto", server: str | None = None) -> SearchEngine | ServerClient:
+    """The local engine, or a running server when ``server`` is given: both answer ``search_text`` and
+    ``search_image`` with the same arguments and results."""
+    return ServerClient(server) if server else SearchEngine(index_dir, device=device)

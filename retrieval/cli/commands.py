@@ -122,15 +122,10 @@ def search(
 ) -> None:
     """Find images matching a text description."""
     quiet_libraries()
-    if server:
-        from retrieval.client import ServerClient
+    from retrieval.client import open_searcher
 
-        results = ServerClient(server).search_text(text, k=k, min_score=min_score, under=under)
-    else:
-        from retrieval.engine import SearchEngine
-
-        with SearchEngine(resolve_index_dir(index_dir), device=device) as engine:
-            results = engine.search_text(text, k=k, min_score=min_score, under=under)
+    with open_searcher(resolve_index_dir(index_dir), device, server) as searcher:
+        results = searcher.search_text(text, k=k, min_score=min_score, under=under)
     _print_results(results, as_json, as_paths, {"text": text, "k": k})
 
 
@@ -149,15 +144,10 @@ def similar(
 ) -> None:
     """Find images that look like IMAGE (IMAGE itself is left out)."""
     quiet_libraries()
-    if server:
-        from retrieval.client import ServerClient
+    from retrieval.client import open_searcher
 
-        results = ServerClient(server).search_image(image, k=k, min_score=min_score, under=under)
-    else:
-        from retrieval.engine import SearchEngine
-
-        with SearchEngine(resolve_index_dir(index_dir), device=device) as engine:
-            results = engine.search_image(image, k=k, min_score=min_score, under=under)
+    with open_searcher(resolve_index_dir(index_dir), device, server) as searcher:
+        results = searcher.search_image(image, k=k, min_score=min_score, under=under)
     _print_results(results, as_json, as_paths, {"image": str(image), "k": k})
 
 
