@@ -225,3 +225,16 @@ def test_mixed_precision_training_on_cuda(shapes_set: Path, tiny_config: Path, t
     assert all(math.isfinite(epoch.train_loss) for epoch in report.epochs)
     assert report.epochs[-1].train_loss < report.epochs[0].train_loss * 1.1
     assert Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'gpu'}", None), device="cpu").dim == 32
+
+
+def test_fine_tuning_starts_from_the_given_weights(shapes_set: Path, tiny_spec: ModelSpec, tmp_path: Path) -> None:
+    settings = TrainSettings(model=tiny_spec, epochs=1, batch_size=16, seed=1)
+    report = train_model(shapes_set.parent / "images", shapes_set, tmp_path / "tuned", settings, progress=False)
+
+    assert report.start == {"model": tiny_spec.describe()} and report.settings["lr"] == 1e-5
+    start = Encoder.load(tiny_spec, device="cpu")
+    tuned = Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'tuned'}", None), device="cpu")
+    texts = ["a small red circle on the left", "big blue star, top right"]
+    before, after = start.encode_texts(texts), tuned.encode_texts(texts)
+    assert np.abs(after - before).max() > 1e-4  # trained ...
+    assert (before * after).sum(axis=1).min() > 0.9  # ... a little, from the given weights, not from scratch
