@@ -73,6 +73,15 @@ class SearchEngine:
         return self._encoder
 
     @property
+    def text_encoder(self) -> Encoder:
+        """For text queries: the full encoder once loaded, else only the text tower (faster start, less memory)."""
+        if self._encoder is not None:
+            return self._encoder
+        spec = self.model_spec
+        self.catalog.check_model(spec_key(spec), spec.describe())
+        return Encoder.load_text(spec, self.device)
+
+    @property
     def vectors(self) -> VectorIndex:
         if self._vectors is None:
             self.model_spec  # noqa: B018  (raises on an index that has no images yet)
@@ -94,7 +103,7 @@ class SearchEngine:
             raise UsageError("the query text is empty")
         _check_k(k)
         self.vectors  # noqa: B018  (fail on an empty index before loading the model)
-        query = self.encoder.encode_texts([text])
+        query = self.text_encoder.encode_texts([text])
         return self._search(query, k, min_score, under, exclude=())
 
     def search_image(

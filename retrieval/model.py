@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -94,9 +95,50 @@ class ModelIdentity:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a weights file, memoised per (path, size, mtime): opening an index checks it more than once."""
+    """sha256 of a weights file, memoised per (path, size, mtime): opening an index checks it more than once.
+
+    Also remembered across processes (``$XDG_CACHE_HOME/clipsearch/weights-digests.json``, keyed by path, size,
+    mtime and inode): hashing 600 MB of ViT-B-32 weights cost every `clipsearch search` about half a second.
+    """
     stat = Path(path).stat()
-    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    resolved = str(Path(path).resolve())
+    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    cache = _digest_cache_file()
+    known = _read_digest_cache(cache)
+    if key in known:
+        return known[key]
+    digest = _file_digest(resolved, stat.st_size, stat.st_mtime_ns)
+    if stat.st_size >= DIGEST_CACHE_MIN_BYTES:  # small files hash in milliseconds: not worth an entry
+        kept = {k: v for k, v in known.items() if not k.startswith(resolved + "|") and os.path.exists(k.split("|")[0])}
+        _write_digest_cache(cache, kept | {key: digest})
+    return digest
+
+
+DIGEST_CACHE_MIN_BYTES = 64 << 20
+
+
+def _digest_cache_file() -> Path:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "clipsearch" / "weights-digests.json"
+
+
+def _read_digest_cache(path: Path) -> dict[str, str]:
+    try:
+        known = json.loads(path.read_text())
+        return {str(k): str(v) for k, v in known.items()} if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_digest_cache(path: Path, known: dict[str, str]) -> None:
+    """Best effort (a read-only home only costs the hashing again): write a temporary file, then rename."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(list(known.items())[-64:])))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 @lru_cache(maxsize=16)
@@ -207,8 +249,9 @@ def build_model(spec: ModelSpec, device: str = "cpu", precision: str = "fp32") -
     _check_spec(spec)
     _fail_fast_when_offline(spec)
     pretrained = None if spec.local_dir is not None else spec.pretrained
+    weights_follow = _weights_path(spec) is not None if spec.local_dir is not None else bool(spec.pretrained)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), skip_weight_init() if weights_follow else nullcontext():
             warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.name,
@@ -228,6 +271,158 @@ def build_model(spec: ModelSpec, device: str = "cpu", precision: str = "fp32") -
         raise ModelLoadError(f"could not load model {spec.describe()}: {error}") from error
     model.eval()
     return model, preprocess
+
+
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+)
+
+
+@contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Make ``torch.nn.init`` a no-op while a model is constructed whose every parameter a strict checkpoint load
+    then overwrites (open_clip loads full checkpoints with ``strict=True``): the random initialisation of
+    ViT-B-32 costs over a second of CPU for nothing on every cold start."""
+    import torch
+
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, _leave_as_is)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _leave_as_is(tensor, *args, **kwargs):
+    return tensor
+
+
+def encode_text_tokens(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Normalised text features, computed only up to the batch's last end-of-text token.
+
+    open_clip's CLIP text tower is causal and pools at the end-of-text position, so positions after it cannot
+    change the result: a 5-word query runs ~8 of the 77 positions (several times faster, same vector). Models
+    whose text tower is not the standard one fall back to ``encode_text``.
+    """
+    import open_clip
+    import torch.nn.functional as F
+    from open_clip.model import text_global_pool
+
+    pool = getattr(model, "text_pool_type", None)
+    standard = type(model).encode_text is open_clip.CLIP.encode_text and getattr(model, "attn_mask", None) is not None
+    if not standard or pool not in ("argmax", "eos") or (pool == "eos" and model.text_eos_id is None):
+        return model.encode_text(tokens, normalize=True)
+    ends = tokens.argmax(dim=-1) if pool == "argmax" else (tokens == model.text_eos_id).int().argmax(dim=-1)
+    length = int(ends.max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = text_global_pool(x, tokens, pool, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if hasattr(model.text_projection, "in_features") else x @ model.text_projection
+    return F.normalize(x, dim=-1)
+
+
+def quantize_image_tower(model: Any) -> Any:
+    """Dynamic int8 Linear layers in the image tower (CPU only, in place): an opt-in that trades a little
+    accuracy for speed; docs/benchmarks.md has the measured speed and recall cost."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        model.visual = torch.ao.quantization.quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def build_text_model(spec: ModelSpec) -> tuple[Any, Any] | None:
+    """The model with only its text tower in memory, for text queries on the CPU: the image tower is built on
+    PyTorch's meta device (no memory, no initialisation) and its weights are never read. None when this does not
+    apply (not a standard open_clip CLIP, or weights not a plain state dict); the caller builds the whole model."""
+    import open_clip
+    import torch
+
+    _check_spec(spec)
+    weights = _weights_file(spec)
+    if weights is None:
+        return None
+    pretrained = None if spec.local_dir is not None else spec.pretrained
+    silenced = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": true only of the meta image tower
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, load_weights=False, device="meta",
+                force_quick_gelu=_needs_quick_gelu(spec),
+            )  # fmt: skip
+    except (RuntimeError, OSError, ValueError, KeyError):
+        return None  # build_model reports the problem properly
+    finally:
+        logging.disable(silenced)
+    if type(model) is not open_clip.CLIP or getattr(model, "attn_mask", None) is None:
+        return None
+    wanted = {key for key in model.state_dict() if not key.startswith("visual.")}
+    state = _read_tensors(weights, wanted)
+    if state is None or set(state) != wanted:
+        return None
+    model.load_state_dict(state, strict=False, assign=True)
+    length = model.attn_mask.shape[0]  # a non-persistent buffer: rebuilt as open_clip builds it
+    model.attn_mask = torch.full((length, length), float("-inf")).triu_(1)
+    model.eval()
+    return model, preprocess
+
+
+def _weights_file(spec: ModelSpec) -> Path | None:
+    """The checkpoint a spec loads from, without downloading anything."""
+    if spec.local_dir is not None or spec.checkpoint_file is not None:
+        return _weights_path(spec)
+    if not spec.pretrained:
+        return None
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+    if not cfg or not _weights_cached(cfg):
+        return None
+    try:
+        return Path(open_clip.download_pretrained(cfg))  # a cache hit: returns the local path
+    except Exception:  # noqa: BLE001  (any failure: build the whole model the usual way)
+        return None
+
+
+def _read_tensors(path: Path, keys: set[str]) -> dict[str, Any] | None:
+    """Only ``keys`` from a checkpoint (safetensors reads just those; torch files are memory-mapped)."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                available = set(f.keys())
+                return {key: f.get_tensor(key) for key in keys & available}
+        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        return None
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    return {key: value for key, value in state.items() if key in keys}
 
 
 def model_identity(spec: ModelSpec, model: Any) -> ModelIdentity:
@@ -254,30 +449,57 @@ _LOADED: dict[tuple[str, str], Encoder] = {}
 class Encoder:
     """A loaded CLIP model with its preprocessing and tokenizer; all outputs are L2-normalised float32."""
 
-    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, identity: ModelIdentity, device: str):
+    def __init__(
+        self, model: Any, preprocess: Any, tokenizer: Any, identity: ModelIdentity, device: str, text_only=False
+    ):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.identity = identity
         self.device = device
+        self.text_only = text_only  # loaded by load_text: the image tower has no weights
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: str = "auto") -> Encoder:
+    def load(cls, spec: ModelSpec, device: str = "auto", int8: bool = False) -> Encoder:
         """One load per process for a given model and device: the indexer, the engine, evaluation and the server
-        share it instead of holding two copies (about 1 GB for ViT-B-32)."""
+        share it instead of holding two copies (about 1 GB for ViT-B-32). ``int8``: dynamic int8 image tower
+        (CPU only; ignored on CUDA, which runs fp16)."""
         device = resolve_device(device)
-        key = (spec_key(spec), device)
+        int8 = int8 and device == "cpu"
+        key = (spec_key(spec), device) + (("int8",) if int8 else ())
         if key not in _LOADED:
             _LOADED.clear()  # keep at most one model in memory
-            _LOADED[key] = cls._build(spec, device)
+            _LOADED[key] = cls._build(spec, device, int8)
         return _LOADED[key]
 
     @classmethod
-    def _build(cls, spec: ModelSpec, device: str) -> Encoder:
+    def load_text(cls, spec: ModelSpec, device: str = "auto") -> Encoder:
+        """An encoder for text queries: the shared full encoder when one is loaded, else (on the CPU) one with
+        only the text tower, which starts faster and holds ~40% of the memory for ViT-B-32."""
+        device = resolve_device(device)
+        key = (spec_key(spec), device)
+        for loaded_key, encoder in _LOADED.items():
+            if loaded_key[:2] == key:
+                return encoder
+        built = build_text_model(spec) if device == "cpu" else None
+        if built is None:
+            return cls.load(spec, device)
+        import open_clip
+
+        model, preprocess = built
+        encoder = cls(model, preprocess, open_clip.get_tokenizer(spec.name), model_identity(spec, model), device, True)
+        _LOADED.clear()
+        _LOADED[key + ("text",)] = encoder
+        return encoder
+
+    @classmethod
+    def _build(cls, spec: ModelSpec, device: str, int8: bool = False) -> Encoder:
         import open_clip
 
         precision = "fp16" if device.startswith("cuda") else "fp32"
         model, preprocess = build_model(spec, device=device, precision=precision)
+        if int8:
+            quantize_image_tower(model)
         tokenizer = open_clip.get_tokenizer(spec.name)
         return cls(model, preprocess, tokenizer, model_identity(spec, model), device)
 
@@ -293,6 +515,8 @@ class Encoder:
         """Encode a preprocessed batch (N, 3, H, W)."""
         import torch
 
+        if self.text_only:
+            raise RuntimeError("this encoder holds only the text tower: use Encoder.load for images")
         with torch.inference_mode():
             pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
             features = self.model.encode_image(pixels, normalize=True)
@@ -310,7 +534,7 @@ class Encoder:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
-                chunks.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+                chunks.append(encode_text_tokens(self.model, tokens).float().cpu().numpy())
         if not chunks:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(chunks)

@@ -22,8 +22,9 @@ def space() -> EmbeddingSpace:
 
 @pytest.fixture(scope="module")
 def collection(space) -> tuple[np.ndarray, np.ndarray]:
-    """4000 image-like vectors with sparse, non-sequential ids (as catalog keys are after deletions)."""
-    vectors = space.all_images(4000, seed=1)
+    """4000 image-like vectors with sparse, non-sequential ids (as catalog keys are after deletions), in float16
+    as the catalog stores them."""
+    vectors = space.all_images(4000, seed=1).astype(np.float16).astype(np.float32)
     ids = np.arange(4000, dtype=np.int64) * 3 + 7
     return ids, vectors
 
@@ -63,7 +64,7 @@ def test_flat_is_exact_for_one_query_and_for_batches(collection, text_queries):
     expected = brute_force(ids, vectors, text_queries)
     one_by_one = np.concatenate([index.search(q, 10)[1] for q in text_queries[:20]])
     assert recall_at_k(one_by_one, expected[:20]) == 1.0
-    scores, batched = index.search(text_queries, 10)  # FAISS's own BLAS path for many queries
+    scores, batched = index.search(text_queries, 10)  # float32 products over blocks for many queries
     assert recall_at_k(batched, expected) == 1.0
     assert np.all(np.diff(scores, axis=1) <= 1e-6), "scores come best first"
     np.testing.assert_allclose(scores[:, 0], (text_queries @ vectors.T).max(axis=1), rtol=1e-5)
@@ -160,3 +161,29 @@ def test_memory_sizes_read_like_people_write_them():
     for bad in ("lots", "-1G", "G"):
         with pytest.raises(UsageError):
             parse_memory(bad)
+
+
+def test_flat_indexes_saved_as_float32_by_earlier_versions_still_load_and_search(tmp_path, collection, text_queries):
+    import faiss
+
+    ids, vectors = collection
+    legacy = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    legacy.add_with_ids(vectors, ids)
+    faiss.write_index(legacy, str(tmp_path / "vectors.faiss"))
+    index = VectorIndex.load(tmp_path / "vectors.faiss")
+    assert index.index_type == "flat"
+    expected = brute_force(ids, vectors, text_queries)
+    assert recall_at_k(index.search(text_queries[:5], 10)[1], expected[:5]) == 1.0
+    assert recall_at_k(index.search(text_queries, 10)[1], expected) == 1.0
+    index.remove(ids[:10].tolist())
+    index.add(ids[:10], vectors[:10])
+    assert sorted(index.ids().tolist()) == sorted(ids.tolist())
+
+
+def test_flat_keeps_float16_like_the_catalog(collection):
+    ids, vectors = collection
+    index = VectorIndex.build(DIM, batches(ids, vectors))
+    stored_ids, stored = index.stored_vectors()
+    np.testing.assert_array_equal(stored_ids, ids)
+    np.testing.assert_allclose(stored, vectors, atol=1e-3)
+    assert index.memory_bytes() < len(ids) * DIM * 2.2

@@ -63,6 +63,10 @@ def index(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     index_type: IndexTypeOption = None,
     max_memory: MaxMemoryOption = None,
+    int8: Annotated[
+        bool,
+        typer.Option("--int8", help="CPU only: dynamic int8 image encoder (faster; vectors differ slightly)."),
+    ] = False,
 ) -> None:
     """Index folders of images (only what changed since the last run)."""
     quiet_libraries()
@@ -78,6 +82,7 @@ def index(
         wait_for_lock=not no_wait,
         index_type=index_type,
         max_memory=parse_memory(max_memory),
+        int8=int8,
     )
     summary = index_paths(
         resolve_index_dir(index_dir),

@@ -1,0 +1,261 @@
+"""Search latency, memory and recall at 10k / 100k / 1M (and optionally 10M) vectors.
+
+    python scripts/bench_search.py                      # 10k, 100k, 1M; flat everywhere, ivf/ivfpq from 100k
+    python scripts/bench_search.py --sizes 10k,100k     # quicker
+    python scripts/bench_search.py --with-10m           # adds 10M as ivfpq only (about 3 GB, several minutes)
+
+Vectors are synthetic but CLIP-like (retrieval.synthetic_vectors: clustered, anisotropic, with a text/image
+modality gap), 512-d, rounded to float16 as the catalog stores them. Queries are text-like vectors; "one text query"
+latency adds the real encoding of a caption with ViT-B-32's text tower (random weights: same cost as trained ones).
+Reported per size and index type: build time, memory (size of the FAISS index, which is what stays resident),
+warm latency p50/p99 one query at a time and per query in batches of 64, and recall@10 against exact search.
+Approximate types are tuned (nprobe / efSearch / rescoring depth) on half the queries and measured on the others;
+ivfpq candidates are rescored from an in-memory float16 copy here (the engine reads them from the catalog).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from retrieval.index_tuning import exact_top_k, probe_texts, recall_at_k, tune  # noqa: E402
+from retrieval.index_types import default_params  # noqa: E402
+from retrieval.synthetic_vectors import EmbeddingSpace  # noqa: E402
+from retrieval.vectors import VectorIndex  # noqa: E402
+
+DIM = 512
+BATCH = 64
+GOALS_MS = {100_000: 20.0, 1_000_000: 50.0}  # p50 of one text query, encoding included
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower()
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+    return int(float(text.rstrip("km")) * scale)
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    return round(float(np.percentile(seconds, q)) * 1000, 2)
+
+
+def load_text_encoder(model: str | None):
+    """ViT-B-32 with seeded random weights unless --model names one; None with --no-model."""
+    if model == "none":
+        return None
+    from retrieval.model import Encoder, ModelSpec, make_random_model_dir
+
+    if model is None:
+        import open_clip
+
+        folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipsearch-bench" / "vit-b-32"
+        if not (folder / "open_clip_model.safetensors").is_file():
+            make_random_model_dir(folder, model_cfg=open_clip.get_model_config("ViT-B-32"), seed=0)
+        model = f"local-dir:{folder}"
+    return Encoder.load(ModelSpec(model, None), "cpu")
+
+
+def time_text_encoding(encoder, captions: list[str]) -> list[float]:
+    encoder.encode_texts(captions[:3])  # warm up
+    times = []
+    for caption in captions:
+        started = time.perf_counter()
+        encoder.encode_texts([caption])
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def single_query_times(index: VectorIndex, queries: np.ndarray, encoder, captions: list[str]):
+    """Warm, one at a time: (search only, text encoding + search) per query."""
+    index.search(queries[:3], 10)
+    search, total = [], []
+    for i, query in enumerate(queries):
+        started = time.perf_counter()
+        if encoder is not None:
+            encoder.encode_texts([captions[i % len(captions)]])
+        encoded = time.perf_counter()
+        index.search(query[None, :], 10)
+        done = time.perf_counter()
+        search.append(done - encoded)
+        total.append(done - started)
+    return search, total
+
+
+def batched_ms_per_query(index: VectorIndex, queries: np.ndarray) -> float:
+    started = time.perf_counter()
+    for start in range(0, len(queries), BATCH):
+        index.search(queries[start : start + BATCH], 10)
+    return round((time.perf_counter() - started) / len(queries) * 1000, 3)
+
+
+def bench_size(n: int, types: list[str], space: EmbeddingSpace, args, encoder, captions) -> list[dict]:
+    print(f"\n== {n:,} vectors ==", flush=True)
+    started = time.perf_counter()
+    vectors = space.all_images(n, seed=11).astype(np.float16).astype(np.float32)
+    ids = np.arange(n, dtype=np.int64) + 1
+    queries = space.text_queries(args.queries, seed=12)
+    print(f"generated in {time.perf_counter() - started:.1f} s", flush=True)
+    exact = exact_top_k([(ids[i : i + 50_000], vectors[i : i + 50_000]) for i in range(0, n, 50_000)], queries)
+    rows = []
+    for index_type in types:
+        if index_type == "hnsw" and n > args.hnsw_max:
+            continue
+        if index_type in ("ivf", "ivfpq") and n < args.ivf_min:
+            continue
+        rows.append(bench_type(index_type, n, ids, vectors, queries, exact, encoder, captions, args))
+    return rows
+
+
+def bench_type(index_type, n, ids, vectors, queries, exact, encoder, captions, args) -> dict:
+    started = time.perf_counter()
+    chunks = [(ids[i : i + 100_000], vectors[i : i + 100_000]) for i in range(0, n, 100_000)]
+    index = VectorIndex.build(DIM, chunks, index_type, default_params(index_type, n, DIM))
+    build_s = time.perf_counter() - started
+    tuned = None
+    if index_type != "flat":
+        stored = vectors.astype(np.float16)
+        index.rescore_source = lambda wanted: stored[np.asarray(wanted) - 1].astype(np.float32)
+        tuned = tune(index, queries, exact, "text")
+    search, total = single_query_times(index, queries, encoder, captions)
+    found = np.concatenate([index.search(q[None, :], 10)[1] for q in queries])
+    row = {
+        "vectors": n,
+        "index_type": index_type,
+        "build_s": round(build_s, 1),
+        "memory_mb": round(index_bytes(index) / 1e6, 1),
+        "search_p50_ms": percentile_ms(search, 50),
+        "search_p99_ms": percentile_ms(search, 99),
+        "text_query_p50_ms": percentile_ms(total, 50) if encoder is not None else None,
+        "text_query_p99_ms": percentile_ms(total, 99) if encoder is not None else None,
+        "batched_ms_per_query": batched_ms_per_query(index, queries),
+        "recall_at_10": round(recall_at_k(found, exact), 4),
+        "held_out_recall_at_10": tuned.recall if tuned else None,
+        "search_effort": tuned.effort if tuned else None,
+        "rescore_depth": tuned.rescore if tuned and index_type == "ivfpq" else None,
+        "load": os.getloadavg()[0],
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def index_bytes(index: VectorIndex) -> int:
+    import faiss
+
+    return int(faiss.serialize_index(index.index).nbytes)
+
+
+def bench_10m(space: EmbeddingSpace, args, encoder, captions) -> list[dict]:
+    """10M as ivfpq. The float16 vectors go to a memory-mapped file (10 GB on disk, like the catalog), never all
+    into memory; exact top-10 is computed while they are written, and ivfpq rescores from the file."""
+    import tempfile
+
+    n, chunk = 10_000_000, 250_000
+    print(f"\n== {n:,} vectors (ivfpq only) ==", flush=True)
+    queries = space.text_queries(args.queries, seed=12)
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+        stored = np.lib.format.open_memmap(Path(scratch) / "vectors.npy", "w+", np.float16, (n, DIM))
+        started = time.perf_counter()
+
+        def generated():
+            for i, block in enumerate(space.images(n, seed=13, chunk=chunk)):
+                stored[i * chunk : i * chunk + len(block)] = block
+                yield np.arange(i * chunk, i * chunk + len(block), dtype=np.int64), block.astype(np.float16)
+
+        exact = exact_top_k(((ids, block.astype(np.float32)) for ids, block in generated()), queries)
+        stored.flush()
+        print(f"generated, written and exact top-10 found in {time.perf_counter() - started:.0f} s", flush=True)
+
+        def from_file():
+            for start in range(0, n, chunk):
+                rows = np.asarray(stored[start : start + chunk], dtype=np.float32)
+                yield np.arange(start, start + len(rows), dtype=np.int64), rows
+
+        started = time.perf_counter()
+        index = VectorIndex.build(DIM, from_file(), "ivfpq", default_params("ivfpq", n, DIM))
+        build_s = time.perf_counter() - started
+        index.rescore_source = lambda wanted: np.asarray(stored[np.sort(wanted)], np.float32)[
+            np.argsort(np.argsort(wanted))
+        ]
+        tuned = tune(index, queries, exact, "text")
+        search, total = single_query_times(index, queries, encoder, captions)
+        found = np.concatenate([index.search(q[None, :], 10)[1] for q in queries])
+        row = {
+            "vectors": n,
+            "index_type": "ivfpq",
+            "build_s": round(build_s, 1),
+            "memory_mb": round(index_bytes(index) / 1e6, 1),
+            "search_p50_ms": percentile_ms(search, 50),
+            "search_p99_ms": percentile_ms(search, 99),
+            "text_query_p50_ms": percentile_ms(total, 50) if encoder is not None else None,
+            "text_query_p99_ms": percentile_ms(total, 99) if encoder is not None else None,
+            "batched_ms_per_query": batched_ms_per_query(index, queries),
+            "recall_at_10": round(recall_at_k(found, exact), 4),
+            "held_out_recall_at_10": tuned.recall,
+            "search_effort": tuned.effort,
+            "rescore_depth": tuned.rescore,
+            "load": os.getloadavg()[0],
+        }
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10k,100k,1M")
+    parser.add_argument("--types", default="flat,ivf,ivfpq,hnsw")
+    parser.add_argument("--queries", type=int, default=200, help="text-like queries per measurement")
+    parser.add_argument("--model", default=None, help="text encoder (default: random ViT-B-32; none: skip)")
+    parser.add_argument("--hnsw-max", type=parse_size, default=100_000, help="largest size to build hnsw at")
+    parser.add_argument("--ivf-min", type=parse_size, default=100_000, help="smallest size to build ivf types at")
+    parser.add_argument("--with-10m", action="store_true", help="also 10M vectors as ivfpq")
+    parser.add_argument("--scratch", type=Path, default=None, help="folder for the 10M float16 file (10 GB)")
+    parser.add_argument("--threads", type=int, default=None, help="torch/FAISS threads (default: all cores)")
+    parser.add_argument("--json", type=Path, default=None, help="write all rows here")
+    args = parser.parse_args()
+
+    import faiss
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()}")
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), faiss {faiss.__version__}")
+    captions = probe_texts()
+    encoder = load_text_encoder(args.model)
+    if encoder is not None:
+        encode = time_text_encoding(encoder, captions)
+        print(f"text encoding, one caption: p50 {percentile_ms(encode, 50)} ms, p99 {percentile_ms(encode, 99)} ms")
+    space = EmbeddingSpace.make(DIM, clusters=2000, seed=0)
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    rows = []
+    for n in [parse_size(s) for s in args.sizes.split(",") if s.strip()]:
+        rows.extend(bench_size(n, types, space, args, encoder, captions))
+    if args.with_10m:
+        rows.extend(bench_10m(space, args, encoder, captions))
+    print("\nvectors     type    build s  memory MB  search p50/p99 ms  text query p50/p99 ms  batched ms/q  recall@10")
+    for r in rows:
+        goal = GOALS_MS.get(r["vectors"])
+        verdict = "" if goal is None or r["index_type"] != "flat" else f"  (goal p50 <= {goal:.0f} ms)"
+        text = f"{r['text_query_p50_ms']}/{r['text_query_p99_ms']}" if r["text_query_p50_ms"] is not None else "-"
+        print(
+            f"{r['vectors']:>10,}  {r['index_type']:<6} {r['build_s']:>8} {r['memory_mb']:>10}  "
+            f"{r['search_p50_ms']:>7}/{r['search_p99_ms']:<9} {text:>21}  {r['batched_ms_per_query']:>12}  "
+            f"{r['recall_at_10']:.3f}{verdict}"
+        )
+    print(f"load after: {os.getloadavg()}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
