@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
+from indexer.gpu_decode import JpegBytesDataset, decode_batch, gpu_decode_available
 from indexer.images import DecodedItem, ImageFileDataset, collate_decoded, hash_file
 from indexer.plan import Plan, WorkItem, plan_changes
 from indexer.scan import resolve_folder, scan_folder
@@ -275,8 +276,11 @@ def _apply_chunk(session: Session, chunk: list[tuple[WorkItem, DecodedItem, np.n
     return removed, added
 
 
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+def default_workers(device: str = "cpu") -> int:
+    """CPU: one per core, at most 4 (the encoder needs the cores too). CUDA: decoding must keep up with the GPU,
+    so every core, up to 16."""
+    cap = 16 if device.startswith("cuda") else 4
+    return max(1, min(cap, os.cpu_count() or 1))
 
 
 def _encode(
@@ -287,8 +291,10 @@ def _encode(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    dataset = ImageFileDataset([item.facts.path for item in work], encoder.preprocess, encoder.identity.image_size)
-    workers = default_workers() if settings.workers is None else settings.workers
+    size, cfg, paths = encoder.identity.image_size, encoder.identity.preprocess, [item.facts.path for item in work]
+    on_gpu = gpu_decode_available(encoder.device, cfg)  # workers only read and hash; nvJPEG decodes (unmeasured)
+    dataset = (JpegBytesDataset if on_gpu else ImageFileDataset)(paths, encoder.preprocess, size)
+    workers = default_workers(encoder.device) if settings.workers is None else settings.workers
     loader = DataLoader(
         dataset,
         batch_size=settings.batch_size,
@@ -300,6 +306,8 @@ def _encode(
     pending: list[tuple[WorkItem, DecodedItem, np.ndarray | None]] = []
     with tqdm(total=len(work), unit="img", disable=not progress, dynamic_ncols=True, desc="indexing") as bar:
         for batch in loader:
+            if on_gpu:
+                batch = decode_batch(batch, size, cfg, encoder.device, encoder.preprocess)
             ok = [item for item in batch if item.pixels is not None]
             vectors = encoder.encode_images(torch.stack([item.pixels for item in ok])) if ok else None
             by_position = {item.position: row for item, row in zip(ok, vectors)} if ok else {}
