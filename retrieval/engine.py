@@ -86,6 +86,7 @@ class SearchEngine:
         if self._vectors is None:
             self.model_spec  # noqa: B018  (raises on an index that has no images yet)
             vectors = open_vectors(self.catalog, self.layout, self.identity.embed_dim, persist=False)
+            vectors.use_device(self.device)  # GPU search with CUDA (retrieval.gpu_search), else the CPU
             if not len(vectors):
                 raise EmptyIndexError(f"no images are indexed in {self.layout.root} yet")
             self._vectors = vectors

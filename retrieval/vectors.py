@@ -35,6 +35,8 @@ class VectorIndex:
         self.params = params or _params_of(index, self.index_type)
         self.needs_rebuild = False  # set when a type that cannot remove was asked to (hnsw)
         self.rescore_source: RescoreSource | None = None
+        self.device = "cpu"  # where searches run (use_device)
+        self.version = 0  # bumped by every change: device copies are refreshed from it
 
     @classmethod
     def create(cls, dim: int, index_type: str = "flat", params: IndexParams | None = None) -> VectorIndex:
@@ -113,6 +115,15 @@ class VectorIndex:
         """Take over another index's contents (an in-place rebuild that holders of this object see)."""
         self.index, self.index_type, self.params = other.index, other.index_type, other.params
         self.rescore_source, self.needs_rebuild = other.rescore_source, other.needs_rebuild
+        self.version += 1
+
+    def use_device(self, device: str) -> VectorIndex:
+        """Search on the GPU when ``device`` is CUDA (or auto) and one is present: flat through torch, the IVF types
+        through faiss-gpu when installed (retrieval.gpu_search; unmeasured). The index itself stays in memory."""
+        from retrieval.gpu_search import resolve_search_device
+
+        self.device = resolve_search_device(device)
+        return self
 
     @property
     def trained(self) -> bool:
@@ -125,6 +136,7 @@ class VectorIndex:
         if not self.trained:
             self._train(vectors)
         self.index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+        self.version += 1
 
     def _train(self, vectors: np.ndarray) -> None:
         """Fit the IVF lists (and PQ codebooks) to these vectors, shrinking both to what they can support."""
@@ -149,6 +161,7 @@ class VectorIndex:
         ids = np.fromiter(ids, dtype=np.int64)
         if not len(ids):
             return 0
+        self.version += 1
         if self.index_type == "hnsw":  # FAISS cannot delete graph nodes: rebuilt from the catalog when saved
             self.needs_rebuild = True
             return len(ids)
@@ -183,11 +196,20 @@ class VectorIndex:
         if allowed_ids is not None:
             return self._search_allowed(queries, k, np.asarray(allowed_ids, dtype=np.int64))
         if self.index_type == "flat" and len(self) and len(queries):
+            if self.device != "cpu":
+                from retrieval.gpu_search import scan_flat
+
+                return scan_flat(self, queries, k, RESCORE_MARGIN)
             return self._scan_flat(queries, k)
+        searcher = self.index
+        if self.device != "cpu":
+            from retrieval.gpu_search import faiss_index_on_gpu
+
+            searcher = faiss_index_on_gpu(self) or self.index
         if self.index_type == "ivfpq" and self.rescore_source is not None and self.params.rescore > 1:
-            scores, ids = self.index.search(queries, k * self.params.rescore)
+            scores, ids = searcher.search(queries, k * self.params.rescore)
             return _rescore(queries, ids, k, self.rescore_source)
-        return self.index.search(queries, k)
+        return searcher.search(queries, k)
 
     def _scan_flat(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k straight from FAISS's own storage (no copy). One query: a float16 matrix-vector product on

@@ -187,3 +187,16 @@ def test_flat_keeps_float16_like_the_catalog(collection):
     np.testing.assert_array_equal(stored_ids, ids)
     np.testing.assert_allclose(stored, vectors, atol=1e-3)
     assert index.memory_bytes() < len(ids) * DIM * 2.2
+
+
+def test_gpu_flat_scan_logic_agrees_with_the_cpu_scan(collection, text_queries):
+    """retrieval.gpu_search runs its torch code on whatever device the index names: here the CPU."""
+    from retrieval.gpu_search import scan_flat
+
+    ids, vectors = collection
+    index = VectorIndex.build(DIM, batches(ids[:3000], vectors[:3000]))
+    expected = index.search(text_queries, 10)[1]
+    np.testing.assert_array_equal(scan_flat(index, text_queries, 10, margin=32)[1], expected)
+    index.add(ids[3000:], vectors[3000:])  # the device copy follows changes
+    np.testing.assert_array_equal(scan_flat(index, text_queries, 10, margin=32)[1], index.search(text_queries, 10)[1])
+    assert index.use_device("cpu").device == "cpu"
