@@ -540,8 +540,10 @@ class Encoder:
         return np.concatenate(chunks)
 
 
-def save_model_dir(model: Any, model_cfg: dict[str, Any], out_dir: Path | str) -> Path:
-    """Write a ``local-dir:`` model folder (config with preprocessing + safetensors weights)."""
+def save_model_dir(model: Any, model_cfg: dict[str, Any], out_dir: Path | str, half: bool = False) -> Path:
+    """Write a ``local-dir:`` model folder (config with preprocessing + safetensors weights); ``half`` stores
+    floating-point weights as float16 (half the size; open_clip loads them into a float32 model)."""
+    import torch
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -549,7 +551,11 @@ def save_model_dir(model: Any, model_cfg: dict[str, Any], out_dir: Path | str) -
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    dtype = torch.float16 if half else torch.float32
+    state = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
     save_file(state, str(out / WEIGHTS_FILE))
     return out
 

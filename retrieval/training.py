@@ -350,12 +350,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def save_trained_model(model: Any, model_cfg: dict[str, Any], out_dir: Path, fp16: bool = False) -> Path:
     """Write the ``local-dir:`` folder; with ``fp16`` the weights are stored in half precision (half the size)."""
-    save_model_dir(model, model_cfg, out_dir)
-    if fp16:
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().half().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(out_dir / WEIGHTS_FILE))
+    save_model_dir(model, model_cfg, out_dir, half=fp16)
     return out_dir
 
 
