@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from retrieval.index_types import TARGET_RECALL
-from retrieval.vectors import VectorIndex
+from retrieval.vectors import VectorIndex, ivf_part
 
 K = 10
 SUBJECTS = (
@@ -85,10 +85,11 @@ class RecallReport:
 def efforts(index: VectorIndex) -> list[int]:
     if index.index_type in ("ivf", "ivfpq"):
         ladder, step = [], 1
-        while step < index.index.nlist:
+        nlist = int(ivf_part(index.index).nlist)
+        while step < nlist:
             ladder.append(step)
             step *= 2
-        return [*ladder, int(index.index.nlist)]
+        return [*ladder, nlist]
     return [16, 32, 64, 128, 256, 512, 1024]
 
 
@@ -99,7 +100,7 @@ def tune(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, kind: str, 
     tune_q, tune_exact = queries[0::2], exact[0::2]
     check_q, check_exact = queries[1::2], exact[1::2]
     rescoring = index.index_type == "ivfpq" and index.rescore_source is not None
-    depths = (8, 16, 32) if rescoring else (index.params.rescore,)
+    depths = (4, 10, 32, 100) if rescoring else (index.params.rescore,)  # candidates rescored: k times this
     chosen = None
     for depth in depths:
         index.params = replace(index.params, rescore=depth)

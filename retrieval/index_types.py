@@ -37,7 +37,7 @@ class IndexParams:
     hnsw_m: int = 32
     ef_construction: int = 64
     ef_search: int = 64  # hnsw: candidates kept while searching (calibrated after building)
-    rescore: int = 8  # ivfpq: k * rescore candidates are rescored exactly (when the catalog is at hand)
+    rescore: int = 10  # ivfpq: k * rescore candidates are rescored exactly (when the catalog is at hand)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

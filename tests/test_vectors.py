@@ -200,3 +200,22 @@ def test_gpu_flat_scan_logic_agrees_with_the_cpu_scan(collection, text_queries):
     index.add(ids[3000:], vectors[3000:])  # the device copy follows changes
     np.testing.assert_array_equal(scan_flat(index, text_queries, 10, margin=32)[1], index.search(text_queries, 10)[1])
     assert index.use_device("cpu").device == "cpu"
+
+
+@pytest.mark.slow
+def test_ivfpq_rotates_with_opq_once_there_is_enough_to_train(tmp_path, space):
+    import faiss
+
+    vectors = space.all_images(12_000, seed=5).astype(np.float16).astype(np.float32)
+    ids = np.arange(len(vectors), dtype=np.int64) + 100
+    queries = space.text_queries(60, seed=6)
+    index = VectorIndex.build(DIM, batches(ids, vectors, 4000), "ivfpq")
+    assert isinstance(index.index, faiss.IndexPreTransform)
+    index.rescore_source = lambda wanted: vectors[np.asarray(wanted) - 100]
+    exact = exact_top_k(batches(ids, vectors), queries)
+    assert tune(index, queries, exact, "text").recall >= 0.95
+    index.save(tmp_path / "vectors.faiss")
+    loaded = VectorIndex.load(tmp_path / "vectors.faiss")
+    assert (loaded.index_type, loaded.search_effort()) == ("ivfpq", index.search_effort())
+    assert loaded.remove(ids[:5].tolist()) == 5 and len(loaded) == len(ids) - 5
+    assert sorted(loaded.ids().tolist()) == sorted(ids[5:].tolist())
