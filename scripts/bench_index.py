@@ -165,15 +165,16 @@ def index_rate(folder: Path, model: str, args, int8: bool = False) -> dict:
     from retrieval.model import ModelSpec
 
     index_dir = Path(tempfile.mkdtemp(prefix="bench-index-", dir=args.scratch))
+    options = {"int8": True} if int8 else {}  # (keeps the script runnable on versions before int8, for comparisons)
     settings = IndexSettings(
-        model=ModelSpec(model, None), batch_size=args.batch_size, workers=args.workers, device=args.device, int8=int8
+        model=ModelSpec(model, None), batch_size=args.batch_size, workers=args.workers, device=args.device, **options
     )
     summary = index_paths(index_dir, [folder], settings, progress=False)
     assert summary.failed == 0 and summary.encoded == args.images, summary.line()
     return {
         "index_dir": index_dir,
         "images_per_s": summary.encoded / summary.seconds,
-        "steady_images_per_s": summary.encoded / summary.encode_seconds,
+        "steady_images_per_s": summary.encoded / (getattr(summary, "encode_seconds", 0) or summary.seconds),
         "seconds": summary.seconds,
     }
 

@@ -33,6 +33,8 @@ from retrieval.index_types import default_params  # noqa: E402
 from retrieval.synthetic_vectors import EmbeddingSpace  # noqa: E402
 from retrieval.vectors import VectorIndex  # noqa: E402
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the clipsearch command does (docs/benchmarks.md)
+
 DIM = 512
 BATCH = 64
 GOALS_MS = {100_000: 20.0, 1_000_000: 50.0}  # p50 of one text query, encoding included
@@ -208,6 +210,53 @@ def bench_10m(space: EmbeddingSpace, args, encoder, captions) -> list[dict]:
     return [row]
 
 
+def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
+    """`clipsearch search` from process start to printed results on an index of ``n`` images: a catalog filled
+    with synthetic embeddings under the bench model's identity (no encoding), then the real command, 3 times."""
+    import subprocess
+    import tempfile
+
+    from sqlalchemy import insert
+
+    from retrieval.catalog import STATUS_OK, Catalog, ImageRow, encode_embedding
+    from retrieval.layout import IndexLayout
+    from retrieval.model import Encoder, ModelSpec
+    from retrieval.vector_sync import open_vectors, save_vectors
+
+    spec_name = load_text_encoder(model).identity.name if model != "none" else None
+    identity = Encoder.load_text(ModelSpec(spec_name, None), "cpu").identity
+    index_dir = Path(tempfile.mkdtemp(prefix="bench-cold-", dir=args.scratch))
+    layout = IndexLayout(index_dir)
+    catalog = Catalog(layout.catalog, create=True)
+    started = time.perf_counter()
+    catalog.set_meta("model", identity.to_json())
+    catalog.add_roots(["/photos"])
+    row_id = 0
+    for block in space.images(n, seed=21, chunk=50_000):
+        rows = [
+            {"path": f"/photos/{row_id + i:08d}.jpg", "size": 1, "mtime_ns": 1, "status": STATUS_OK,
+             "embedding": encode_embedding(v), "width": 4000, "height": 3000}
+            for i, v in enumerate(block)
+        ]  # fmt: skip
+        row_id += len(rows)
+        with catalog.session() as session, session.begin():
+            session.execute(insert(ImageRow), rows)
+            catalog.bump_generation(session)
+    vectors = open_vectors(catalog, layout, identity.embed_dim, persist=False)
+    save_vectors(catalog, layout, vectors, catalog.vectors_generation())
+    catalog.close()
+    print(f"cold-start index of {n:,} images built in {time.perf_counter() - started:.0f} s", flush=True)
+    times = []
+    for i in range(3):
+        command = [sys.executable, "-c", "from retrieval.cli import main; main()", "search", f"a dog on a beach {i}"]
+        started = time.perf_counter()
+        subprocess.run([*command, "--index", str(index_dir), "-k", "10"], check=True, capture_output=True, cwd=ROOT)
+        times.append(time.perf_counter() - started)
+    row = {"vectors": n, "cold_search_s": [round(t, 2) for t in times], "load": os.getloadavg()[0]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10k,100k,1M")
@@ -218,6 +267,7 @@ def main() -> None:
     parser.add_argument("--ivf-min", type=parse_size, default=100_000, help="smallest size to build ivf types at")
     parser.add_argument("--with-10m", action="store_true", help="also 10M vectors as ivfpq")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the 10M float16 file (10 GB)")
+    parser.add_argument("--cold", type=parse_size, default=0, help="also time `clipsearch search` cold at this size")
     parser.add_argument("--threads", type=int, default=None, help="torch/FAISS threads (default: all cores)")
     parser.add_argument("--json", type=Path, default=None, help="write all rows here")
     args = parser.parse_args()
@@ -242,6 +292,7 @@ def main() -> None:
         rows.extend(bench_size(n, types, space, args, encoder, captions))
     if args.with_10m:
         rows.extend(bench_10m(space, args, encoder, captions))
+    cold = bench_cold(args.cold, space, args.model, args) if args.cold else None
     print("\nvectors     type    build s  memory MB  search p50/p99 ms  text query p50/p99 ms  batched ms/q  recall@10")
     for r in rows:
         goal = GOALS_MS.get(r["vectors"])
@@ -252,9 +303,11 @@ def main() -> None:
             f"{r['search_p50_ms']:>7}/{r['search_p99_ms']:<9} {text:>21}  {r['batched_ms_per_query']:>12}  "
             f"{r['recall_at_10']:.3f}{verdict}"
         )
+    if cold:
+        print(f"clipsearch search, cold, {cold['vectors']:,} images: {cold['cold_search_s']} s")
     print(f"load after: {os.getloadavg()}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "cold": cold}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
