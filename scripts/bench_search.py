@@ -160,7 +160,7 @@ def bench_10m(space: EmbeddingSpace, args, encoder, captions) -> list[dict]:
     into memory; exact top-10 is computed while they are written, and ivfpq rescores from the file."""
     import tempfile
 
-    n, chunk = 10_000_000, 250_000
+    n, chunk = args.big_size, 250_000
     print(f"\n== {n:,} vectors (ivfpq only) ==", flush=True)
     queries = space.text_queries(args.queries, seed=12)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
@@ -266,6 +266,7 @@ def main() -> None:
     parser.add_argument("--hnsw-max", type=parse_size, default=100_000, help="largest size to build hnsw at")
     parser.add_argument("--ivf-min", type=parse_size, default=100_000, help="smallest size to build ivf types at")
     parser.add_argument("--with-10m", action="store_true", help="also 10M vectors as ivfpq")
+    parser.add_argument("--big-size", type=parse_size, default=10_000_000, help="the size --with-10m uses")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the 10M float16 file (10 GB)")
     parser.add_argument("--cold", type=parse_size, default=0, help="also time `clipsearch search` cold at this size")
     parser.add_argument("--threads", type=int, default=None, help="torch/FAISS threads (default: all cores)")
