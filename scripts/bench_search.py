@@ -127,9 +127,16 @@ def bench_type(index_type, n, ids, vectors, queries, exact, encoder, captions, a
         stored = vectors.astype(np.float16)
         index.rescore_source = lambda wanted: stored[np.asarray(wanted) - 1].astype(np.float32)
         tuned = tune(index, queries, exact, "text")
+    row = measure(index, index_type, n, build_s, queries, exact, encoder, captions, tuned)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def measure(index: VectorIndex, index_type: str, n: int, build_s: float, queries, exact, encoder, captions, tuned):
+    """One result row: latency (alone and with text encoding), batched cost, memory and recall@10."""
     search, total = single_query_times(index, queries, encoder, captions)
     found = np.concatenate([index.search(q[None, :], 10)[1] for q in queries])
-    row = {
+    return {
         "vectors": n,
         "index_type": index_type,
         "build_s": round(build_s, 1),
@@ -145,8 +152,6 @@ def bench_type(index_type, n, ids, vectors, queries, exact, encoder, captions, a
         "rescore_depth": tuned.rescore if tuned and index_type == "ivfpq" else None,
         "load": os.getloadavg()[0],
     }
-    print(json.dumps(row), flush=True)
-    return row
 
 
 def index_bytes(index: VectorIndex) -> int:
@@ -188,24 +193,7 @@ def bench_10m(space: EmbeddingSpace, args, encoder, captions) -> list[dict]:
             np.argsort(np.argsort(wanted))
         ]
         tuned = tune(index, queries, exact, "text")
-        search, total = single_query_times(index, queries, encoder, captions)
-        found = np.concatenate([index.search(q[None, :], 10)[1] for q in queries])
-        row = {
-            "vectors": n,
-            "index_type": "ivfpq",
-            "build_s": round(build_s, 1),
-            "memory_mb": round(index_bytes(index) / 1e6, 1),
-            "search_p50_ms": percentile_ms(search, 50),
-            "search_p99_ms": percentile_ms(search, 99),
-            "text_query_p50_ms": percentile_ms(total, 50) if encoder is not None else None,
-            "text_query_p99_ms": percentile_ms(total, 99) if encoder is not None else None,
-            "batched_ms_per_query": batched_ms_per_query(index, queries),
-            "recall_at_10": round(recall_at_k(found, exact), 4),
-            "held_out_recall_at_10": tuned.recall,
-            "search_effort": tuned.effort,
-            "rescore_depth": tuned.rescore,
-            "load": os.getloadavg()[0],
-        }
+        row = measure(index, "ivfpq", n, build_s, queries, exact, encoder, captions, tuned)
     print(json.dumps(row), flush=True)
     return [row]
 
