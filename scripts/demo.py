@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         image_search(engine, attributes, test_entries)
     evaluate_models(work, test_entries)
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Work folder: {work}")
+    index = work / "index"
+    print(f"Browse the demo index:  . .venv/bin/activate && clipsearch serve --index {index}")
+    print(f'Or from the shell:      clipsearch search "a large green triangle at the top right" --index {index}')
 
 
 if __name__ == "__main__":
