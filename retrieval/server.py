@@ -32,6 +32,7 @@ from retrieval.errors import (
     ModelMismatchError,
     UsageError,
 )
+from retrieval.stats import IndexInfo, index_info
 from retrieval.thumbnails import THUMBNAIL_SIZES, ThumbnailCache, ThumbnailError
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -84,18 +85,6 @@ class ImageOut(BaseModel):
     thumbnail_url: str
     preview_url: str
     file_url: str
-
-
-class StatsOut(BaseModel):
-    index_dir: str
-    model: str | None
-    embed_dim: int | None
-    images: int
-    failed: int
-    roots: list[str]
-    index_type: str
-    size_bytes: int
-    vectors_current: bool
 
 
 # --- the warm engine ------------------------------------------------------------------------------------------
@@ -350,14 +339,12 @@ def _add_search_routes(app: FastAPI, service: SearchService, settings: ServerSet
             under,
         )
 
-    @app.get("/api/stats", response_model=StatsOut, tags=["index"])
-    def stats() -> StatsOut:
-        """What is indexed: image and failure counts, model, folders, size."""
-        from retrieval.stats import index_info
-
-        details = index_info(service.engine.layout.root).to_dict()
-        details.pop("failures")
-        return StatsOut(**details)
+    @app.get("/api/stats", response_model=IndexInfo, tags=["index"])
+    def stats(
+        failed: Annotated[bool, Query(description="Also list the files that could not be indexed.")] = False,
+    ) -> dict:
+        """What is indexed: image and failure counts, model, folders, size, index type and its measured recall."""
+        return index_info(service.engine.layout.root, with_failures=failed).to_dict()
 
 
 def _add_image_routes(app: FastAPI, service: SearchService) -> None:

@@ -130,6 +130,9 @@ def test_stats_report_what_is_indexed(client, indexed):
     stats = client.get("/api/stats").json()
     assert stats["images"] == 28 and stats["failed"] == 1
     assert stats["roots"] == [str(indexed[1])] and stats["embed_dim"] == 32
+    assert stats["index_type"] == "flat" and stats["failures"] == []
+    failures = client.get("/api/stats", params={"failed": "true"}).json()["failures"]
+    assert len(failures) == 1 and failures[0][1]  # (path, reason)
 
 
 def test_thumbnails_are_upright_small_jpegs_made_once_and_cached(client, indexed):
