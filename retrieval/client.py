@@ -123,7 +123,9 @@ def _multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def open_searcher(index_dir: Path, device: str = "auto", server: str | None = None) -> SearchEngine | ServerClient:
+def open_searcher(
+    index_dir: Path, device: str = "auto", server: str | None = None, text_bf16: bool = False
+) -> SearchEngine | ServerClient:
     """The local engine, or a running server when ``server`` is given: both answer ``search_text`` and
     ``search_image`` with the same arguments and results."""
-    return ServerClient(server) if server else SearchEngine(index_dir, device=device)
+    return ServerClient(server) if server else SearchEngine(index_dir, device=device, text_bf16=text_bf16)

@@ -39,10 +39,13 @@ class SearchResult:
 class SearchEngine:
     """Read side of an index. The model loads on the first query that needs it; the index on the first search."""
 
-    def __init__(self, index_dir: Path | str, device: str = "auto", model: ModelSpec | None = None):
+    def __init__(
+        self, index_dir: Path | str, device: str = "auto", model: ModelSpec | None = None, text_bf16: bool = False
+    ):
         self.layout = IndexLayout(Path(index_dir).expanduser())
         self.catalog = Catalog(self.layout.catalog, create=False)
         self.device = device
+        self.text_bf16 = text_bf16  # CPU: encode text queries with a bfloat16 text tower (see Encoder.load_text)
         self.identity: ModelIdentity | None = self.catalog.model_identity()
         if model is not None:
             self.catalog.check_model(spec_key(model), model.describe())
@@ -75,11 +78,11 @@ class SearchEngine:
     @property
     def text_encoder(self) -> Encoder:
         """For text queries: the full encoder once loaded, else only the text tower (faster start, less memory)."""
-        if self._encoder is not None:
+        if self._encoder is not None and not self.text_bf16:
             return self._encoder
         spec = self.model_spec
         self.catalog.check_model(spec_key(spec), spec.describe())
-        return Encoder.load_text(spec, self.device)
+        return Encoder.load_text(spec, self.device, bf16=self.text_bf16)
 
     @property
     def vectors(self) -> VectorIndex:

@@ -334,7 +334,7 @@ def encode_text_tokens(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     x = text_global_pool(x, tokens, pool, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is not None:
         x = model.text_projection(x) if hasattr(model.text_projection, "in_features") else x @ model.text_projection
-    return F.normalize(x, dim=-1)
+    return F.normalize(x.float(), dim=-1)  # normalised in float32 also for fp16 / bf16 towers
 
 
 def quantize_image_tower(model: Any) -> Any:
@@ -444,6 +444,7 @@ def model_identity(spec: ModelSpec, model: Any) -> ModelIdentity:
 
 
 _LOADED: dict[tuple[str, str], Encoder] = {}
+_TEXT_BF16: dict[tuple[str, str], Encoder] = {}
 
 
 class Encoder:
@@ -473,11 +474,20 @@ class Encoder:
         return _LOADED[key]
 
     @classmethod
-    def load_text(cls, spec: ModelSpec, device: str = "auto") -> Encoder:
+    def load_text(cls, spec: ModelSpec, device: str = "auto", bf16: bool = False) -> Encoder:
         """An encoder for text queries: the shared full encoder when one is loaded, else (on the CPU) one with
-        only the text tower, which starts faster and holds ~40% of the memory for ViT-B-32."""
+        only the text tower, which starts faster and holds ~40% of the memory for ViT-B-32.
+
+        ``bf16`` (CPU, opt-in): a bfloat16 copy of the text tower, kept beside any full encoder. A query reads every
+        weight once, so halving their size halves the time on CPUs with bf16 instructions (ViT-B-32: 29 -> 14 ms);
+        query vectors move slightly (cosine >= 0.998 with float32 ones)."""
         device = resolve_device(device)
         key = (spec_key(spec), device)
+        if bf16 and device == "cpu":
+            if key not in _TEXT_BF16:
+                _TEXT_BF16.clear()
+                _TEXT_BF16[key] = cls._build_text_bf16(spec, device)
+            return _TEXT_BF16[key]
         for loaded_key, encoder in _LOADED.items():
             if loaded_key[:2] == key:
                 return encoder
@@ -491,6 +501,15 @@ class Encoder:
         _LOADED.clear()
         _LOADED[key + ("text",)] = encoder
         return encoder
+
+    @classmethod
+    def _build_text_bf16(cls, spec: ModelSpec, device: str) -> Encoder:
+        import open_clip
+        import torch
+
+        model, preprocess = build_text_model(spec) or build_model(spec, device=device)
+        model = model.to(torch.bfloat16)
+        return cls(model, preprocess, open_clip.get_tokenizer(spec.name), model_identity(spec, model), device, True)
 
     @classmethod
     def _build(cls, spec: ModelSpec, device: str, int8: bool = False) -> Encoder:

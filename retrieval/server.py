@@ -45,6 +45,7 @@ class ServerSettings:
     """Limits of the HTTP API; the defaults suit a personal photo collection."""
 
     device: str = "auto"
+    text_bf16: bool = False  # CPU: text queries through a bfloat16 text tower (see Encoder.load_text)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_results: int = 1000  # offset + k of one request: deeper scrolling stops here
     default_k: int = 48
@@ -95,8 +96,8 @@ class SearchService:
     and one calling thread keeps one warm OpenMP team instead of a team per web worker thread. Before each query
     a cheap catalog read notices what an indexer committed meanwhile, so new photos appear without a restart."""
 
-    def __init__(self, index_dir: Path, device: str = "auto"):
-        self.engine = SearchEngine(index_dir, device=device)
+    def __init__(self, index_dir: Path, device: str = "auto", text_bf16: bool = False):
+        self.engine = SearchEngine(index_dir, device=device, text_bf16=text_bf16)
         self.thumbnails = ThumbnailCache(self.engine.layout.root / THUMBNAILS_DIR)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-query")
         self._generation = self.engine.catalog.vectors_generation()
@@ -109,6 +110,7 @@ class SearchService:
         try:
             self.engine.vectors  # noqa: B018
             self.engine.encoder.encode_texts(["warm up"])
+            self.engine.text_encoder.encode_texts(["warm up"])
         except EmptyIndexError:
             pass  # nothing indexed yet: search answers 409 until the indexer has committed
 
@@ -142,7 +144,7 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
     """The ASGI app for one index. Opening (and with ``warm``, loading the model) happens here, so a bad index or
     model fails before a server starts listening."""
     settings = settings or ServerSettings()
-    service = SearchService(Path(index_dir).expanduser(), settings.device)
+    service = SearchService(Path(index_dir).expanduser(), settings.device, settings.text_bf16)
     if warm:
         service.warm()
 

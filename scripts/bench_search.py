@@ -50,8 +50,9 @@ def percentile_ms(seconds: list[float], q: float) -> float:
     return round(float(np.percentile(seconds, q)) * 1000, 2)
 
 
-def load_text_encoder(model: str | None):
-    """ViT-B-32 with seeded random weights unless --model names one; None with --no-model."""
+def load_text_encoder(model: str | None, bf16: bool = False):
+    """ViT-B-32 with seeded random weights unless --model names one; None with --no-model. ``bf16``: the opt-in
+    bfloat16 text tower (`clipsearch search --bf16-text`)."""
     if model == "none":
         return None
     from retrieval.model import Encoder, ModelSpec, make_random_model_dir
@@ -63,6 +64,8 @@ def load_text_encoder(model: str | None):
         if not (folder / "open_clip_model.safetensors").is_file():
             make_random_model_dir(folder, model_cfg=open_clip.get_model_config("ViT-B-32"), seed=0)
         model = f"local-dir:{folder}"
+    if bf16:
+        return Encoder.load_text(ModelSpec(model, None), "cpu", bf16=True)
     return Encoder.load(ModelSpec(model, None), "cpu")
 
 
@@ -259,6 +262,7 @@ def main() -> None:
     parser.add_argument("--cold", type=parse_size, default=0, help="also time `clipsearch search` cold at this size")
     parser.add_argument("--threads", type=int, default=None, help="torch/FAISS threads (default: all cores)")
     parser.add_argument("--json", type=Path, default=None, help="write all rows here")
+    parser.add_argument("--bf16-text", action="store_true", help="encode queries with the bfloat16 text tower")
     args = parser.parse_args()
 
     import faiss
@@ -270,7 +274,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()}")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), faiss {faiss.__version__}")
     captions = probe_texts()
-    encoder = load_text_encoder(args.model)
+    encoder = load_text_encoder(args.model, args.bf16_text)
     if encoder is not None:
         encode = time_text_encoding(encoder, captions)
         print(f"text encoding, one caption: p50 {percentile_ms(encode, 50)} ms, p99 {percentile_ms(encode, 99)} ms")

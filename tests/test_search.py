@@ -170,3 +170,17 @@ def test_a_symlinked_file_is_found_by_the_path_it_was_indexed_under(tmp_path, se
     with SearchEngine(tmp_path / "index") as engine:
         assert engine.vectors_for_paths([folder / "link.jpg"]).shape == (1, 32)
         assert str(folder / "link.jpg") not in [r.path for r in engine.search_image(folder / "link.jpg", k=2)]
+
+
+def test_bf16_text_queries_stay_close_to_float32_ones(indexed):
+    """The opt-in bfloat16 text tower moves query vectors only slightly, and search through it still works."""
+    queries = ["a dog on a beach", "red", "a city street at night"]
+    with SearchEngine(indexed) as exact, SearchEngine(indexed, text_bf16=True) as fast:
+        reference = exact.text_encoder.encode_texts(queries)
+        approximate = fast.text_encoder.encode_texts(queries)
+        assert fast.text_encoder is not exact.text_encoder
+        results = fast.search_text("a dog on a beach", k=5)
+    assert approximate.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(approximate, axis=1), 1.0, atol=1e-5)
+    assert (approximate * reference).sum(axis=1).min() > 0.98
+    assert len(results) == 5 and [r.score for r in results] == sorted((r.score for r in results), reverse=True)

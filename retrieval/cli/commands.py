@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import IndexOption, app, quiet_libraries, resolve_index_dir, user_errors
+from retrieval.cli.app import BF16TextOption, IndexOption, app, quiet_libraries, resolve_index_dir, user_errors
 from retrieval.model import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 ModelOption = Annotated[
@@ -124,12 +124,13 @@ def search(
     as_paths: PathsOption = False,
     device: DeviceOption = "auto",
     server: ServerOption = None,
+    bf16_text: BF16TextOption = False,
 ) -> None:
     """Find images matching a text description."""
     quiet_libraries()
     from retrieval.client import open_searcher
 
-    with open_searcher(resolve_index_dir(index_dir), device, server) as searcher:
+    with open_searcher(resolve_index_dir(index_dir), device, server, text_bf16=bf16_text) as searcher:
         results = searcher.search_text(text, k=k, min_score=min_score, under=under)
     _print_results(results, as_json, as_paths, {"text": text, "k": k})
 

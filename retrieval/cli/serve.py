@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import IndexOption, app, quiet_libraries, resolve_index_dir, user_errors
+from retrieval.cli.app import BF16TextOption, IndexOption, app, quiet_libraries, resolve_index_dir, user_errors
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -19,6 +19,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest query image accepted.")] = 20.0,
+    bf16_text: BF16TextOption = False,
 ) -> None:
     """Serve a search page and JSON API (docs at /docs) for an index; the model loads once."""
     quiet_libraries()
@@ -31,5 +32,5 @@ def serve(
         typer.echo(f"clipsearch: warning: listening on {host}: anyone who can reach it can see your photos", err=True)
     index = resolve_index_dir(index_dir)
     typer.echo(f"clipsearch: loading the model and the index at {index} ...", err=True)
-    settings = ServerSettings(device=device, max_upload_bytes=int(max_upload_mb * 2**20))
+    settings = ServerSettings(device=device, text_bf16=bf16_text, max_upload_bytes=int(max_upload_mb * 2**20))
     run_server(index, host=host, port=port, settings=settings)
