@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,8 +161,6 @@ class _Writer:
         self.last_save = time.monotonic()
 
     def commit(self, session_work) -> None:
-        removed_ids: list[int] = []
-        added: list[tuple[ImageRow, np.ndarray]] = []
         with self.catalog.session() as session, session.begin():
             removed_ids, added = session_work(session)
             session.flush()
@@ -319,10 +316,3 @@ def _encode(
                 pending = []
     if pending:
         yield pending
-
-
-def failures_by_reason(catalog: Catalog) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = defaultdict(list)
-    for row in catalog.failed_rows():
-        grouped[row.error or "unknown"].append(row.path)
-    return grouped
