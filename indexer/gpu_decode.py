@@ -3,7 +3,7 @@
 With CUDA, one CPU core draft-decodes ~25 twelve-megapixel JPEGs a second while a GPU encodes thousands: CPU
 workers cannot keep up. Here the workers only read and hash the files; the main process decodes each batch of
 JPEGs on the GPU, applies the EXIF orientation, and resizes, crops and normalises there, as open_clip's eval
-transform does. Files that are not JPEGs, or that nvJPEG refuses, take the usual CPU path (``indexer.images``).
+transform does. Files that are not JPEGs, or that nvJPEG refuses, take the usual CPU path (``retrieval.images``).
 
 Unmeasured: no GPU was available while this was written. The same code runs on the CPU in the tests
 (``device="cpu"``), which checks its logic and its agreement with the Pillow path, not its speed.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from indexer.images import DecodedItem, DecodeError, ImageFileDataset, content_hash, decode_image_and_size, read_file
+from retrieval.images import DecodedItem, DecodeError, ImageFileDataset, content_hash, decode_image_and_size, read_file
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 

@@ -17,19 +17,21 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from indexer.gpu_decode import JpegBytesDataset, decode_batch, gpu_decode_available
-from indexer.images import DecodedItem, ImageFileDataset, collate_decoded, hash_file
 from indexer.plan import Plan, WorkItem, plan_changes
+from indexer.reindex import apply_index_type
 from indexer.scan import resolve_folder, scan_folder
-from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding, normalise
 from retrieval.errors import DiskFullError, ModelLoadError, UsageError
 from retrieval.faults import fault_point
-from retrieval.index_types import check_index_type
-from retrieval.layout import IndexLayout
-from retrieval.model import Encoder, ModelSpec, spec_key
-from retrieval.reindex import apply_index_type
-from retrieval.vector_sync import open_vectors, save_vectors
-from retrieval.vectors import VectorIndex
-from retrieval.write_lock import write_lock
+from retrieval.images import DecodedItem, ImageFileDataset, collate_decoded, hash_file
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec, spec_key
+from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding
+from retrieval.store.index_types import check_index_type
+from retrieval.store.layout import IndexLayout
+from retrieval.store.sync import open_vectors, save_vectors
+from retrieval.store.vectors import VectorIndex
+from retrieval.store.write_lock import write_lock
+from retrieval.unit import unit_rows
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ class _Writer:
         if self.vectors is not None:
             self.vectors.remove(removed_ids)
             if added:
-                self.vectors.add(added_ids, normalise(np.stack([vector for _, vector in added])))
+                self.vectors.add(added_ids, unit_rows(np.stack([vector for _, vector in added])))
         if time.monotonic() - self.last_save > self.save_every_s:
             self.save()
 
@@ -215,7 +217,7 @@ def _load_encoder(catalog: Catalog, settings: IndexSettings) -> Encoder:
         raise ModelLoadError("random weights differ at every load: pass --pretrained TAG|FILE or a local-dir: model")
     encoder = Encoder.load(settings.model, settings.device, int8=settings.int8)
     if catalog.model_identity() is None:
-        catalog.set_meta("model", encoder.identity.to_json())
+        catalog.set_model_identity(encoder.identity)
     return encoder
 
 

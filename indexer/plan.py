@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session
 
 from indexer.scan import FileFacts, ScanResult
-from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow
+from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow
 
 
 @dataclass(frozen=True)

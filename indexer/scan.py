@@ -47,13 +47,6 @@ def resolve_folder(path: Path) -> str:
     return str(path.resolve())
 
 
-def catalog_path(path: Path | str) -> str:
-    """A file's key as the catalog stores it: its folder resolved, its own name kept (a symlinked file is
-    indexed under the link's name, as the walk found it)."""
-    path = Path(path).expanduser()
-    return os.path.join(os.path.realpath(path.parent), path.name)
-
-
 def scan_folder(folder: str) -> ScanResult:
     """Recursive walk; hidden files and folders are skipped; folder symlinks are not followed (no loops)."""
     result = ScanResult()

@@ -120,7 +120,7 @@ def ensure_model(spec: str | None) -> str:
         return spec
     import open_clip
 
-    from retrieval.model import make_random_model_dir
+    from retrieval.testing import make_random_model_dir
 
     folder = CACHE / "vit-b-32"
     if not (folder / "open_clip_model.safetensors").is_file():
@@ -133,7 +133,7 @@ def decode_rate(paths: list[Path], encoder) -> tuple[float, list]:
     as DataLoader workers run."""
     import torch
 
-    from indexer.images import ImageFileDataset
+    from retrieval.images import ImageFileDataset
 
     dataset = ImageFileDataset([str(p) for p in paths], encoder.preprocess, encoder.identity.image_size)
     threads = torch.get_num_threads()
@@ -162,7 +162,7 @@ def encoder_rate(encoder, tensors: list, batch_size: int, images: int) -> float:
 def index_rate(folder: Path, model: str, args, int8: bool = False) -> dict:
     """The pipeline on a fresh index, in this process (worker processes fork from it, as from the command)."""
     from indexer.pipeline import IndexSettings, index_paths
-    from retrieval.model import ModelSpec
+    from retrieval.model.spec import ModelSpec
 
     index_dir = Path(tempfile.mkdtemp(prefix="bench-index-", dir=args.scratch))
     options = {"int8": True} if int8 else {}  # (keeps the script runnable on versions before int8, for comparisons)
@@ -197,7 +197,7 @@ def command_rate(folder: Path, model: str, args) -> float:
 
 
 def search_latency(index_dir: Path) -> dict:
-    from retrieval.engine import SearchEngine
+    from retrieval.search.engine import SearchEngine
 
     with SearchEngine(index_dir, device="cpu") as engine:
         engine.search_text("warm up", k=10)
@@ -224,8 +224,9 @@ def int8_cost(model: str, tensors: list) -> dict:
     """How far int8 image vectors move from fp32 ones, and what that does to text-query top-10s."""
     import torch
 
-    from retrieval.index_tuning import probe_texts, recall_at_k
-    from retrieval.model import Encoder, ModelSpec
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import ModelSpec
+    from retrieval.store.tuning import probe_texts, recall_at_k
 
     spec = ModelSpec(model, None)
     pixels = torch.stack(tensors)
@@ -258,7 +259,8 @@ def main() -> None:
 
     import torch
 
-    from retrieval.model import Encoder, ModelSpec
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import ModelSpec
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}")
     paths = ensure_photos(args.photos, args.images)

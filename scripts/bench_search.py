@@ -4,7 +4,7 @@
     python scripts/bench_search.py --sizes 10k,100k     # quicker
     python scripts/bench_search.py --with-10m           # adds 10M as ivfpq only (about 3 GB, several minutes)
 
-Vectors are synthetic but CLIP-like (retrieval.synthetic_vectors: clustered, anisotropic, with a text/image
+Vectors are synthetic but CLIP-like (retrieval.testing: clustered, anisotropic, with a text/image
 modality gap), 512-d, rounded to float16 as the catalog stores them. Queries are text-like vectors; "one text query"
 latency adds the real encoding of a caption with ViT-B-32's text tower (random weights: same cost as trained ones).
 Reported per size and index type: build time, memory (size of the FAISS index, which is what stays resident),
@@ -28,10 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrieval.index_tuning import exact_top_k, probe_texts, recall_at_k, tune  # noqa: E402
-from retrieval.index_types import default_params  # noqa: E402
-from retrieval.synthetic_vectors import EmbeddingSpace  # noqa: E402
-from retrieval.vectors import VectorIndex  # noqa: E402
+from retrieval.store.index_types import default_params  # noqa: E402
+from retrieval.store.tuning import exact_top_k, probe_texts, recall_at_k, tune  # noqa: E402
+from retrieval.store.vectors import VectorIndex  # noqa: E402
+from retrieval.testing import EmbeddingSpace  # noqa: E402
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the clipsearch command does (docs/benchmarks.md)
 
@@ -55,7 +55,9 @@ def load_text_encoder(model: str | None, bf16: bool = False):
     bfloat16 text tower (`clipsearch search --bf16-text`)."""
     if model == "none":
         return None
-    from retrieval.model import Encoder, ModelSpec, make_random_model_dir
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import ModelSpec
+    from retrieval.testing import make_random_model_dir
 
     if model is None:
         import open_clip
@@ -209,10 +211,11 @@ def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
 
     from sqlalchemy import insert
 
-    from retrieval.catalog import STATUS_OK, Catalog, ImageRow, encode_embedding
-    from retrieval.layout import IndexLayout
-    from retrieval.model import Encoder, ModelSpec
-    from retrieval.vector_sync import open_vectors, save_vectors
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import ModelSpec
+    from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, encode_embedding
+    from retrieval.store.layout import IndexLayout
+    from retrieval.store.sync import open_vectors, save_vectors
 
     spec_name = load_text_encoder(model).identity.name if model != "none" else None
     identity = Encoder.load_text(ModelSpec(spec_name, None), "cpu").identity
@@ -220,7 +223,7 @@ def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
     layout = IndexLayout(index_dir)
     catalog = Catalog(layout.catalog, create=True)
     started = time.perf_counter()
-    catalog.set_meta("model", identity.to_json())
+    catalog.set_model_identity(identity)
     catalog.add_roots(["/photos"])
     row_id = 0
     for block in space.images(n, seed=21, chunk=50_000):

@@ -71,8 +71,9 @@ def print_recall(name: str, report) -> None:
 
 
 def evaluate_models(work: Path, test_entries) -> None:
-    from retrieval.evaluate import EvalSettings, evaluate_annotations
-    from retrieval.model import ModelSpec, make_random_model_dir
+    from retrieval.lab.evaluate import EvalSettings, evaluate_annotations
+    from retrieval.model.spec import ModelSpec
+    from retrieval.testing import make_random_model_dir
 
     config = json.loads((MODEL_DIR / "open_clip_config.json").read_text())
     random_dir = work / "random-weights"
@@ -92,7 +93,7 @@ def evaluate_models(work: Path, test_entries) -> None:
 
 def prepare_work_folder(work: Path, fresh: bool) -> None:
     """Start over when asked, or when the bundled model changed since the last run (an index keeps its model)."""
-    from retrieval.model import WEIGHTS_FILE, file_digest
+    from retrieval.model.spec import WEIGHTS_FILE, file_digest
 
     digest = file_digest(MODEL_DIR / WEIGHTS_FILE)
     marker = work / "model-digest"
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_libraries()
     from indexer.pipeline import IndexSettings, index_paths
-    from retrieval.engine import SearchEngine
-    from retrieval.model import ModelSpec
+    from retrieval.model.spec import ModelSpec
+    from retrieval.search.engine import SearchEngine
 
     started = time.perf_counter()
     work = args.work.expanduser().resolve()

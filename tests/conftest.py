@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from indexer.pipeline import IndexSettings
-from retrieval.model import ModelSpec, make_random_model_dir
+from retrieval.model.spec import ModelSpec
+from retrieval.testing import make_random_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from retrieval.catalog import STATUS_OK, Catalog, ImageRow
-from retrieval.check import check_index
-from retrieval.engine import SearchEngine
+from indexer.check import check_index
 from retrieval.errors import EmptyIndexError
 from retrieval.faults import AFTER_COMMITS_ENV, FAULT_ENV, reset_faults
-from retrieval.layout import IndexLayout
-from retrieval.vector_sync import open_vectors
+from retrieval.search.engine import SearchEngine
+from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow
+from retrieval.store.layout import IndexLayout
+from retrieval.store.sync import open_vectors
 
 KILLED = -9
 EMBEDDING_TOLERANCE = 2e-3  # float16 storage and batch-dependent float sums

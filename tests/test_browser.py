@@ -16,7 +16,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from indexer.pipeline import IndexSettings, index_paths
-from retrieval.server import ServerSettings, create_app, running_server
+from retrieval.search.server import ServerSettings, create_app
+from retrieval.testing import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from indexer.check import DAMAGED_EMBEDDING, check_index
 from indexer.pipeline import index_paths
-from retrieval.catalog import STATUS_FAILED, Catalog
-from retrieval.check import DAMAGED_EMBEDDING, check_index
 from retrieval.cli import app
-from retrieval.engine import SearchEngine
 from retrieval.errors import IndexBusyError
-from retrieval.layout import IndexLayout
-from retrieval.vectors import VectorIndex
-from retrieval.write_lock import write_lock
+from retrieval.search.engine import SearchEngine
+from retrieval.store.catalog import STATUS_FAILED, Catalog
+from retrieval.store.layout import IndexLayout
+from retrieval.store.vectors import VectorIndex
+from retrieval.store.write_lock import write_lock
 from tests.crash_harness import assert_index_whole
 
 runner = CliRunner()

@@ -89,7 +89,7 @@ def test_user_errors_are_one_line_with_nonzero_exit(cli_index, args, message, co
 def test_empty_index_and_model_mismatch_messages(tmp_path, cli_index, photo_folder):
     empty = invoke("search", "x", "--index", tmp_path / "nothing-here")
     assert empty.exit_code == 1 and "no index at" in empty.output and "Traceback" not in empty.output
-    from retrieval.model import make_random_model_dir
+    from retrieval.testing import make_random_model_dir
 
     other = make_random_model_dir(tmp_path / "other", seed=5)
     mismatch = invoke("index", photo_folder, "--index", cli_index, "--model", f"local-dir:{other}", "-q")
@@ -99,7 +99,7 @@ def test_empty_index_and_model_mismatch_messages(tmp_path, cli_index, photo_fold
 def test_offline_default_model_fails_in_one_line(tmp_path, photo_folder, monkeypatch):
     """No weights cached and no network: one line that says how to pass a local checkpoint."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr("retrieval.model._host_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr("retrieval.model.build._host_reachable", lambda host, timeout=3.0: False)
     result = invoke("index", photo_folder, "--index", tmp_path / "index", "-q")
     assert result.exit_code == 1
     assert "cannot be reached" in result.output and "--pretrained" in result.output

@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import select
 
 from indexer.pipeline import index_paths
-from retrieval.catalog import STATUS_OK, Catalog, ImageRow
-from retrieval.engine import SearchEngine
 from retrieval.errors import IndexBusyError
-from retrieval.layout import IndexLayout
-from retrieval.write_lock import write_lock
+from retrieval.search.engine import SearchEngine
+from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow
+from retrieval.store.layout import IndexLayout
+from retrieval.store.write_lock import write_lock
 from tests.conftest import make_images
 from tests.crash_harness import assert_index_whole, run_in_child, start_child, wait_for_child
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from indexer.pipeline import IndexSettings, index_paths
-from retrieval.catalog import STATUS_OK, Catalog
 from retrieval.errors import DiskFullError, EmptyIndexError
 from retrieval.faults import FAULT_ENV, reset_faults
-from retrieval.layout import IndexLayout
+from retrieval.store.catalog import STATUS_OK, Catalog
+from retrieval.store.layout import IndexLayout
 from tests.conftest import make_images, write_image
 from tests.crash_harness import KILLED, assert_index_whole, run_in_child, stored_embeddings
 
@@ -167,7 +167,7 @@ RUNNER = """
 import sys
 from pathlib import Path
 from indexer.pipeline import IndexSettings, index_paths
-from retrieval.model import ModelSpec
+from retrieval.model.spec import ModelSpec
 settings = IndexSettings(ModelSpec(sys.argv[3], None), batch_size=4, workers=1, chunk_size=4, save_every_s=0.0)
 print(index_paths(Path(sys.argv[1]), [Path(sys.argv[2])], settings, progress=False).line())
 """

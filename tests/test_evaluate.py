@@ -12,10 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from retrieval.cli import app
-from retrieval.datasets import DatasetError, load_captioned_set
-from retrieval.engine import SearchEngine
 from retrieval.errors import UsageError
-from retrieval.evaluate import STAGE_FOLDER, EvalSettings, evaluate
+from retrieval.lab.datasets import DatasetError, load_captioned_set
+from retrieval.lab.evaluate import STAGE_FOLDER, EvalSettings, evaluate
+from retrieval.search.engine import SearchEngine
 from tests.test_metrics import brute_force
 from tests.test_shapes_dataset import shapes
 
@@ -153,7 +153,7 @@ def test_a_photo_index_is_never_used_for_eval(shapes_set: Path, tiny_spec, setti
 
 def test_the_index_check_catches_a_search_that_ranks_other_vectors(shapes_set: Path, tiny_spec, tmp_path: Path):
     """The comparison is real: scoring the exact side with other image vectors than the index holds is caught."""
-    from retrieval.evaluate import check_faiss_search
+    from retrieval.lab.evaluate import check_faiss_search
 
     captioned = test_set(shapes_set)
     report = evaluate(captioned, settings_for(tiny_spec, index_dir=tmp_path / "i"), progress=False)

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import retrieval.model as model_module
-from retrieval.engine import SearchEngine
-from retrieval.model import Encoder, build_model, encode_text_tokens, file_digest
+import retrieval.model.build as build_module
+import retrieval.model.spec as spec_module
+from retrieval.model.build import build_model
+from retrieval.model.encoder import Encoder, encode_text_tokens
+from retrieval.model.spec import file_digest
+from retrieval.search.engine import SearchEngine
 from tests.conftest import make_images, write_image
 
 TEXTS = ["a dog", "a photo of a red car parked at night in the rain", "x", ""]
@@ -20,9 +23,9 @@ TEXTS = ["a dog", "a photo of a red car parked at night in the rain", "x", ""]
 @pytest.fixture
 def fresh_encoders():
     """Encoder.load shares one model per process: start and end each test without one."""
-    model_module._LOADED.clear()
+    Encoder.unload_all()
     yield
-    model_module._LOADED.clear()
+    Encoder.unload_all()
 
 
 def test_trimmed_text_encoding_equals_the_full_77_tokens(tiny_spec):
@@ -40,7 +43,7 @@ def test_trimmed_text_encoding_equals_the_full_77_tokens(tiny_spec):
 
 def test_skipping_random_init_loads_the_same_weights(tiny_spec, monkeypatch):
     fast, _ = build_model(tiny_spec)
-    monkeypatch.setattr(model_module, "skip_weight_init", contextlib.nullcontext)
+    monkeypatch.setattr(build_module, "skip_weight_init", contextlib.nullcontext)
     slow, _ = build_model(tiny_spec)
     fast_state, slow_state = fast.state_dict(), slow.state_dict()
     assert fast_state.keys() == slow_state.keys()
@@ -65,7 +68,7 @@ def test_text_search_loads_only_the_text_tower_then_image_search_the_rest(tmp_pa
 
     make_images(tmp_path / "photos", 6, seed=9)
     index_paths(tmp_path / "index", [tmp_path / "photos"], settings, progress=False)
-    model_module._LOADED.clear()
+    Encoder.unload_all()
     with SearchEngine(tmp_path / "index", device="cpu") as engine:
         by_text = engine.search_text("a dog", k=3)
         assert engine.text_encoder.text_only
@@ -83,12 +86,12 @@ def test_int8_image_encoder_stays_close_to_fp32(tiny_spec, fresh_encoders):
 
 def test_weights_digest_is_remembered_across_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(model_module, "DIGEST_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(spec_module, "DIGEST_CACHE_MIN_BYTES", 0)
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"weights" * 1000)
     first = file_digest(weights)
-    model_module._file_digest.cache_clear()
-    monkeypatch.setattr(model_module, "_file_digest", lambda *a: pytest.fail("hashed again"))
+    spec_module._file_digest.cache_clear()
+    monkeypatch.setattr(spec_module, "_file_digest", lambda *a: pytest.fail("hashed again"))
     assert file_digest(weights) == first
     weights.write_bytes(b"other weights" * 1000)  # changed file: new size/mtime, hashed afresh
     monkeypatch.undo()

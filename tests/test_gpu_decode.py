@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from indexer.gpu_decode import JpegBytesDataset, RawJpeg, decode_batch
-from indexer.images import ImageFileDataset
+from retrieval.images import ImageFileDataset
 from tests.conftest import write_image
 
 SIZE = 64
@@ -61,7 +61,7 @@ def test_one_bad_file_does_not_fail_its_batch(files):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_indexing_agrees_with_cpu_indexing(tmp_path, files, settings):
     from indexer.pipeline import index_paths
-    from retrieval.engine import SearchEngine
+    from retrieval.search.engine import SearchEngine
 
     folder = files[0].parent
     vectors = {}

@@ -19,11 +19,11 @@ from PIL import Image
 from sqlalchemy import select
 
 import indexer.pipeline
-from indexer.images import MAX_ASPECT, DecodeError, decode_image, read_file
 from indexer.pipeline import index_paths
-from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow
-from retrieval.engine import SearchEngine
-from retrieval.layout import IndexLayout
+from retrieval.images import MAX_ASPECT, DecodeError, decode_image, read_file
+from retrieval.search.engine import SearchEngine
+from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow
+from retrieval.store.layout import IndexLayout
 from tests.crash_harness import assert_index_whole, run_in_child
 from tests.hostile_corpus import (
     animated_gif,

@@ -12,12 +12,13 @@ import pytest
 from PIL import Image
 
 from indexer.pipeline import index_paths
-from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog
-from retrieval.engine import SearchEngine
 from retrieval.errors import ModelMismatchError, UsageError
-from retrieval.layout import IndexLayout
-from retrieval.model import ModelSpec, make_random_model_dir
-from retrieval.vectors import VectorIndex
+from retrieval.model.spec import ModelSpec
+from retrieval.search.engine import SearchEngine
+from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog
+from retrieval.store.layout import IndexLayout
+from retrieval.store.vectors import VectorIndex
+from retrieval.testing import make_random_model_dir
 from tests.conftest import make_images, write_image
 
 
@@ -28,7 +29,7 @@ def catalog_and_faiss_agree(index_dir: Path) -> set[int]:
     with catalog.session() as session:
         from sqlalchemy import select
 
-        from retrieval.catalog import ImageRow
+        from retrieval.store.catalog import ImageRow
 
         ok_ids = set(session.scalars(select(ImageRow.id).where(ImageRow.status == STATUS_OK)))
     catalog.close()
@@ -43,7 +44,7 @@ def indexed_paths(index_dir: Path) -> dict[str, str]:
     with catalog.session() as session:
         from sqlalchemy import select
 
-        from retrieval.catalog import ImageRow
+        from retrieval.store.catalog import ImageRow
 
         rows = {row.path: row.status for row in session.scalars(select(ImageRow))}
     catalog.close()
@@ -93,7 +94,7 @@ def _rows(index_dir: Path) -> dict[str, tuple[int, bytes]]:
     with catalog.session() as session:
         from sqlalchemy import select
 
-        from retrieval.catalog import ImageRow
+        from retrieval.store.catalog import ImageRow
 
         rows = {row.path: (row.id, row.embedding) for row in session.scalars(select(ImageRow))}
     catalog.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.metrics import recall_at_k
+from retrieval.lab.metrics import recall_at_k
 
 
 def brute_force(text: np.ndarray, images: np.ndarray, owners: np.ndarray, ks=(1, 5, 10)):

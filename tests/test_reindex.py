@@ -7,13 +7,13 @@ import pytest
 from typer.testing import CliRunner
 
 from indexer.pipeline import index_paths
-from retrieval.catalog import Catalog
+from indexer.reindex import reindex
 from retrieval.cli import app
-from retrieval.engine import SearchEngine
-from retrieval.layout import IndexLayout
-from retrieval.reindex import reindex
-from retrieval.stats import index_info
-from retrieval.vectors import VectorIndex
+from retrieval.search.engine import SearchEngine
+from retrieval.search.info import index_info
+from retrieval.store.catalog import Catalog
+from retrieval.store.layout import IndexLayout
+from retrieval.store.vectors import VectorIndex
 from tests.conftest import make_images
 
 QUERIES = ["a photo of a dog", "a red car at night", "a bowl of fruit", "mountains in the snow"]

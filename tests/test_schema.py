@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from indexer.check import check_index
 from indexer.pipeline import index_paths
-from retrieval.catalog import SCHEMA_VERSION, STATUS_OK, Catalog
-from retrieval.check import check_index
-from retrieval.engine import SearchEngine
 from retrieval.errors import ClipsearchError, EmptyIndexError, IndexCorruptError
-from retrieval.path_text import ESC, from_stored, to_stored
+from retrieval.search.engine import SearchEngine
+from retrieval.store.catalog import SCHEMA_VERSION, STATUS_OK, Catalog
+from retrieval.store.paths import ESC, from_stored, to_stored
 from tests.conftest import make_images
 from tests.crash_harness import KILLED, run_in_child
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from indexer.pipeline import IndexSettings, index_paths
-from retrieval.catalog import Catalog
-from retrieval.engine import SearchEngine
 from retrieval.errors import EmptyIndexError, UsageError
-from retrieval.layout import IndexLayout
-from retrieval.model import ModelSpec
+from retrieval.model.spec import ModelSpec
+from retrieval.search.engine import SearchEngine
+from retrieval.store.catalog import Catalog
+from retrieval.store.layout import IndexLayout
 from tests.conftest import make_images, write_image
 from tests.test_index import catalog_and_faiss_agree
 
@@ -112,7 +112,7 @@ def test_killed_run_keeps_its_commits_and_the_next_run_completes(tmp_path, tiny_
     index_dir = tmp_path / "index"
     script = (
         "import sys; from pathlib import Path; from indexer.pipeline import IndexSettings, index_paths;"
-        "from retrieval.model import ModelSpec;"
+        "from retrieval.model.spec import ModelSpec;"
         f"index_paths(Path({str(index_dir)!r}), [Path({str(folder)!r})],"
         f" IndexSettings(model=ModelSpec('local-dir:{tiny_model_dir}', None), batch_size=4, workers=0, chunk_size=4),"
         " progress=False)"

@@ -13,12 +13,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from indexer.pipeline import IndexSettings, index_paths
-from retrieval.catalog import Catalog
 from retrieval.cli import app as cli_app
-from retrieval.client import ServerClient
-from retrieval.engine import SearchEngine
 from retrieval.errors import ClipsearchError, UsageError
-from retrieval.server import MULTIPART_SLACK, ServerSettings, create_app, running_server
+from retrieval.search.client import ServerClient
+from retrieval.search.engine import SearchEngine
+from retrieval.search.server import MULTIPART_SLACK, ServerSettings, create_app
+from retrieval.store.catalog import Catalog
+from retrieval.testing import running_server
 from tests.conftest import make_images, write_image
 
 UPLOAD_LIMIT = 40_000

@@ -14,11 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from retrieval.cli import app
-from retrieval.datasets import load_captioned_set
 from retrieval.errors import UsageError
-from retrieval.model import TINY_MODEL_CFG, WEIGHTS_FILE, Encoder, ModelSpec, file_digest, make_random_model_dir
-from retrieval.train_data import CaptionPairs, collate_pairs, epoch_pairs
-from retrieval.training import (
+from retrieval.lab.datasets import load_captioned_set
+from retrieval.lab.train_data import CaptionPairs, collate_pairs, epoch_pairs
+from retrieval.lab.training import (
     REPORT_FILE,
     StepRunner,
     TrainSettings,
@@ -29,6 +28,9 @@ from retrieval.training import (
     save_trained_model,
     train_model,
 )
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import WEIGHTS_FILE, ModelSpec, file_digest
+from retrieval.testing import TINY_MODEL_CFG, make_random_model_dir
 from tests.test_shapes_dataset import shapes
 
 REPO = Path(__file__).resolve().parents[1]

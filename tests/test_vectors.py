@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from retrieval.errors import UsageError
-from retrieval.index_tuning import exact_top_k, recall_at_k, tune
-from retrieval.index_types import EXACT_LIMIT, bytes_per_vector, choose_index_type, parse_memory
-from retrieval.synthetic_vectors import EmbeddingSpace
-from retrieval.vectors import VectorIndex
+from retrieval.store.index_types import EXACT_LIMIT, bytes_per_vector, choose_index_type, parse_memory
+from retrieval.store.tuning import exact_top_k, recall_at_k, tune
+from retrieval.store.vectors import VectorIndex
+from retrieval.testing import EmbeddingSpace
 
 DIM = 64
 
@@ -190,15 +190,16 @@ def test_flat_keeps_float16_like_the_catalog(collection):
 
 
 def test_gpu_flat_scan_logic_agrees_with_the_cpu_scan(collection, text_queries):
-    """retrieval.gpu_search runs its torch code on whatever device the index names: here the CPU."""
-    from retrieval.gpu_search import scan_flat
+    """retrieval.store.gpu runs its torch code on whatever device it is given: here the CPU."""
+    from retrieval.store.gpu import flat_to_device, scan_flat
 
     ids, vectors = collection
     index = VectorIndex.build(DIM, batches(ids[:3000], vectors[:3000]))
-    expected = index.search(text_queries, 10)[1]
-    np.testing.assert_array_equal(scan_flat(index, text_queries, 10, margin=32)[1], expected)
-    index.add(ids[3000:], vectors[3000:])  # the device copy follows changes
-    np.testing.assert_array_equal(scan_flat(index, text_queries, 10, margin=32)[1], index.search(text_queries, 10)[1])
+    matrix, stored_ids = flat_to_device(*index.flat_storage(), "cpu")
+    found = scan_flat(matrix, stored_ids, text_queries, 10, margin=32)
+    expected = index.search(text_queries, 10)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_allclose(found[0], expected[0], atol=1e-6)
     assert index.use_device("cpu").device == "cpu"
 
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TypeVar
 
 import typer
 
@@ -22,18 +22,6 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., object])
-
-IndexOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--index", envvar="CLIPSEARCH_INDEX", help="Index folder (default: XDG data dir).", show_default=False
-    ),
-]
-
-BF16TextOption = Annotated[
-    bool,
-    typer.Option("--bf16-text", help="CPU: encode text queries with a bfloat16 text tower (about 2x faster)."),
-]
 
 
 def user_errors(func: F) -> F:
@@ -54,7 +42,7 @@ def user_errors(func: F) -> F:
 
 
 def resolve_index_dir(index: Path | None) -> Path:
-    from retrieval.layout import default_index_dir
+    from retrieval.store.layout import default_index_dir
 
     return (index or default_index_dir()).expanduser()
 

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import IndexOption, app, resolve_index_dir, user_errors
+from retrieval.cli.app import app, resolve_index_dir, user_errors
+from retrieval.cli.options import IndexOption, NoWaitOption
 
 
 @app.command()
@@ -15,11 +16,11 @@ from retrieval.cli.app import IndexOption, app, resolve_index_dir, user_errors
 def check(
     index_dir: IndexOption = None,
     repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed (takes the write lock).")] = False,
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting for a running indexer.")] = False,
+    no_wait: NoWaitOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Verify an index (catalog rows, stored embeddings, FAISS ids); exit code 1 when problems remain."""
-    from retrieval.check import check_index
+    from indexer.check import check_index
 
     report = check_index(
         resolve_index_dir(index_dir),

@@ -8,45 +8,26 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import BF16TextOption, IndexOption, app, quiet_libraries, resolve_index_dir, user_errors
-from retrieval.model import DEFAULT_MODEL, DEFAULT_PRETRAINED
-
-ModelOption = Annotated[
-    str, typer.Option("--model", help="open_clip model name, or local-dir:FOLDER with a saved model.")
-]
-PretrainedOption = Annotated[
-    str, typer.Option("--pretrained", help="open_clip pretrained tag, or a checkpoint file path.")
-]
-KOption = Annotated[int, typer.Option("-k", "--top-k", help="How many results.")]
-MinScoreOption = Annotated[float | None, typer.Option("--min-score", help="Drop results below this cosine score.")]
-UnderOption = Annotated[Path | None, typer.Option("--under", help="Only results inside this folder.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
-PathsOption = Annotated[bool, typer.Option("--paths", help="Print one path per line (for piping).")]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-IndexTypeOption = Annotated[
-    str | None,
-    typer.Option(
-        "--index-type",
-        help="Vector index: auto (exact flat up to 1M images, then ivf, then ivfpq to fit --max-memory), flat, "
-        "ivf, ivfpq or hnsw. Kept for later runs; default: the index's own (new indexes: auto).",
-        show_default=False,
-    ),
-]
-MaxMemoryOption = Annotated[
-    str | None,
-    typer.Option(
-        "--max-memory", help="Memory budget auto plans the vector index with, e.g. 4G (default: half the RAM)."
-    ),
-]
-ServerOption = Annotated[
-    str | None,
-    typer.Option(
-        "--server",
-        envvar="CLIPSEARCH_SERVER",
-        help="Ask a running `clipsearch serve` (e.g. http://127.0.0.1:8000) instead of loading the model.",
-        show_default=False,
-    ),
-]
+from retrieval.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
+from retrieval.cli.options import (
+    BatchOption,
+    BF16TextOption,
+    DeviceOption,
+    IndexOption,
+    IndexTypeOption,
+    JsonOption,
+    KOption,
+    MaxMemoryOption,
+    MinScoreOption,
+    ModelOption,
+    NoWaitOption,
+    PathsOption,
+    PretrainedOption,
+    ServerOption,
+    UnderOption,
+    WorkersOption,
+)
+from retrieval.model.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
 @app.command()
@@ -56,10 +37,10 @@ def index(
     index_dir: IndexOption = None,
     model: ModelOption = DEFAULT_MODEL,
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 32,
-    workers: Annotated[int | None, typer.Option("--workers", help="Decoding processes (default: cores).")] = None,
+    batch_size: BatchOption = 32,
+    workers: WorkersOption = None,
     device: DeviceOption = "auto",
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting for another indexer.")] = False,
+    no_wait: NoWaitOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     index_type: IndexTypeOption = None,
     max_memory: MaxMemoryOption = None,
@@ -71,8 +52,8 @@ def index(
     """Index folders of images (only what changed since the last run)."""
     quiet_libraries()
     from indexer.pipeline import IndexSettings, index_paths
-    from retrieval.index_types import parse_memory
-    from retrieval.model import ModelSpec
+    from retrieval.model.spec import ModelSpec
+    from retrieval.store.index_types import parse_memory
 
     settings = IndexSettings(
         model=ModelSpec(model, pretrained or None),
@@ -128,7 +109,7 @@ def search(
 ) -> None:
     """Find images matching a text description."""
     quiet_libraries()
-    from retrieval.client import open_searcher
+    from retrieval.search.client import open_searcher
 
     with open_searcher(resolve_index_dir(index_dir), device, server, text_bf16=bf16_text) as searcher:
         results = searcher.search_text(text, k=k, min_score=min_score, under=under)
@@ -150,7 +131,7 @@ def similar(
 ) -> None:
     """Find images that look like IMAGE (IMAGE itself is left out)."""
     quiet_libraries()
-    from retrieval.client import open_searcher
+    from retrieval.search.client import open_searcher
 
     with open_searcher(resolve_index_dir(index_dir), device, server) as searcher:
         results = searcher.search_image(image, k=k, min_score=min_score, under=under)
@@ -165,7 +146,7 @@ def info(
     as_json: JsonOption = False,
 ) -> None:
     """Show the model, image count, folders, failures and size of an index."""
-    from retrieval.stats import index_info
+    from retrieval.search.info import index_info
 
     details = index_info(resolve_index_dir(index_dir), with_failures=failed)
     if as_json:

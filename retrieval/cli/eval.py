@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from retrieval.cli.app import app, quiet_libraries, user_errors
+from retrieval.cli.options import BatchOption, DeviceOption, ModelOption, PretrainedOption, WorkersOption
 from retrieval.errors import ClipsearchError
-from retrieval.model import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from retrieval.model.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 eval_app = typer.Typer(
     help="Measure retrieval quality (recall@k) on Flickr30K or on a captioned set of your own.",
@@ -32,19 +33,16 @@ SplitFileOption = Annotated[
     typer.Option("--split-file", help="Where the split comes from when the annotations have none (Karpathy JSON)."),
 ]
 PromptOption = Annotated[str, typer.Option("--prompt", help='Text put before every caption, e.g. "a photo of ".')]
-ModelOption = Annotated[str, typer.Option("--model", help="open_clip model name, or local-dir:FOLDER.")]
-PretrainedOption = Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag, or a checkpoint file.")]
 EvalIndexOption = Annotated[
     Path | None,
     typer.Option("--index", help="Eval index folder to build and reuse (default: one per set and model in the cache)."),
 ]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-BatchOption = Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")]
-WorkersOption = Annotated[int | None, typer.Option("--workers", help="Decoding processes (default: cores).")]
 AllowMissingOption = Annotated[
     bool, typer.Option("--allow-missing", help="Evaluate without images that are missing or cannot be decoded.")
 ]
-JsonOption = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to FILE (-: stdout).")]
+JsonFileOption = Annotated[
+    Path | None, typer.Option("--json", help="Also write the results as JSON to FILE (-: stdout).")
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
@@ -63,7 +61,7 @@ def flickr30k(
     batch_size: BatchOption = 32,
     workers: WorkersOption = None,
     allow_missing: AllowMissingOption = False,
-    json_file: JsonOption = None,
+    json_file: JsonFileOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Flickr30K retrieval, the published protocol: 1,000 test images x 5 raw captions, recall@1/5/10."""
@@ -85,7 +83,7 @@ def captions(
     batch_size: BatchOption = 32,
     workers: WorkersOption = None,
     allow_missing: AllowMissingOption = False,
-    json_file: JsonOption = None,
+    json_file: JsonFileOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Any captioned image set (your own domain): every caption against every image, recall@1/5/10."""
@@ -94,8 +92,8 @@ def captions(
 
 def _run(options: dict, benchmark: str | None) -> None:
     quiet_libraries()
-    from retrieval.evaluate import EvalSettings, evaluate_annotations
-    from retrieval.model import ModelSpec
+    from retrieval.lab.evaluate import EvalSettings, evaluate_annotations
+    from retrieval.model.spec import ModelSpec
 
     settings = EvalSettings(
         model=ModelSpec(options["model"], options["pretrained"] or None),

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import IndexOption, app, quiet_libraries, resolve_index_dir, user_errors
-from retrieval.cli.commands import DeviceOption, MaxMemoryOption
+from retrieval.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
+from retrieval.cli.options import DeviceOption, IndexOption, MaxMemoryOption, NoWaitOption
 
 
 @app.command()
@@ -24,12 +24,12 @@ def reindex(
     ] = "auto",
     max_memory: MaxMemoryOption = None,
     device: DeviceOption = "auto",
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting for another writer.")] = False,
+    no_wait: NoWaitOption = False,
 ) -> None:
     """Rebuild the vector index as another type from the stored embeddings, tuned for recall@10 >= 0.95."""
     quiet_libraries()
-    from retrieval.index_types import parse_memory
-    from retrieval.reindex import reindex as rebuild
+    from indexer.reindex import reindex as rebuild
+    from retrieval.store.index_types import parse_memory
 
     summary = rebuild(resolve_index_dir(index_dir), index_type, parse_memory(max_memory), device, wait=not no_wait)
     typer.echo(summary.line())

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import BF16TextOption, IndexOption, app, quiet_libraries, resolve_index_dir, user_errors
+from retrieval.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
+from retrieval.cli.options import BF16TextOption, DeviceOption, IndexOption
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -17,14 +18,14 @@ def serve(
     index_dir: IndexOption = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest query image accepted.")] = 20.0,
     bf16_text: BF16TextOption = False,
 ) -> None:
     """Serve a search page and JSON API (docs at /docs) for an index; the model loads once."""
     quiet_libraries()
     from retrieval.errors import UsageError
-    from retrieval.server import ServerSettings, run_server
+    from retrieval.search.server import ServerSettings, run_server
 
     if max_upload_mb <= 0:
         raise UsageError("--max-upload-mb must be positive")

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from retrieval.cli.app import app, quiet_libraries, user_errors
-from retrieval.model import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from retrieval.cli.options import DeviceOption
+from retrieval.model.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
 @app.command()
@@ -49,7 +50,7 @@ def train(
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.1,
     warmup_steps: Annotated[int | None, typer.Option("--warmup", help="Warm-up steps (default 5% of all).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda (mixed precision on CUDA).")] = "auto",
+    device: DeviceOption = "auto",
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
     threads: Annotated[
         int | None, typer.Option("--threads", help="CPU threads for torch (1 is fastest on a busy machine).")
@@ -61,8 +62,8 @@ def train(
 ) -> None:
     """Train CLIP contrastively on your captioned images; the best epoch by validation recall is kept."""
     quiet_libraries()
-    from retrieval.model import ModelSpec
-    from retrieval.training import REPORT_FILE, TrainSettings, train_model
+    from retrieval.lab.training import REPORT_FILE, TrainSettings, train_model
+    from retrieval.model.spec import ModelSpec
 
     settings = TrainSettings(
         model=ModelSpec(model, None if from_scratch else (pretrained or None)),

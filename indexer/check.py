@@ -19,14 +19,15 @@ import numpy as np
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import DatabaseError
 
-from retrieval.catalog import EMBEDDING_DTYPE, STATUS_FAILED, STATUS_OK, Catalog, ImageRow, normalise
 from retrieval.errors import IndexCorruptError
 from retrieval.faults import fault_point
-from retrieval.layout import IndexLayout
-from retrieval.path_text import display_path
-from retrieval.vector_sync import FAISS_GENERATION_KEY, INDEX_TYPE_KEY, rebuild_vectors, save_vectors
-from retrieval.vectors import VectorIndex
-from retrieval.write_lock import write_lock
+from retrieval.store.catalog import EMBEDDING_DTYPE, STATUS_FAILED, STATUS_OK, Catalog, ImageRow, MetaKey
+from retrieval.store.layout import IndexLayout
+from retrieval.store.paths import display_path
+from retrieval.store.sync import build_from_catalog, recorded_type, save_vectors
+from retrieval.store.vectors import VectorIndex
+from retrieval.store.write_lock import write_lock
+from retrieval.unit import unit_rows
 
 DAMAGED_EMBEDDING = "stored embedding was damaged; re-encoded on the next `clipsearch index`"
 NORM_TOLERANCE = 0.02  # float16 storage keeps unit vectors within ~1e-3 of length 1
@@ -78,7 +79,7 @@ def check_index(
     report = CheckReport(index_dir=str(layout.root))
     catalog = _open_catalog(layout)
     try:
-        report.schema_version = int(catalog.get_meta("schema_version") or 0)
+        report.schema_version = int(catalog.get_meta(MetaKey.SCHEMA_VERSION) or 0)
         findings = _inspect(layout, catalog)
         report.problems, report.notices = findings.problems, findings.notices
         if repair and _needs_repair(findings):
@@ -189,7 +190,7 @@ def _inspect_vectors(
     layout: IndexLayout, catalog: Catalog, ok_vectors: dict[int, np.ndarray], dim: int | None, findings: _Findings
 ) -> None:
     generation = catalog.vectors_generation()
-    saved_text = catalog.get_meta(FAISS_GENERATION_KEY)
+    saved_text = catalog.get_meta(MetaKey.FAISS_GENERATION)
     saved = int(saved_text) if saved_text and saved_text.isdigit() else None
     if saved is not None and saved > generation:
         findings.problems.append(f"the FAISS file claims generation {saved}, newer than the catalog's {generation}")
@@ -210,9 +211,9 @@ def _inspect_vectors(
         findings.problems.append(f"the FAISS file holds {index.dim}-d vectors, the model makes {dim}-d")
         findings.rebuild_vectors = True
         return
-    recorded_type = catalog.get_meta(INDEX_TYPE_KEY) or "flat"
-    if index.index_type != recorded_type:
-        findings.problems.append(f"the FAISS file is a {index.index_type} index, the catalog records {recorded_type}")
+    recorded = recorded_type(catalog)
+    if index.index_type != recorded:
+        findings.problems.append(f"the FAISS file is a {index.index_type} index, the catalog records {recorded}")
         findings.rebuild_vectors = True
         return
     if saved != generation:
@@ -244,7 +245,7 @@ def _compare_vectors(index: VectorIndex, ok_vectors: dict[int, np.ndarray]) -> s
         faults.append(f"{len(missing)} image(s) missing")
     if not faults and len(ids) and index.index_type in ("flat", "hnsw"):  # the IVF types keep no exact vectors
         ids, stored = index.stored_vectors()
-        wanted = normalise(np.stack([ok_vectors[int(i)] for i in ids]).astype(np.float32))
+        wanted = unit_rows(np.stack([ok_vectors[int(i)] for i in ids]).astype(np.float32))
         wrong = int((np.abs(stored - wanted).max(axis=1) > VECTOR_TOLERANCE).sum())
         if wrong:
             faults.append(f"{wrong} vector(s) differ from the stored embeddings")
@@ -274,7 +275,7 @@ def _repair(layout: IndexLayout, catalog: Catalog, findings: _Findings) -> list[
     if identity is not None and (
         findings.rebuild_vectors or findings.save_vectors or findings.reencode_ids or findings.clear_embedding_ids
     ):
-        index = rebuild_vectors(catalog, identity.embed_dim)
+        index = build_from_catalog(catalog, identity.embed_dim)
         save_vectors(catalog, layout, index, catalog.vectors_generation())
         repairs.append(f"rebuilt the FAISS file from the catalog ({len(index)} vectors)")
     for stray in findings.stray_files:

@@ -26,10 +26,11 @@ from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from retrieval.errors import EmptyIndexError, IndexCorruptError, ModelMismatchError
-from retrieval.model import ModelIdentity
-from retrieval.path_text import FsPath
+from retrieval.model.spec import ModelIdentity
+from retrieval.store.paths import FsPath
+from retrieval.unit import unit_rows
 
-# 2: image ids are never reused (AUTOINCREMENT); paths may hold escaped non-UTF-8 bytes (retrieval/path_text.py).
+# 2: image ids are never reused (AUTOINCREMENT); paths may hold escaped non-UTF-8 bytes (retrieval/store/paths.py).
 SCHEMA_VERSION = 2
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -75,8 +76,23 @@ class ImageRow(Base):
         return decode_embedding(self.embedding)
 
 
+class MetaKey:
+    """Every key of the ``meta`` table, in one place: what the catalog records about itself and its FAISS file."""
+
+    SCHEMA_VERSION = "schema_version"
+    MODEL = "model"  # ModelIdentity as JSON
+    VECTORS_GENERATION = "vectors_generation"  # bumped by every change to the stored vectors
+    FAISS_GENERATION = "faiss_generation"  # the generation the saved FAISS file reflects
+    INDEX_TYPE = "index_type"  # the type the FAISS file is built as
+    REQUESTED_TYPE = "index_type_requested"  # auto or a type: what `clipsearch index` keeps in force
+    MAX_MEMORY = "index_max_memory"  # bytes; the budget auto plans with
+    PARAMS = "index_params"  # IndexParams as JSON
+    BUILT_N = "index_built_n"  # vectors at the last (re)build: the IVF types are retrained once it doubles
+    RECALL = "index_recall"  # JSON: recall@10 against exact search, queries, kind, effort, when
+
+
 class Meta(Base):
-    """Key/value facts about the index: schema version, model identity, vector generation."""
+    """Key/value facts about the index (keys: ``MetaKey``)."""
 
     __tablename__ = "meta"
     key: Mapped[str] = mapped_column(String, primary_key=True)
@@ -91,12 +107,6 @@ def decode_embedding(blob: bytes | None) -> np.ndarray:
     if blob is None:
         raise IndexCorruptError("an indexed image has no stored embedding: run `clipsearch check --repair`")
     return np.frombuffer(blob, dtype=EMBEDDING_DTYPE).astype(np.float32)
-
-
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    """Undo float16 rounding of the norm so inner products stay cosine similarities."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -130,7 +140,7 @@ class Catalog:
                 raise IndexCorruptError(f"{self.path} is not a clipsearch catalog (no schema version)")
             if not create:  # a first run died while creating the file: nothing to lose, nothing to read
                 raise EmptyIndexError(f"no index at {self.path.parent} yet: run `clipsearch index FOLDER` first")
-            self.set_meta("schema_version", str(SCHEMA_VERSION))
+            self.set_meta(MetaKey.SCHEMA_VERSION, str(SCHEMA_VERSION))
         elif not version.isdigit():
             raise IndexCorruptError(f"{self.path} records an unreadable schema version {version!r}")
         elif int(version) > SCHEMA_VERSION:
@@ -139,7 +149,7 @@ class Catalog:
                 f"{SCHEMA_VERSION}): upgrade clipsearch"
             )
         elif int(version) < SCHEMA_VERSION:
-            from retrieval.migrations import migrate_catalog
+            from retrieval.store.migrations import migrate_catalog
 
             self.engine.dispose()
             migrate_catalog(self.path, int(version), SCHEMA_VERSION)
@@ -147,7 +157,7 @@ class Catalog:
     def _recorded_version(self) -> str | None:
         """The schema version; None when the file has no meta table yet (creation interrupted)."""
         try:
-            return self.get_meta("schema_version")
+            return self.get_meta(MetaKey.SCHEMA_VERSION)
         except DatabaseError as error:
             if "no such table" in str(error):
                 return None
@@ -185,8 +195,11 @@ class Catalog:
             own.merge(Meta(key=key, value=value))
 
     def model_identity(self) -> ModelIdentity | None:
-        text = self.get_meta("model")
+        text = self.get_meta(MetaKey.MODEL)
         return ModelIdentity.from_json(text) if text else None
+
+    def set_model_identity(self, identity: ModelIdentity) -> None:
+        self.set_meta(MetaKey.MODEL, identity.to_json())
 
     def check_model(self, key: str, wanted: str) -> ModelIdentity | None:
         """Refuse a model other than the recorded one (``key`` from ``model.spec_key``)."""
@@ -199,12 +212,12 @@ class Catalog:
         return recorded
 
     def vectors_generation(self) -> int:
-        return int(self.get_meta("vectors_generation") or 0)
+        return int(self.get_meta(MetaKey.VECTORS_GENERATION) or 0)
 
     def bump_generation(self, session: Session) -> int:
-        current = session.get(Meta, "vectors_generation")
+        current = session.get(Meta, MetaKey.VECTORS_GENERATION)
         value = int(current.value) + 1 if current else 1
-        session.merge(Meta(key="vectors_generation", value=str(value)))
+        session.merge(Meta(key=MetaKey.VECTORS_GENERATION, value=str(value)))
         return value
 
     # --- roots and rows ---------------------------------------------------------------------------------------
@@ -283,7 +296,7 @@ class Catalog:
                 ids = np.array([r[0] for r in rows], dtype=np.int64)
                 vectors = np.stack([decode_embedding(r[1]) for r in rows])
                 last = int(ids[-1])
-                yield ids, normalise(vectors)
+                yield ids, unit_rows(vectors)
 
 
 def path_under(column, folder: str):

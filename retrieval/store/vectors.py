@@ -1,4 +1,4 @@
-"""The FAISS side: vectors keyed by catalog ids, in one of the types of ``retrieval.index_types``, saved atomically.
+"""The FAISS side: vectors keyed by catalog ids, in one of the types of ``index_types``, saved atomically.
 
 Ids are catalog primary keys: ``IndexIDMap2`` around flat and HNSW storage, the IVF types' own ids otherwise (an
 ``IndexIDMap2`` around an IVF index would mis-number its ids after a removal).
@@ -6,16 +6,18 @@ Ids are catalog primary keys: ``IndexIDMap2`` around flat and HNSW storage, the 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from retrieval.atomic import atomic_write
 from retrieval.errors import IndexCorruptError
-from retrieval.faults import fault_point
-from retrieval.index_types import INDEX_TYPES, IndexParams, default_params
+from retrieval.store import gpu
+from retrieval.store.index_types import INDEX_TYPES, IndexParams, default_params
+from retrieval.store.topk import empty_top_k, merge_top_k, pad_top_k, top_k
 
 FAST_SCAN_MAX_QUERIES = 4  # up to this many queries, flat search is a float16 gemv per query over the collection
 RESCORE_MARGIN = 32  # extra float16 candidates rescored in float32: covers float16 rounding of the query
@@ -38,7 +40,8 @@ class VectorIndex:
         self.needs_rebuild = False  # set when a type that cannot remove was asked to (hnsw)
         self.rescore_source: RescoreSource | None = None
         self.device = "cpu"  # where searches run (use_device)
-        self.version = 0  # bumped by every change: device copies are refreshed from it
+        self.version = 0  # bumped by every change: the device copy is refreshed from it
+        self._device_copy: tuple[int, Any] | None = None  # (version, copy on self.device) for GPU searches
 
     @classmethod
     def create(cls, dim: int, index_type: str = "flat", params: IndexParams | None = None) -> VectorIndex:
@@ -86,25 +89,12 @@ class VectorIndex:
             raise IndexCorruptError(f"cannot read vector index {path}: {error}") from error
 
     def save(self, path: Path) -> None:
-        """Write to a temporary file, fsync, then rename over the old one: readers see old or new, never half."""
+        """Readers see the old file or the new one, never half (``retrieval.atomic``)."""
         import faiss
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:  # through Python's file: faiss's own writer ignores a full disk
-                faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
-                f.flush()
-                os.fsync(f.fileno())
-            fault_point("vectors_tmp_written")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # through Python's file: faiss's own writer ignores a full disk
+        atomic_write(path, lambda f: faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write)),
+                     fault="vectors_tmp_written")  # fmt: skip
 
     @property
     def dim(self) -> int:
@@ -121,11 +111,17 @@ class VectorIndex:
 
     def use_device(self, device: str) -> VectorIndex:
         """Search on the GPU when ``device`` is CUDA (or auto) and one is present: flat through torch, the IVF types
-        through faiss-gpu when installed (retrieval.gpu_search; unmeasured). The index itself stays in memory."""
-        from retrieval.gpu_search import resolve_search_device
+        through faiss-gpu when installed (``retrieval.store.gpu``). The index itself stays in host memory."""
+        from retrieval.model.device import resolve_device
 
-        self.device = resolve_search_device(device)
+        self.device = resolve_device(device)
         return self
+
+    def _on_device(self, make: Callable[[], Any]) -> Any:
+        """The copy of this index on ``self.device``, made again only after a change."""
+        if self._device_copy is None or self._device_copy[0] != self.version:
+            self._device_copy = (self.version, make())
+        return self._device_copy[1]
 
     @property
     def trained(self) -> bool:
@@ -199,15 +195,12 @@ class VectorIndex:
             return self._search_allowed(queries, k, np.asarray(allowed_ids, dtype=np.int64))
         if self.index_type == "flat" and len(self) and len(queries):
             if self.device != "cpu":
-                from retrieval.gpu_search import scan_flat
-
-                return scan_flat(self, queries, k, RESCORE_MARGIN)
+                matrix, ids = self._on_device(lambda: gpu.flat_to_device(*self.flat_storage(), self.device))
+                return gpu.scan_flat(matrix, ids, queries, k, RESCORE_MARGIN)
             return self._scan_flat(queries, k)
         searcher = self.index
         if self.device != "cpu":
-            from retrieval.gpu_search import faiss_index_on_gpu
-
-            searcher = faiss_index_on_gpu(self) or self.index
+            searcher = self._on_device(lambda: gpu.faiss_clone(self.index, self.index_type, self.device)) or searcher
         if self.index_type == "ivfpq" and self.rescore_source is not None and self.params.rescore > 1:
             scores, ids = searcher.search(queries, k * self.params.rescore)
             return _rescore(queries, ids, k, self.rescore_source)
@@ -220,7 +213,7 @@ class VectorIndex:
         Many queries: float32 matrix products over blocks of the collection."""
         import torch
 
-        stored, ids = self._flat_storage()
+        stored, ids = self.flat_storage()
         if len(queries) > FAST_SCAN_MAX_QUERIES:
             return _blocked_top_k(stored, ids, queries, k)
         matrix, shortlist = torch.from_numpy(stored), min(len(ids), k + RESCORE_MARGIN)
@@ -228,10 +221,9 @@ class VectorIndex:
         scores = torch.stack([torch.mv(matrix, torch.from_numpy(query).to(dtype)).float() for query in queries])
         candidates = torch.topk(scores, shortlist, dim=1).indices.numpy()  # (queries, shortlist)
         exact = np.einsum("qcd,qd->qc", stored[candidates].astype(np.float32), queries)
-        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(exact, order, axis=1), ids[np.take_along_axis(candidates, order, axis=1)]
+        return top_k(exact, k, ids[candidates])
 
-    def _flat_storage(self) -> tuple[np.ndarray, np.ndarray]:
+    def flat_storage(self) -> tuple[np.ndarray, np.ndarray]:
         """(n, dim) view of the stored vectors (float16, or float32 in indexes written before float16) and ids."""
         import faiss
 
@@ -249,8 +241,8 @@ class VectorIndex:
         import faiss
 
         if self.index_type != "flat" and self.rescore_source is not None and len(allowed) <= EXACT_FILTER_LIMIT:
-            scores = np.nan_to_num(self.rescore_source(allowed) @ queries.T, nan=-np.inf)
-            return _top_k(scores, allowed, min(k, len(allowed)), pad_to=k)
+            scores = self.rescore_source(allowed) @ queries.T  # NaN rows (removed since) rank last
+            return pad_top_k(top_k(scores.T, k, allowed), k)
         selector = faiss.IDSelectorBatch(allowed)
         if self.index_type in ("ivf", "ivfpq"):
             params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf_part(self.index).nprobe)
@@ -286,24 +278,6 @@ class VectorIndex:
         return self.params.nprobe if self.index_type in ("ivf", "ivfpq") else self.params.ef_search
 
 
-def _top_k(scores: np.ndarray, ids: np.ndarray, k: int, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` per column of an (n, queries) score matrix, as FAISS returns them: (queries, k) arrays."""
-    scores = np.ascontiguousarray(scores.T)
-    if k < scores.shape[1]:
-        part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]
-    else:
-        part = np.broadcast_to(np.arange(scores.shape[1]), (len(scores), scores.shape[1]))
-    best = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-best, axis=1, kind="stable")
-    top_scores = np.take_along_axis(best, order, axis=1).astype(np.float32)
-    top_ids = np.asarray(ids, dtype=np.int64)[np.take_along_axis(part, order, axis=1)]
-    if pad_to is not None and pad_to > k:
-        width = pad_to - k
-        top_scores = np.pad(top_scores, ((0, 0), (0, width)), constant_values=-np.inf)
-        top_ids = np.pad(top_ids, ((0, 0), (0, width)), constant_values=-1)
-    return top_scores, top_ids
-
-
 def _torch_dtype(dtype: np.dtype):
     import torch
 
@@ -315,31 +289,25 @@ def _blocked_top_k(stored: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: 
     import torch
 
     matrix, query_block = torch.from_numpy(stored), torch.from_numpy(queries)
-    best_scores = torch.full((len(queries), 0), -torch.inf)
-    best_rows = torch.zeros((len(queries), 0), dtype=torch.int64)
+    best = empty_top_k(len(queries))
     for start in range(0, len(stored), SCAN_BLOCK):
-        scores = query_block @ matrix[start : start + SCAN_BLOCK].float().T
-        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-        best_scores = torch.cat([best_scores, top.values], dim=1)
-        best_rows = torch.cat([best_rows, top.indices + start], dim=1)
-        keep = torch.topk(best_scores, min(k, best_scores.shape[1]), dim=1).indices
-        best_scores, best_rows = best_scores.gather(1, keep), best_rows.gather(1, keep)
-    return best_scores.numpy(), ids[best_rows.numpy()]
+        scores = (query_block @ matrix[start : start + SCAN_BLOCK].float().T).numpy()
+        best = merge_top_k(best, scores, ids[start : start + SCAN_BLOCK], k)
+    return best
 
 
 def _rescore(queries: np.ndarray, candidates: np.ndarray, k: int, source: RescoreSource):
-    """Exact scores for each query's candidates (from the catalog), best ``k`` kept."""
-    out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    """Exact scores for each query's candidates (from the catalog), best ``k`` kept; -1 pads short results."""
+    out = (np.full((len(queries), k), -np.inf, dtype=np.float32), np.full((len(queries), k), -1, dtype=np.int64))
     for row, (query, found) in enumerate(zip(queries, candidates)):
         found = found[found >= 0]
         if not len(found):
             continue
-        scores = source(found) @ query if len(found) else np.zeros(0, np.float32)
-        keep = [i for i in np.argsort(-scores, kind="stable")[:k] if np.isfinite(scores[i])]
-        out_scores[row, : len(keep)] = scores[keep]
-        out_ids[row, : len(keep)] = found[keep]
-    return out_scores, out_ids
+        scores, kept = top_k((source(found) @ query)[None, :], k, found)
+        finite = np.isfinite(scores[0])
+        out[0][row, : finite.sum()] = scores[0][finite]
+        out[1][row, : finite.sum()] = kept[0][finite]
+    return out
 
 
 def _make_faiss(dim: int, index_type: str, params: IndexParams, rotate: bool = True):

@@ -12,8 +12,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from retrieval.index_types import TARGET_RECALL
-from retrieval.vectors import VectorIndex, ivf_part
+from retrieval.store.index_types import TARGET_RECALL
+from retrieval.store.topk import empty_top_k, merge_top_k, pad_top_k
+from retrieval.store.vectors import VectorIndex, ivf_part
 
 K = 10
 SUBJECTS = (
@@ -48,19 +49,10 @@ def probe_texts() -> list[str]:
 
 def exact_top_k(batches: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int = K) -> np.ndarray:
     """Ids of the exact top-k per query by brute force over (ids, vectors) batches; -1 pads short results."""
-    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
+    best = empty_top_k(len(queries))
     for ids, vectors in batches:
-        scores = queries @ vectors.T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if scores.shape[1] > k else np.indices(scores.shape)[1]
-        scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
-        candidates = np.concatenate([best_ids, np.asarray(ids, dtype=np.int64)[top]], axis=1)
-        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        best_scores = np.take_along_axis(scores, keep, axis=1)
-        best_ids = np.take_along_axis(candidates, keep, axis=1)
-    if best_ids.shape[1] < k:
-        best_ids = np.pad(best_ids, ((0, 0), (0, k - best_ids.shape[1])), constant_values=-1)
-    return best_ids
+        best = merge_top_k(best, queries @ vectors.T, ids, k)
+    return pad_top_k(best, k)[1]
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrieval.datasets import CaptionedImage, CaptionedSet, DatasetError
+from retrieval.lab.datasets import CaptionedImage, CaptionedSet, DatasetError
 
 TRAIN_SPLITS = ("train", "restval")
 HELD_OUT_FRACTION = 0.05
@@ -84,7 +84,7 @@ class CaptionPairs:
         return len(self.paths)
 
     def __getitem__(self, pair: tuple[int, int]) -> tuple[Any, Any] | None:
-        from indexer.images import DecodeError, load_image
+        from retrieval.images import DecodeError, load_image
 
         image_index, caption_index = pair
         try:
@@ -150,7 +150,7 @@ class ImagesOnly:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
-        from indexer.images import DecodeError, load_image
+        from retrieval.images import DecodeError, load_image
 
         try:
             return index, self.preprocess(load_image(self.paths[index], min_side=_min_side(self.preprocess)))

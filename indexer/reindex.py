@@ -8,31 +8,30 @@ exact search on text queries at build time; the recall is recorded for `clipsear
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from retrieval.catalog import STATUS_OK, Catalog
-from retrieval.catalog_vectors import (
-    BUILT_N_KEY,
-    INDEX_TYPE_KEY,
-    MAX_MEMORY_KEY,
-    PARAMS_KEY,
-    RECALL_KEY,
-    REQUESTED_TYPE_KEY,
-    fetch_vectors,
-)
 from retrieval.errors import ClipsearchError, EmptyIndexError
-from retrieval.index_tuning import RecallReport, exact_top_k, probe_texts, tune
-from retrieval.index_types import APPROXIMATE_TYPES, check_index_type, choose_index_type, default_params
-from retrieval.layout import IndexLayout
-from retrieval.model import ModelIdentity, ModelSpec
-from retrieval.vector_sync import save_vectors
-from retrieval.vectors import VectorIndex
-from retrieval.write_lock import write_lock
+from retrieval.model.spec import ModelIdentity
+from retrieval.store.catalog import STATUS_OK, Catalog
+from retrieval.store.index_types import APPROXIMATE_TYPES, check_index_type, choose_index_type, default_params
+from retrieval.store.layout import IndexLayout
+from retrieval.store.sync import (
+    built_count,
+    fetch_vectors,
+    record_build,
+    record_request,
+    recorded_budget,
+    recorded_type,
+    requested_type,
+    save_vectors,
+)
+from retrieval.store.tuning import RecallReport, exact_top_k, probe_texts, tune
+from retrieval.store.vectors import VectorIndex
+from retrieval.store.write_lock import write_lock
 
 
 @dataclass(frozen=True)
@@ -88,35 +87,27 @@ def apply_index_type(
     if identity is None or count == 0:
         return None
     wanted = planned_type(catalog, identity.embed_dim)
-    current = catalog.get_meta(INDEX_TYPE_KEY) or "flat"
-    built = int(catalog.get_meta(BUILT_N_KEY) or 0)
+    current = recorded_type(catalog)
+    built = built_count(catalog)
     outgrown = current in ("ivf", "ivfpq") and count > 2 * max(built, 1)
     if wanted == current and not outgrown:
         return None
     return rebuild_as(catalog, layout, wanted, device)
 
 
-def record_request(catalog: Catalog, index_type: str | None, max_memory: int | None) -> None:
-    if index_type is not None and catalog.get_meta(REQUESTED_TYPE_KEY) != index_type:
-        catalog.set_meta(REQUESTED_TYPE_KEY, index_type)
-    if max_memory is not None:
-        catalog.set_meta(MAX_MEMORY_KEY, str(int(max_memory)))
-
-
 def planned_type(catalog: Catalog, dim: int) -> str:
     """The type in force: the one asked for, or auto's pick for today's size and the recorded budget."""
-    requested = catalog.get_meta(REQUESTED_TYPE_KEY) or "auto"
+    requested = requested_type(catalog)
     if requested != "auto":
         return requested
-    budget = catalog.get_meta(MAX_MEMORY_KEY)
-    return choose_index_type(catalog.count(STATUS_OK), dim, int(budget) if budget else None)
+    return choose_index_type(catalog.count(STATUS_OK), dim, recorded_budget(catalog))
 
 
 def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: str = "auto") -> ReindexSummary:
     """Build ``index_type`` from stored embeddings, tune and measure it, save it, then record it (write lock held)."""
     started = time.perf_counter()
     identity = _identity(catalog, layout)
-    previous = catalog.get_meta(INDEX_TYPE_KEY) or "flat"
+    previous = recorded_type(catalog)
     count, generation, dim = catalog.count(STATUS_OK), catalog.vectors_generation(), identity.embed_dim
     index = VectorIndex.build(dim, catalog.iter_embeddings(), index_type, default_params(index_type, count, dim))
     report = None
@@ -125,28 +116,18 @@ def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: s
         queries, kind = probe_queries(catalog, identity, device)
         report = tune(index, queries, exact_top_k(catalog.iter_embeddings(), queries), kind)
     save_vectors(catalog, layout, index, generation)  # the file first: meta never names a type the file lacks
-    recall = json.dumps(report.__dict__) if report else ""
-    with catalog.session() as session, session.begin():
-        catalog.set_meta(INDEX_TYPE_KEY, index_type, session)
-        catalog.set_meta(PARAMS_KEY, index.params.to_json(), session)
-        catalog.set_meta(BUILT_N_KEY, str(count), session)
-        catalog.set_meta(RECALL_KEY, recall, session)
+    record_build(catalog, index, count, report)
     return ReindexSummary(
         index_type, previous, count, time.perf_counter() - started, layout.vectors.stat().st_size, report
     )
 
 
-def recorded_recall(catalog: Catalog) -> RecallReport | None:
-    text = catalog.get_meta(RECALL_KEY)
-    return RecallReport(**json.loads(text)) if text else None
-
-
 def probe_queries(catalog: Catalog, identity: ModelIdentity, device: str = "auto") -> tuple[np.ndarray, str]:
     """Text probes encoded with the index's own model; stored image vectors when the model cannot be loaded."""
-    from retrieval.model import Encoder
+    from retrieval.model.encoder import Encoder
 
     try:
-        encoder = Encoder.load(ModelSpec(identity.name, identity.pretrained), device)
+        encoder = Encoder.load(identity.spec(), device)
         return encoder.encode_texts(probe_texts()), "text"
     except ClipsearchError:
         ids, vectors = next(iter(catalog.iter_embeddings()))

@@ -8,14 +8,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from indexer.scan import catalog_path
-from retrieval.catalog import STATUS_OK, Catalog, ImageRow, normalise
 from retrieval.errors import EmptyIndexError, UsageError
-from retrieval.layout import IndexLayout
-from retrieval.model import Encoder, ModelIdentity, ModelSpec, spec_key
-from retrieval.path_text import display_path
-from retrieval.vector_sync import open_vectors
-from retrieval.vectors import VectorIndex
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelIdentity, ModelSpec, spec_key
+from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow
+from retrieval.store.layout import IndexLayout
+from retrieval.store.paths import catalog_path, display_path
+from retrieval.store.sync import open_vectors
+from retrieval.store.vectors import VectorIndex
+from retrieval.unit import unit_rows
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,7 +90,7 @@ class SearchEngine:
         if self._vectors is None:
             self.model_spec  # noqa: B018  (raises on an index that has no images yet)
             vectors = open_vectors(self.catalog, self.layout, self.identity.embed_dim, persist=False)
-            vectors.use_device(self.device)  # GPU search with CUDA (retrieval.gpu_search), else the CPU
+            vectors.use_device(self.device)  # GPU search with CUDA (retrieval.store.gpu), else the CPU
             if not len(vectors):
                 raise EmptyIndexError(f"no images are indexed in {self.layout.root} yet")
             self._vectors = vectors
@@ -123,7 +124,7 @@ class SearchEngine:
                 raise UsageError(f"no such image file: {path}")
             row = self.catalog.row_by_path(catalog_path(path))
             if row is not None and row.status == STATUS_OK:
-                query = normalise(row.vector()[None, :])
+                query = unit_rows(row.vector()[None, :])
                 exclude = (row.id,)
             else:
                 query = self._encode_file(path)
@@ -145,7 +146,7 @@ class SearchEngine:
         missing = [key for key in keys if key not in rows or rows[key].status != STATUS_OK]
         if missing:
             raise UsageError(f"{len(missing)} image(s) are not indexed, e.g. {missing[0]}")
-        return normalise(np.stack([rows[key].vector() for key in keys]))
+        return unit_rows(np.stack([rows[key].vector() for key in keys]))
 
     def row(self, image_id: int) -> ImageRow | None:
         """The catalog row of an indexed image (ok or failed), or None: how the web app maps ids to files."""
@@ -160,10 +161,10 @@ class SearchEngine:
         row = self.row(image_id)
         if row is None or row.status != STATUS_OK:
             raise UsageError(f"no indexed image has id {image_id}")
-        return self._search(normalise(row.vector()[None, :]), k, min_score, under, exclude=(row.id,))
+        return self._search(unit_rows(row.vector()[None, :]), k, min_score, under, exclude=(row.id,))
 
     def _encode_file(self, path: Path) -> np.ndarray:
-        from indexer.images import DecodeError, load_image
+        from retrieval.images import DecodeError, load_image
 
         try:
             image = load_image(path, self.encoder.identity.image_size)

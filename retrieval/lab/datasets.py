@@ -222,21 +222,20 @@ def _read_objects(objects: Iterable, annotations: Path) -> list[_Record]:
 
 
 def _read_token(lines: list[str], annotations: Path) -> list[_Record]:
-    rows = []
-    for number, line in enumerate(lines, 1):
-        match = _TOKEN_LINE.match(line)
-        if match is None:
-            raise DatasetError(f"{annotations}:{number}: expected `image.jpg#N<TAB>caption`, got {line[:60]!r}")
-        rows.append((match["image"].strip(), match["caption"], None))
-    return _group(rows)
+    return _read_pattern(lines, annotations, _TOKEN_LINE, 1, "image.jpg#N<TAB>caption")
 
 
 def _read_kaggle(lines: list[str], annotations: Path) -> list[_Record]:
+    return _read_pattern(lines, annotations, _KAGGLE_LINE, 2, "image.jpg| N| caption")
+
+
+def _read_pattern(lines: list[str], annotations: Path, pattern, first: int, expected: str) -> list[_Record]:
+    """One (image, caption) per line, as ``pattern`` reads it; line numbers in errors count from ``first``."""
     rows = []
-    for number, line in enumerate(lines, 2):
-        match = _KAGGLE_LINE.match(line)
+    for number, line in enumerate(lines, first):
+        match = pattern.match(line)
         if match is None:
-            raise DatasetError(f"{annotations}:{number}: expected `image.jpg| N| caption`, got {line[:60]!r}")
+            raise DatasetError(f"{annotations}:{number}: expected `{expected}`, got {line[:60]!r}")
         rows.append((match["image"].strip(), match["caption"], None))
     return _group(rows)
 

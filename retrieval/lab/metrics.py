@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrieval.unit import unit_rows
+
 DEFAULT_KS = (1, 5, 10)
 DEFAULT_CHUNK_BYTES = 128 << 20
 
@@ -92,11 +94,11 @@ def text_to_image_ranks(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> np.ndarray:
     """For each caption, how many other images score at least as high as its own image."""
-    images = _unit_rows(image_emb)
+    images = unit_rows(image_emb, np.float64)
     owners = np.asarray(caption_to_image, dtype=np.int64)
     ranks = np.empty(len(text_emb), dtype=np.int64)
     for start, stop in _chunks(len(text_emb), len(image_emb), chunk_bytes):
-        scores = _unit_rows(text_emb[start:stop]) @ images.T
+        scores = unit_rows(text_emb[start:stop], np.float64) @ images.T
         own = scores[np.arange(stop - start), owners[start:stop]]
         ranks[start:stop] = np.count_nonzero(scores >= own[:, None], axis=1) - 1
     return ranks
@@ -112,13 +114,13 @@ def image_to_text_ranks(
 
     An image without captions gets the number of captions (never a hit).
     """
-    texts = _unit_rows(text_emb)
+    texts = unit_rows(text_emb, np.float64)
     owners = np.asarray(caption_to_image, dtype=np.int64)
     by_owner = np.argsort(owners, kind="stable")
     first_caption = np.searchsorted(owners[by_owner], np.arange(len(image_emb) + 1))
     ranks = np.empty(len(image_emb), dtype=np.int64)
     for start, stop in _chunks(len(image_emb), len(text_emb), chunk_bytes):
-        scores = _unit_rows(image_emb[start:stop]) @ texts.T
+        scores = unit_rows(image_emb[start:stop], np.float64) @ texts.T
         own_captions = by_owner[first_caption[start] : first_caption[stop]]
         rows = owners[own_captions] - start
         own = scores[rows, own_captions]
@@ -146,13 +148,6 @@ def _check_inputs(
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be positive, got {list(ks)}")
     return owners
-
-
-def _unit_rows(matrix: np.ndarray) -> np.ndarray:
-    """float64 rows of unit length (zero rows stay zero)."""
-    rows = np.asarray(matrix, dtype=np.float64)
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return rows / np.maximum(norms, np.finfo(np.float64).tiny)
 
 
 def _chunks(n_rows: int, n_columns: int, chunk_bytes: int):

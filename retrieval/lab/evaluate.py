@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.datasets import CaptionedSet, DatasetError, flickr30k_test_problems, load_captioned_set
+from retrieval.atomic import atomic_write
 from retrieval.errors import UsageError
-from retrieval.metrics import DEFAULT_KS, RetrievalMetrics, recall_at_k, recall_from_ranks, text_to_image_ranks
-from retrieval.model import ModelSpec
+from retrieval.lab.datasets import CaptionedSet, DatasetError, flickr30k_test_problems, load_captioned_set
+from retrieval.lab.metrics import DEFAULT_KS, RetrievalMetrics, recall_at_k, recall_from_ranks, text_to_image_ranks
+from retrieval.model.spec import ModelSpec
+from retrieval.unit import unit_rows
 
 STAGE_FOLDER = "eval-images"
 TEXT_CACHE_FOLDER = "eval-texts"
@@ -132,7 +134,7 @@ def evaluate_annotations(
 def evaluate(captioned: CaptionedSet, settings: EvalSettings, progress: bool = True) -> EvalReport:
     """Index the set's images (cached), embed its captions (cached) and compute recall@k two ways."""
     from indexer.pipeline import IndexSettings, index_paths
-    from retrieval.engine import SearchEngine
+    from retrieval.search.engine import SearchEngine
 
     if not captioned.items:
         raise DatasetError("the captioned set is empty")
@@ -207,15 +209,10 @@ def check_faiss_search(
 
 def _is_float_tie(text_emb, image_emb, owners, caption: int, k: int) -> bool:
     """Whether the caption's image and the k-th best other image score the same to within float32 rounding."""
-    scores = _unit(image_emb) @ _unit(text_emb[caption : caption + 1])[0]
+    scores = unit_rows(image_emb, np.float64) @ unit_rows(text_emb[caption : caption + 1], np.float64)[0]
     own = scores[owners[caption]]
     others = np.sort(np.delete(scores, owners[caption]))[::-1]
     return k <= len(others) and abs(own - others[k - 1]) <= TIE_TOLERANCE
-
-
-def _unit(matrix: np.ndarray) -> np.ndarray:
-    rows = np.asarray(matrix, dtype=np.float64)
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-300)
 
 
 # --- the eval folder ---------------------------------------------------------------------------------------
@@ -229,7 +226,7 @@ def eval_cache_root() -> Path:
 
 def default_eval_dir(captioned: CaptionedSet, model: ModelSpec) -> Path:
     """One folder per (images folder, model, image set): another split or model never evicts this one."""
-    from retrieval.model import spec_key
+    from retrieval.model.spec import spec_key
 
     root = _images_root(captioned)
     digest = hashlib.sha256(f"{root}\n{spec_key(model)}\n".encode())
@@ -273,8 +270,8 @@ def _images_root(captioned: CaptionedSet) -> Path:
 
 def _refuse_foreign_index(index_dir: Path) -> None:
     """An eval index holds only its staged images: never add them to (or measure against) a photo index."""
-    from retrieval.catalog import Catalog
-    from retrieval.layout import IndexLayout
+    from retrieval.store.catalog import Catalog
+    from retrieval.store.layout import IndexLayout
 
     layout = IndexLayout(index_dir)
     if not layout.exists():
@@ -292,7 +289,7 @@ def _refuse_foreign_index(index_dir: Path) -> None:
 
 def _drop_undecodable(engine, captioned: CaptionedSet, staged: list[Path], allow_missing: bool):
     """Images the indexer could not decode: an error, or (``allow_missing``) dropped with a note."""
-    from retrieval.catalog import STATUS_OK
+    from retrieval.store.catalog import STATUS_OK
 
     rows = engine.catalog.rows_by_paths([str(path) for path in staged])
     bad = [i for i, path in enumerate(staged) if str(path) not in rows or rows[str(path)].status != STATUS_OK]
@@ -329,7 +326,5 @@ def _text_embeddings(engine, texts: list[str], cache_dir: Path) -> tuple[np.ndar
             return cached, True
     embeddings = engine.encoder.encode_texts(texts).astype(np.float32)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, embeddings)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, embeddings), durable=False)
     return embeddings, False

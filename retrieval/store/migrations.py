@@ -14,7 +14,7 @@ from pathlib import Path
 
 from retrieval.errors import ClipsearchError, IndexCorruptError
 from retrieval.faults import fault_point
-from retrieval.path_text import ESC
+from retrieval.store.paths import ESC
 
 IMAGES_V2 = """
 CREATE TABLE images (

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import mimetypes
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -22,8 +21,6 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from retrieval.catalog import STATUS_OK
-from retrieval.engine import SearchEngine, SearchResult
 from retrieval.errors import (
     ClipsearchError,
     EmptyIndexError,
@@ -32,8 +29,10 @@ from retrieval.errors import (
     ModelMismatchError,
     UsageError,
 )
-from retrieval.stats import IndexInfo, index_info
-from retrieval.thumbnails import THUMBNAIL_SIZES, ThumbnailCache, ThumbnailError
+from retrieval.search.engine import SearchEngine, SearchResult
+from retrieval.search.info import IndexInfo, index_info
+from retrieval.search.thumbnails import THUMBNAIL_SIZES, ThumbnailCache, ThumbnailError
+from retrieval.store.catalog import STATUS_OK
 
 STATIC_DIR = Path(__file__).with_name("static")
 THUMBNAILS_DIR = "thumbnails"
@@ -196,28 +195,6 @@ def _check_port_free(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as error:
             raise UsageError(f"cannot listen on {host}:{port} ({error.strerror}): choose another --port") from None
-
-
-@contextmanager
-def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
-    """Serve ``app`` from a background thread (port 0: any free one) and yield its base URL; for tests, benchmarks
-    and scripts that talk to a real server."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="clipsearch-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start on {host}:{port}")
-        time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{bound}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout_s)
 
 
 async def _clipsearch_error(_request: Request, error: ClipsearchError) -> JSONResponse:
@@ -423,7 +400,7 @@ def _checked_under(service: SearchService, under: str | None) -> str | None:
 
 
 def _decode_upload(service: SearchService, data: bytes):
-    from indexer.images import DecodeError, decode_image
+    from retrieval.images import DecodeError, decode_image
 
     image_size = service.engine.identity.image_size if service.engine.identity else None
     try:

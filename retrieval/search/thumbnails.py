@@ -11,7 +11,8 @@ import os
 import threading
 from pathlib import Path
 
-from indexer.images import DecodeError, decode_image, read_file
+from retrieval.atomic import atomic_write
+from retrieval.images import DecodeError, decode_image, read_file
 
 THUMBNAIL_SIZES = (256, 1024)  # grid tiles and the large view; a fixed set keeps the cache bounded
 JPEG_QUALITY = 85
@@ -63,9 +64,5 @@ class ThumbnailCache:
         target.parent.mkdir(parents=True, exist_ok=True)
         for old in target.parent.glob(f"{target.name.split('-')[0]}-*.jpg"):  # thumbnails of older versions
             old.unlink(missing_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            image.save(tmp, format="JPEG", quality=JPEG_QUALITY, optimize=True)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save = lambda f: image.save(f, format="JPEG", quality=JPEG_QUALITY, optimize=True)  # noqa: E731
+        atomic_write(target, save, durable=False)  # a cache: losing it to a power cut costs a remake

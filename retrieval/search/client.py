@@ -14,9 +14,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from indexer.scan import catalog_path
-from retrieval.engine import SearchEngine, SearchResult
 from retrieval.errors import ClipsearchError, UsageError
+from retrieval.search.engine import SearchEngine, SearchResult
+from retrieval.store.paths import catalog_path
 
 RESULT_FIELDS = ("rank", "score", "path", "image_id", "width", "height")
 

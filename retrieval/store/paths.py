@@ -9,6 +9,9 @@ queries stay exact; valid UTF-8 paths are stored unchanged.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from sqlalchemy import String
 from sqlalchemy.types import TypeDecorator
 
@@ -66,3 +69,10 @@ class FsPath(TypeDecorator):
 
     def process_result_value(self, value: str | None, dialect) -> str | None:
         return None if value is None else from_stored(value)
+
+
+def catalog_path(path: Path | str) -> str:
+    """A file's key as the catalog stores it: its folder resolved, its own name kept (a symlinked file is
+    indexed under the link's name, as the walk found it)."""
+    path = Path(path).expanduser()
+    return os.path.join(os.path.realpath(path.parent), path.name)

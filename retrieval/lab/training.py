@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import ModelLoadError, UsageError
-from retrieval.model import CONFIG_FILE, WEIGHTS_FILE, ModelSpec, build_model, resolve_device, save_model_dir
+from retrieval.model.build import build_model, save_model_dir
+from retrieval.model.device import resolve_device
+from retrieval.model.spec import CONFIG_FILE, WEIGHTS_FILE, ModelSpec
 
 REPORT_FILE = "train_report.json"
 FINE_TUNE_LR = 1e-5
@@ -308,8 +310,8 @@ def evaluate_recall(
     """Text→image and image→text recall@k of ``model`` on captioned ``items`` (undecodable images left out)."""
     import torch
 
-    from retrieval.metrics import recall_at_k
-    from retrieval.train_data import image_loader
+    from retrieval.lab.metrics import recall_at_k
+    from retrieval.lab.train_data import image_loader
 
     was_training = model.training
     model.eval()
@@ -383,8 +385,8 @@ def train_model(
     import torch
     from tqdm import tqdm
 
-    from retrieval.datasets import load_captioned_set
-    from retrieval.train_data import CaptionPairs, pair_loader, split_train_val
+    from retrieval.lab.datasets import load_captioned_set
+    from retrieval.lab.train_data import CaptionPairs, pair_loader, split_train_val
 
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, settings.overwrite)

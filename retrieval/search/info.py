@@ -6,12 +6,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from retrieval.catalog import STATUS_FAILED, STATUS_OK, Catalog
-from retrieval.catalog_vectors import REQUESTED_TYPE_KEY
-from retrieval.layout import IndexLayout
-from retrieval.path_text import display_path
-from retrieval.reindex import recorded_recall
-from retrieval.vector_sync import FAISS_GENERATION_KEY, INDEX_TYPE_KEY
+from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog
+from retrieval.store.layout import IndexLayout
+from retrieval.store.paths import display_path
+from retrieval.store.sync import faiss_file_current, recorded_recall, recorded_type, requested_type
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,6 @@ def index_info(index_dir: Path, with_failures: bool = False) -> IndexInfo:
     catalog = Catalog(layout.catalog, create=False)
     try:
         identity = catalog.model_identity()
-        saved = catalog.get_meta(FAISS_GENERATION_KEY)
         failures = [(row.path, row.error or "") for row in catalog.failed_rows()] if with_failures else []
         recall = recorded_recall(catalog)
         return IndexInfo(
@@ -54,11 +51,11 @@ def index_info(index_dir: Path, with_failures: bool = False) -> IndexInfo:
             images=catalog.count(STATUS_OK),
             failed=catalog.count(STATUS_FAILED),
             roots=catalog.roots(),
-            index_type=catalog.get_meta(INDEX_TYPE_KEY) or "flat",
+            index_type=recorded_type(catalog),
             size_bytes=_size(layout),
-            vectors_current=layout.vectors.is_file() and saved == str(catalog.vectors_generation()),
+            vectors_current=faiss_file_current(catalog, layout),
             failures=failures,
-            index_type_requested=catalog.get_meta(REQUESTED_TYPE_KEY) or "auto",
+            index_type_requested=requested_type(catalog),
             recall_at_10=recall.recall if recall else None,
             recall_queries=recall.queries if recall else 0,
             recall_query_kind=recall.kind if recall else None,

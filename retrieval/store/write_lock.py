@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from retrieval.errors import IndexBusyError
-from retrieval.layout import IndexLayout
+from retrieval.store.layout import IndexLayout
 
 
 @contextmanager

@@ -1,0 +1,23 @@
+"""The one device rule, for encoders and vector search alike: ``auto`` is CUDA when present, else the CPU; an
+explicit ``cuda`` on a machine without CUDA is an error, never a silent fall-back."""
+
+from __future__ import annotations
+
+from retrieval.errors import UsageError
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "cpu":
+        return "cpu"  # without importing torch: a CPU-only query path need not load it
+    if device != "auto" and device != "cuda" and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda")
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    available = torch is not None and torch.cuda.is_available()
+    if device == "auto":
+        return "cuda" if available else "cpu"
+    if not available:
+        raise UsageError(f"--device {device} was asked for, but CUDA is not available on this machine")
+    return device

@@ -1,0 +1,116 @@
+"""Real things made small, for tests and benchmarks only (the library never imports this module): a seeded
+random-weight open_clip model folder, a server running in a background thread, and synthetic CLIP-like vectors.
+
+Synthetic embeddings: clustered, anisotropic image vectors, and text queries that sit apart from them (the
+modality gap), so approximate indexes are measured where they are weakest. Real CLIP ViT-B-32 embeddings share
+these traits: a common offset per modality (image-image cosines ~0.5, text-image cosines of good matches ~0.3),
+most variance in a few directions, and clusters of similar photos.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.model.build import save_model_dir
+from retrieval.unit import unit_rows
+
+
+@dataclass(frozen=True)
+class EmbeddingSpace:
+    dim: int
+    image_offset: np.ndarray
+    text_offset: np.ndarray
+    basis: np.ndarray  # rotation applied to anisotropic noise
+    scales: np.ndarray  # per-direction spread, decaying
+    centres: np.ndarray  # cluster centres (unscaled latent directions)
+    weights: np.ndarray  # how often each cluster is photographed (Zipf-like)
+
+    @classmethod
+    def make(cls, dim: int = 512, clusters: int = 2000, seed: int = 0) -> EmbeddingSpace:
+        rng = np.random.default_rng(seed)
+        basis, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+        gap = 0.35  # cosine between the two modality offsets
+        text_offset = gap * basis[:, 0] + np.sqrt(1 - gap**2) * basis[:, 1]
+        scales = (np.arange(1, dim - 1) ** -0.3).astype(np.float32)  # content lives beside the two offsets
+        scales /= np.linalg.norm(scales)
+        centres = rng.standard_normal((clusters, dim - 2)).astype(np.float32)
+        weights = 1.0 / np.arange(1, clusters + 1) ** 0.7
+        return cls(
+            dim,
+            basis[:, 0].astype(np.float32),
+            text_offset.astype(np.float32),
+            basis[:, 2:].astype(np.float32),
+            scales,
+            centres,
+            weights / weights.sum(),
+        )
+
+    def _latent(self, rng: np.random.Generator, clusters: np.ndarray, spread: float) -> np.ndarray:
+        noise = rng.standard_normal((len(clusters), self.dim - 2), dtype=np.float32)
+        return ((self.centres[clusters] + spread * noise) * self.scales) @ self.basis.T
+
+    def images(self, n: int, seed: int = 1, chunk: int = 100_000) -> Iterator[np.ndarray]:
+        """``n`` unit image vectors, in chunks."""
+        rng = np.random.default_rng(seed)
+        for start in range(0, n, chunk):
+            clusters = rng.choice(len(self.centres), size=min(chunk, n - start), p=self.weights)
+            yield unit_rows(0.75 * self.image_offset + unit_rows(self._latent(rng, clusters, 0.8)))
+
+    def all_images(self, n: int, seed: int = 1) -> np.ndarray:
+        return np.concatenate(list(self.images(n, seed))) if n else np.zeros((0, self.dim), np.float32)
+
+    def text_queries(self, n: int, seed: int = 2) -> np.ndarray:
+        """Unit "text" vectors: about a cluster, offset by the text modality, so their best cosines are ~0.3."""
+        rng = np.random.default_rng(seed)
+        clusters = rng.choice(len(self.centres), size=n, p=self.weights)
+        return unit_rows(self.text_offset + 0.25 * unit_rows(self._latent(rng, clusters, 1.0)))
+
+
+TINY_MODEL_CFG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def make_random_model_dir(out_dir: Path | str, model_cfg: dict[str, Any] | None = None, seed: int = 0) -> Path:
+    """A seeded random-weight model folder: the offline stand-in for real weights in tests and benchmarks."""
+    import open_clip
+    import torch
+
+    cfg = json.loads(json.dumps(model_cfg or TINY_MODEL_CFG))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    model.visual.preprocess_cfg = asdict(open_clip.transform.PreprocessCfg(size=cfg["vision_cfg"]["image_size"]))
+    return save_model_dir(model, cfg, out_dir)
+
+
+@contextmanager
+def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` from a background thread (port 0: any free one) and yield its base URL; for tests, benchmarks
+    and scripts that talk to a real server."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="clipsearch-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
