@@ -22,6 +22,7 @@ from indexer.reindex import apply_index_type
 from indexer.scan import resolve_folder, scan_folder
 from retrieval.errors import DiskFullError, ModelLoadError, UsageError
 from retrieval.faults import fault_point
+from retrieval.image_meta import read_image_meta
 from retrieval.images import DecodedItem, ImageFileDataset, collate_decoded, hash_file
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec, spec_key
@@ -266,6 +267,7 @@ def _apply_chunk(session: Session, chunk: list[tuple[WorkItem, DecodedItem, np.n
             continue
         row.status, row.error, row.embedding = STATUS_OK, None, encode_embedding(vector)
         row.width, row.height = decoded.width, decoded.height
+        row.set_meta(read_image_meta(facts.path, facts.mtime_ns))  # header only: date, camera, GPS, type
         added.append((row, row.vector()))  # as stored, so a rebuilt FAISS index answers identically
         summary.encoded += 1
         if item.row_id is None:

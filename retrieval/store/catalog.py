@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import (
+    Boolean,
     Float,
     Index,
     Integer,
@@ -26,12 +27,15 @@ from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from retrieval.errors import EmptyIndexError, IndexCorruptError, ModelMismatchError
+from retrieval.image_meta import ImageMeta
 from retrieval.model.spec import ModelIdentity
+from retrieval.store.keywords import register_keyword_table
 from retrieval.store.paths import FsPath
 from retrieval.unit import unit_rows
 
 # 2: image ids are never reused (AUTOINCREMENT); paths may hold escaped non-UTF-8 bytes (retrieval/store/paths.py).
-SCHEMA_VERSION = 2
+# 3: header facts for filters and date order (retrieval/image_meta.py); FTS5 keyword table over paths.
+SCHEMA_VERSION = 3
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 EMBEDDING_DTYPE = np.float16
@@ -65,15 +69,35 @@ class ImageRow(Base):
     error: Mapped[str | None] = mapped_column(String, nullable=True)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     indexed_at: Mapped[float] = mapped_column(Float, default=time.time)
+    # schema 3: header facts (ImageMeta); NULL where unknown (failed files, files missing at the migration)
+    taken_at: Mapped[str | None] = mapped_column(String, nullable=True)
+    date_source: Mapped[str | None] = mapped_column(String, nullable=True)
+    camera_make: Mapped[str | None] = mapped_column(String, nullable=True)
+    camera_model: Mapped[str | None] = mapped_column(String, nullable=True)
+    orientation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    has_gps: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    file_type: Mapped[str | None] = mapped_column(String, nullable=True)
 
     __table_args__ = (
         Index("ix_images_hash", "content_hash"),
         Index("ix_images_status", "status"),
+        Index("ix_images_taken_at", "taken_at"),
         {"sqlite_autoincrement": True},  # a FAISS id held by a reader never names another image
     )
 
     def vector(self) -> np.ndarray:
         return decode_embedding(self.embedding)
+
+    def set_meta(self, meta: ImageMeta) -> None:
+        """Record header facts; the pixel size stays the decoder's when it already set one."""
+        self.taken_at, self.date_source = meta.taken_at, meta.date_source
+        self.camera_make, self.camera_model = meta.camera_make, meta.camera_model
+        self.orientation, self.has_gps, self.file_type = meta.orientation, meta.has_gps, meta.file_type
+        if self.width is None:
+            self.width, self.height = meta.width, meta.height
+
+
+register_keyword_table(ImageRow.__table__)
 
 
 class MetaKey:

@@ -2,19 +2,24 @@
 
 Each step runs in one SQLite transaction taken with ``BEGIN IMMEDIATE`` (DDL included, which SQLite makes atomic),
 together with the new ``schema_version``: a crash or a full disk mid-way leaves the old catalog exactly as it was,
-and two processes opening the same old index migrate it once. Steps spell out their own SQL rather than use the
-current ORM models, so that a later schema cannot change what an old step does.
+and two processes opening the same old index migrate it once. What a step must read from the disk (v2 -> v3: the
+image files' headers) is read before that transaction, so the write lock is held only for the SQL. Steps spell
+out their own SQL rather than use the current ORM models, so that a later schema cannot change what an old step
+does.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from retrieval.errors import ClipsearchError, IndexCorruptError
 from retrieval.faults import fault_point
-from retrieval.store.paths import ESC
+from retrieval.image_meta import ImageMeta, read_image_meta
+from retrieval.store.paths import ESC, from_stored
 
 IMAGES_V2 = """
 CREATE TABLE images (
@@ -49,7 +54,77 @@ def _v1_to_v2(connection: sqlite3.Connection) -> None:
         connection.execute(f"UPDATE {table} SET path = replace(path, ?, ?) WHERE instr(path, ?)", (ESC, ESC + ESC, ESC))
 
 
-STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}  # from version N to N + 1
+IMAGES_V3_COLUMNS = (
+    ("taken_at", "VARCHAR"),
+    ("date_source", "VARCHAR"),
+    ("camera_make", "VARCHAR"),
+    ("camera_model", "VARCHAR"),
+    ("orientation", "INTEGER"),
+    ("has_gps", "BOOLEAN"),
+    ("file_type", "VARCHAR"),
+)
+_FOLDER_V3 = "rtrim({p}, replace({p}, '/', ''))"
+_NAME_V3 = "substr({p}, length(" + _FOLDER_V3 + ") + 1)"
+_FTS_INSERT_V3 = f"INSERT INTO images_fts (rowid, name, folder) VALUES (new.id, {_NAME_V3}, {_FOLDER_V3});".format(
+    p="new.path"
+)
+_FTS_DELETE_V3 = "DELETE FROM images_fts WHERE rowid = old.id;"
+FTS_V3 = (
+    "CREATE VIRTUAL TABLE images_fts USING fts5(name, folder, tokenize = 'unicode61')",
+    f"CREATE TRIGGER images_fts_insert AFTER INSERT ON images BEGIN {_FTS_INSERT_V3} END",
+    f"CREATE TRIGGER images_fts_delete AFTER DELETE ON images BEGIN {_FTS_DELETE_V3} END",
+    f"CREATE TRIGGER images_fts_update AFTER UPDATE OF path ON images BEGIN {_FTS_DELETE_V3} {_FTS_INSERT_V3} END",
+    f"INSERT INTO images_fts (rowid, name, folder) SELECT id, {_NAME_V3}, {_FOLDER_V3} FROM images".format(p="path"),
+)
+
+HeaderFacts = list[tuple[int, int, int, ImageMeta]]  # (id, size, mtime_ns, facts) of files unchanged on disk
+
+
+def _read_headers_v2(connection: sqlite3.Connection) -> HeaderFacts:
+    """Header facts of every indexed file still on disk as it was indexed (same size and mtime), read before the
+    write transaction so other processes wait only for the short schema change. Missing or changed files are left
+    out: their rows keep NULLs (the next `clipsearch index` re-reads a changed file anyway)."""
+    facts = []
+    version = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    escaped = version is not None and version[0] != "1"  # schema 1 stored paths as they were (see _v1_to_v2)
+    for image_id, stored, size, mtime_ns in connection.execute(
+        "SELECT id, path, size, mtime_ns FROM images WHERE status = 'ok'"
+    ):
+        path = from_stored(stored) if escaped else stored
+        try:
+            on_disk = os.stat(path)
+        except OSError:
+            continue
+        if on_disk.st_size == size and on_disk.st_mtime_ns == mtime_ns:
+            facts.append((image_id, size, mtime_ns, read_image_meta(path, mtime_ns)))
+    return facts
+
+
+def _v2_to_v3(connection: sqlite3.Connection, facts: HeaderFacts) -> None:
+    """Header-fact columns (filled from the files' headers, no re-encoding) and the FTS5 keyword table over paths,
+    filled from the rows and kept in step by triggers."""
+    for name, kind in IMAGES_V3_COLUMNS:
+        connection.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
+    connection.execute("CREATE INDEX ix_images_taken_at ON images (taken_at)")
+    for statement in FTS_V3:
+        connection.execute(statement)
+    connection.executemany(
+        "UPDATE images SET taken_at = ?, date_source = ?, camera_make = ?, camera_model = ?, orientation = ?, "
+        "has_gps = ?, file_type = ?, width = coalesce(width, ?), height = coalesce(height, ?) "
+        "WHERE id = ? AND size = ? AND mtime_ns = ? AND status = 'ok'",
+        [
+            (
+                *(meta.taken_at, meta.date_source, meta.camera_make, meta.camera_model, meta.orientation),
+                *(meta.has_gps, meta.file_type, meta.width, meta.height, image_id, size, mtime_ns),
+            )
+            for image_id, size, mtime_ns, meta in facts
+        ],
+    )
+
+
+# From version N to N + 1: the step, and what it reads before taking the write lock (None: nothing).
+STEPS: dict[int, Callable[..., None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+PREPARE: dict[int, Callable[[sqlite3.Connection], Any]] = {2: _read_headers_v2}
 
 
 def migrate_catalog(path: Path, version: int, target: int) -> None:
@@ -62,11 +137,15 @@ def migrate_catalog(path: Path, version: int, target: int) -> None:
         )
     connection = sqlite3.connect(str(path), isolation_level=None, timeout=60)
     try:
+        prepared = {step: PREPARE[step](connection) for step in range(version, target) if step in PREPARE}
         connection.execute("BEGIN IMMEDIATE")
         row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         current = int(row[0]) if row else version
         for step in range(current, target):  # another process may have migrated while this one waited
-            STEPS[step](connection)
+            if step in prepared:
+                STEPS[step](connection, prepared[step])
+            else:
+                STEPS[step](connection)
         connection.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(target),))
         fault_point("migrate")
         connection.execute("COMMIT")
