@@ -8,6 +8,7 @@ time zone, so the file's mtime is written in the local time of the indexing mach
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,19 +70,33 @@ def read_image_meta(path: str | Path, mtime_ns: int | None = None) -> ImageMeta:
     """The header facts of one file. Never raises: an unreadable header leaves the EXIF fields empty, and the date
     falls back to ``mtime_ns`` (the file's own mtime when not given); a missing file gives an empty ImageMeta."""
     try:
-        if mtime_ns is None:
-            mtime_ns = os.stat(path).st_mtime_ns
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                return _meta_of(image, mtime_ns)
-    except FileNotFoundError:
+        with _open_regular(path) as file:
+            if mtime_ns is None:
+                mtime_ns = os.fstat(file.fileno()).st_mtime_ns
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(file) as image:
+                    return _meta_of(image, mtime_ns)
+    except (FileNotFoundError, _NotRegular):
         return ImageMeta()
     except Exception:  # a header Pillow cannot read: the type from the suffix, the date from the mtime
         if mtime_ns is None:
             return ImageMeta()
         suffix = normalise_type(Path(path).suffix) or None
         return ImageMeta(taken_at=mtime_text(mtime_ns), date_source=DATE_FROM_MTIME, file_type=suffix)
+
+
+class _NotRegular(Exception):
+    pass
+
+
+def _open_regular(path: str | Path):
+    """Open without blocking (a FIFO swapped in after indexing must not hang the indexer) and only a regular file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _NotRegular(path)
+    return os.fdopen(fd, "rb")
 
 
 def _meta_of(image: Image.Image, mtime_ns: int) -> ImageMeta:
