@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from retrieval.images import DecodedItem, DecodeError, ImageFileDataset, content_hash, decode_image_and_size, read_file
+from retrieval.model.device import is_cuda
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -44,15 +45,15 @@ class JpegBytesDataset(ImageFileDataset):
 
 
 def gpu_decode_available(device: str, preprocess_cfg: dict) -> bool:
-    """CUDA, torchvision's nvJPEG decoder, and a transform this module reproduces (shortest-side resize)."""
-    if not device.startswith("cuda"):
+    """A (resolved) CUDA device, torchvision's nvJPEG decoder, and a transform this module reproduces
+    (shortest-side resize)."""
+    if not is_cuda(device):
         return False
     try:
-        import torch
         import torchvision.io  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available() and preprocess_cfg.get("resize_mode", "shortest") == "shortest"
+    return preprocess_cfg.get("resize_mode", "shortest") == "shortest"
 
 
 def decode_batch(items: list, size: int, preprocess_cfg: dict, device: str, cpu_preprocess) -> list[DecodedItem]:

@@ -27,7 +27,7 @@ def tiny_spec(tiny_model_dir) -> ModelSpec:
 @pytest.fixture
 def settings(tiny_spec) -> IndexSettings:
     """In-process decoding keeps small tests fast; worker processes are tested on their own."""
-    return IndexSettings(model=tiny_spec, batch_size=8, workers=0, chunk_size=8)
+    return IndexSettings(model=tiny_spec, batch_size=8, workers=0, chunk_size=8, device="cpu")
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:

@@ -121,7 +121,7 @@ def _assert_search_answers(index_dir: Path, embeddings: dict[str, np.ndarray]) -
     with that result's own stored embedding (so FAISS ids point at the right rows)."""
     unit = {path: vector / np.linalg.norm(vector) for path, vector in embeddings.items()}
     query = sorted(unit.items())[0][1][None, :].astype(np.float32)
-    with SearchEngine(index_dir) as engine:
+    with SearchEngine(index_dir, device="cpu") as engine:
         results = engine.search_vectors(query, k=min(5, len(unit)))[0]
     assert results, "a search over a non-empty index returned nothing"
     assert len({r.image_id for r in results}) == len(results), "a search returned an image twice"

@@ -61,7 +61,7 @@ def server_url(tmp_path_factory, tiny_spec):
     photos = root / "photos"
     draw_shapes(photos, 22, seed=11, suffix=".jpg")
     draw_shapes(photos / "more", 18, seed=12, suffix=".png")
-    settings = IndexSettings(model=tiny_spec, batch_size=16, workers=0, chunk_size=64)
+    settings = IndexSettings(model=tiny_spec, batch_size=16, workers=0, chunk_size=64, device="cpu")
     index_paths(root / "index", [photos], settings, progress=False)
     with running_server(create_app(root / "index", ServerSettings(device="cpu"))) as url:
         yield url

@@ -79,7 +79,7 @@ def test_missing_vectors_file_is_a_notice(index_dir):
 def test_unreadable_vectors_file_does_not_stop_searches_and_is_rebuilt(index_dir):
     data = (index_dir / "vectors.faiss").read_bytes()
     (index_dir / "vectors.faiss").write_bytes(data[: len(data) // 3])
-    with SearchEngine(index_dir) as engine:
+    with SearchEngine(index_dir, device="cpu") as engine:
         assert len(engine.vectors) == 16  # rebuilt in memory from the catalog
     repaired(index_dir, "unreadable")
 

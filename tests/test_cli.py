@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from retrieval.cli import app
 
 runner = CliRunner()
+CPU = ("--device", "cpu")  # the suite runs on the CPU also where CUDA is present
 
 
 def invoke(*args: str):
@@ -20,22 +21,22 @@ def invoke(*args: str):
 def cli_index(tmp_path, photo_folder, tiny_model_dir):
     index_dir = tmp_path / "index"
     result = invoke("index", photo_folder, "--index", index_dir, "--model", f"local-dir:{tiny_model_dir}",
-                    "--workers", "0", "-q")  # fmt: skip
+                    "--workers", "0", *CPU, "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "added 16" in result.output and "failed 0" in result.output
     return index_dir
 
 
 def test_user_story_index_search_similar_info(cli_index, photo_folder, tiny_model_dir):
-    again = invoke("index", "--index", cli_index, "--model", f"local-dir:{tiny_model_dir}", "-q")
+    again = invoke("index", "--index", cli_index, "--model", f"local-dir:{tiny_model_dir}", "-q", *CPU)
     assert again.exit_code == 0 and "unchanged 16" in again.output
 
-    table = invoke("search", "a dog on a beach at sunset", "--index", cli_index, "-k", "5")
+    table = invoke("search", "a dog on a beach at sunset", "--index", cli_index, "-k", "5", *CPU)
     assert table.exit_code == 0
     lines = table.output.strip().splitlines()
     assert lines[0].split() == ["rank", "score", "path"] and len(lines) == 6
 
-    paths = invoke("similar", photo_folder / "img_1_000.jpg", "--index", cli_index, "-k", "3", "--paths")
+    paths = invoke("similar", photo_folder / "img_1_000.jpg", "--index", cli_index, "-k", "3", "--paths", *CPU)
     assert paths.exit_code == 0
     listed = paths.output.strip().splitlines()
     assert len(listed) == 3 and str(photo_folder / "img_1_000.jpg") not in listed
@@ -45,7 +46,7 @@ def test_user_story_index_search_similar_info(cli_index, photo_folder, tiny_mode
 
 
 def test_json_output_schema(cli_index):
-    result = invoke("search", "mountains", "--index", cli_index, "-k", "4", "--json")
+    result = invoke("search", "mountains", "--index", cli_index, "-k", "4", "--json", *CPU)
     assert result.exit_code == 0
     payload = json.loads(result.output)
     assert payload["query"] == {"text": "mountains", "k": 4}
@@ -57,7 +58,7 @@ def test_json_output_schema(cli_index):
 
 def test_index_env_var_is_honoured(cli_index, monkeypatch):
     monkeypatch.setenv("CLIPSEARCH_INDEX", str(cli_index))
-    result = invoke("search", "trees", "-k", "2", "--paths")
+    result = invoke("search", "trees", "-k", "2", "--paths", *CPU)
     assert result.exit_code == 0 and len(result.output.strip().splitlines()) == 2
 
 
@@ -66,7 +67,10 @@ def test_failed_files_are_listed(tmp_path, tiny_model_dir):
     folder.mkdir()
     (folder / "broken.jpg").write_text("not a jpeg")
     index_dir = tmp_path / "index"
-    assert invoke("index", folder, "--index", index_dir, "--model", f"local-dir:{tiny_model_dir}", "-q").exit_code == 0
+    assert (
+        invoke("index", folder, "--index", index_dir, "--model", f"local-dir:{tiny_model_dir}", "-q", *CPU).exit_code
+        == 0
+    )
     result = invoke("info", "--index", index_dir, "--failed")
     assert "broken.jpg: not an image" in result.output
 

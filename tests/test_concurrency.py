@@ -92,11 +92,11 @@ def test_searches_during_indexing_answer_from_committed_state(settings, tmp_path
     pause = ",".join(f"commit_end:{n}:sleep=0.3" for n in range(1, 6))
 
     pid = start_child(lambda: index_paths(index_dir, [folder], settings, progress=False), fault=pause)
-    long_lived = SearchEngine(index_dir)
+    long_lived = SearchEngine(index_dir, device="cpu")
     seen, searches = [], 0
     try:
         while wait_for_child(pid, block=False) is None:
-            with SearchEngine(index_dir) as engine:  # like a fresh `clipsearch search`
+            with SearchEngine(index_dir, device="cpu") as engine:  # like a fresh `clipsearch search`
                 seen.append(check_answers(engine, index_dir))
             long_lived.refresh()
             check_answers(long_lived, index_dir)
@@ -134,7 +134,7 @@ def check_answers(engine: SearchEngine, index_dir: Path) -> int:
 def test_cli_waits_with_a_message_or_fails_with_no_wait(tiny_spec, photo_folder, tmp_path):
     index_dir = tmp_path / "index"
     base = [sys.executable, "-c", "from retrieval.cli import main; main()", "index", str(photo_folder)]
-    base += ["--index", str(index_dir), "--model", tiny_spec.name, "--workers", "0", "-q"]
+    base += ["--index", str(index_dir), "--model", tiny_spec.name, "--workers", "0", "--device", "cpu", "-q"]
     lock = write_lock(IndexLayout(index_dir))
     lock.__enter__()
     try:

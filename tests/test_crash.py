@@ -37,7 +37,7 @@ FIXED_MTIME_NS = 1_600_000_000 * 10**9
 @pytest.fixture(scope="module")
 def crash_settings(tiny_spec) -> IndexSettings:
     """Small chunks and a FAISS save after every commit: many distinct kill points in a dozen files."""
-    return IndexSettings(model=tiny_spec, batch_size=4, workers=0, chunk_size=4, save_every_s=0.0)
+    return IndexSettings(model=tiny_spec, batch_size=4, workers=0, chunk_size=4, save_every_s=0.0, device="cpu")
 
 
 def ok_count(index_dir: Path) -> int:
@@ -168,7 +168,9 @@ import sys
 from pathlib import Path
 from indexer.pipeline import IndexSettings, index_paths
 from retrieval.model.spec import ModelSpec
-settings = IndexSettings(ModelSpec(sys.argv[3], None), batch_size=4, workers=1, chunk_size=4, save_every_s=0.0)
+settings = IndexSettings(
+    ModelSpec(sys.argv[3], None), batch_size=4, workers=1, chunk_size=4, save_every_s=0.0, device="cpu"
+)
 print(index_paths(Path(sys.argv[1]), [Path(sys.argv[2])], settings, progress=False).line())
 """
 

@@ -161,7 +161,7 @@ def test_names_that_are_not_utf8_round_trip(hostile, settings, tmp_path):
     again = index_paths(index_dir, [], settings, progress=False)
     assert again.added == again.updated == again.removed == 0
 
-    with SearchEngine(index_dir) as engine:
+    with SearchEngine(index_dir, device="cpu") as engine:
         similar = engine.search_image(odd_file, k=3)
         inside = engine.search_text("a photo", k=5, under=odd_folder)
     assert similar and all(result.path != odd_file for result in similar)

@@ -107,7 +107,7 @@ def test_duplicate_files_are_each_indexed_and_find_each_other(tmp_path, settings
     shutil.copy(folder / "img_3_000.jpg", folder / "copy_of_first.jpg")
     index_dir = tmp_path / "index"
     assert index_paths(index_dir, [folder], settings, progress=False).added == 6
-    with SearchEngine(index_dir) as engine:
+    with SearchEngine(index_dir, device="cpu") as engine:
         results = engine.search_image(folder / "img_3_000.jpg", k=3)
     assert results[0].path == str(folder / "copy_of_first.jpg")
     assert results[0].score == pytest.approx(1.0, abs=1e-3)
@@ -225,7 +225,7 @@ def test_model_mismatch_is_refused(tmp_path, photo_folder, settings):
     with pytest.raises(ModelMismatchError, match="built with"):
         index_paths(index_dir, [photo_folder], replace(settings, model=ModelSpec(f"local-dir:{other}")), False)
     with pytest.raises(ModelMismatchError):
-        SearchEngine(index_dir, model=ModelSpec(f"local-dir:{other}"))
+        SearchEngine(index_dir, model=ModelSpec(f"local-dir:{other}"), device="cpu")
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path, settings):
@@ -241,10 +241,10 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path, settings):
 def test_stale_or_missing_faiss_file_is_rebuilt_from_the_catalog(tmp_path, photo_folder, settings):
     index_dir = tmp_path / "index"
     index_paths(index_dir, [photo_folder], settings, progress=False)
-    with SearchEngine(index_dir) as engine:
+    with SearchEngine(index_dir, device="cpu") as engine:
         before = engine.search_text("a photo", k=5)
     IndexLayout(index_dir).vectors.unlink()
-    with SearchEngine(index_dir) as engine:
+    with SearchEngine(index_dir, device="cpu") as engine:
         after = engine.search_text("a photo", k=5)
     assert [r.path for r in after] == [r.path for r in before]
     np.testing.assert_allclose([r.score for r in after], [r.score for r in before], atol=1e-6)

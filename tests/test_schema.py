@@ -65,7 +65,7 @@ def test_v1_catalog_is_migrated_keeping_every_row(tmp_path):
 
     report = check_index(tmp_path / "old")
     assert report.healthy and (report.images, report.failed) == (6, 1)
-    with SearchEngine(tmp_path / "old") as engine:  # vectors rebuilt from the migrated rows
+    with SearchEngine(tmp_path / "old", device="cpu") as engine:  # vectors rebuilt from the migrated rows
         stored = engine.vectors_for_paths(["/tmp/rb/v1/photos/img_7_003.jpg"])
         results = engine.search_vectors(stored, k=3)[0]
     assert results[0].path == "/tmp/rb/v1/photos/img_7_003.jpg" and results[0].score > 0.999
@@ -115,7 +115,7 @@ def test_catalog_whose_creation_was_interrupted_reads_as_no_index_yet(settings, 
     index_dir.mkdir()
     raw(index_dir / "catalog.sqlite", "CREATE TABLE roots (id INTEGER PRIMARY KEY, path VARCHAR, added_at FLOAT)")
     with pytest.raises(EmptyIndexError, match="no index at"):
-        SearchEngine(index_dir)
+        SearchEngine(index_dir, device="cpu")
     summary = index_paths(index_dir, [photo_folder], settings, progress=False)
     assert summary.added == 16
 
@@ -123,7 +123,7 @@ def test_catalog_whose_creation_was_interrupted_reads_as_no_index_yet(settings, 
 def test_a_file_that_is_not_a_catalog_is_a_clear_error(tmp_path):
     (tmp_path / "catalog.sqlite").write_bytes(np.random.default_rng(0).bytes(8192))
     with pytest.raises(ClipsearchError, match="not a readable SQLite catalog"):
-        SearchEngine(tmp_path)
+        SearchEngine(tmp_path, device="cpu")
 
 
 def test_image_ids_are_never_reused(settings, tmp_path):

@@ -30,7 +30,7 @@ def indexed(tmp_path, photo_folder, settings) -> Path:
 
 
 def test_text_search_returns_k_sorted_scores_in_range(indexed):
-    with SearchEngine(indexed) as engine:
+    with SearchEngine(indexed, device="cpu") as engine:
         results = engine.search_text("a dog on a beach at sunset", k=7)
     assert len(results) == 7
     scores = [r.score for r in results]
@@ -42,7 +42,7 @@ def test_text_search_returns_k_sorted_scores_in_range(indexed):
 
 
 def test_text_scores_equal_cosine_similarity_of_the_embeddings(indexed):
-    with SearchEngine(indexed) as engine:
+    with SearchEngine(indexed, device="cpu") as engine:
         results = engine.search_text("red", k=16)
         query = engine.encoder.encode_texts(["red"])[0]
         stored = engine.vectors_for_paths([r.path for r in results])
@@ -54,7 +54,7 @@ def test_an_images_nearest_neighbour_is_itself_when_searched_by_pixels(indexed, 
     from PIL import Image
 
     target = photo_folder / "2023" / "summer" / "img_2_003.png"
-    with SearchEngine(indexed) as engine:
+    with SearchEngine(indexed, device="cpu") as engine:
         results = engine.search_image(Image.open(target).convert("RGB"), k=3)
     assert results[0].path == str(target)
     assert results[0].score == pytest.approx(1.0, abs=2e-3)
@@ -62,7 +62,7 @@ def test_an_images_nearest_neighbour_is_itself_when_searched_by_pixels(indexed, 
 
 def test_similar_leaves_the_query_image_out(indexed, photo_folder):
     target = photo_folder / "img_1_004.jpg"
-    with SearchEngine(indexed) as engine:
+    with SearchEngine(indexed, device="cpu") as engine:
         results = engine.search_image(target, k=5)
     assert len(results) == 5
     assert str(target) not in [r.path for r in results]
@@ -70,7 +70,7 @@ def test_similar_leaves_the_query_image_out(indexed, photo_folder):
 
 def test_under_restricts_to_a_folder_and_min_score_cuts(indexed, photo_folder):
     summer = photo_folder / "2023" / "summer"
-    with SearchEngine(indexed) as engine:
+    with SearchEngine(indexed, device="cpu") as engine:
         inside = engine.search_text("summer", k=50, under=summer)
         everything = engine.search_text("summer", k=50)
         cut = engine.search_text("summer", k=50, min_score=everything[3].score)
@@ -80,7 +80,7 @@ def test_under_restricts_to_a_folder_and_min_score_cuts(indexed, photo_folder):
 
 
 def test_bad_queries_are_clear_errors(indexed, tmp_path):
-    with SearchEngine(indexed) as engine:
+    with SearchEngine(indexed, device="cpu") as engine:
         with pytest.raises(UsageError, match="-k"):
             engine.search_text("x", k=0)
         with pytest.raises(UsageError, match="no such image"):
@@ -94,12 +94,12 @@ def test_bad_queries_are_clear_errors(indexed, tmp_path):
 
 def test_empty_index_is_a_clear_error(tmp_path, settings):
     with pytest.raises(EmptyIndexError, match="no index"):
-        SearchEngine(tmp_path / "none")
+        SearchEngine(tmp_path / "none", device="cpu")
     folder = tmp_path / "only_bad"
     folder.mkdir()
     (folder / "a.jpg").write_text("nope")
     index_paths(tmp_path / "index", [folder], settings, progress=False)
-    with SearchEngine(tmp_path / "index") as engine, pytest.raises(EmptyIndexError):
+    with SearchEngine(tmp_path / "index", device="cpu") as engine, pytest.raises(EmptyIndexError):
         engine.search_text("anything")
 
 
@@ -114,7 +114,8 @@ def test_killed_run_keeps_its_commits_and_the_next_run_completes(tmp_path, tiny_
         "import sys; from pathlib import Path; from indexer.pipeline import IndexSettings, index_paths;"
         "from retrieval.model.spec import ModelSpec;"
         f"index_paths(Path({str(index_dir)!r}), [Path({str(folder)!r})],"
-        f" IndexSettings(model=ModelSpec('local-dir:{tiny_model_dir}', None), batch_size=4, workers=0, chunk_size=4),"
+        f" IndexSettings(model=ModelSpec('local-dir:{tiny_model_dir}', None), batch_size=4, workers=0, chunk_size=4,"
+        " device='cpu'),"
         " progress=False)"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
@@ -123,10 +124,10 @@ def test_killed_run_keeps_its_commits_and_the_next_run_completes(tmp_path, tiny_
     proc.wait()
     assert 0 < committed < 160, "the run should have been killed part-way"
 
-    with SearchEngine(index_dir) as engine:
+    with SearchEngine(index_dir, device="cpu") as engine:
         survivors = Catalog(IndexLayout(index_dir).catalog).count()
         assert len(engine.search_text("a photo", k=3)) == 3
-    settings = IndexSettings(model=ModelSpec(f"local-dir:{tiny_model_dir}", None), workers=0)
+    settings = IndexSettings(model=ModelSpec(f"local-dir:{tiny_model_dir}", None), workers=0, device="cpu")
     summary = index_paths(index_dir, [folder], settings, progress=False)
     assert summary.unchanged == survivors and summary.added == 160 - survivors
     assert len(catalog_and_faiss_agree(index_dir)) == 160
@@ -152,7 +153,7 @@ def test_vector_search_matches_exact_similarity(tmp_path, settings):
     folder = tmp_path / "set"
     make_images(folder, 12, seed=30)
     index_paths(tmp_path / "index", [folder], settings, progress=False)
-    with SearchEngine(tmp_path / "index") as engine:
+    with SearchEngine(tmp_path / "index", device="cpu") as engine:
         paths = sorted(str(p) for p in folder.iterdir())
         vectors = engine.vectors_for_paths(paths)
         queries = engine.encoder.encode_texts(["one", "two", "three"])
@@ -167,7 +168,7 @@ def test_a_symlinked_file_is_found_by_the_path_it_was_indexed_under(tmp_path, se
     make_images(folder, 2, seed=42)
     (folder / "link.jpg").symlink_to(original)
     index_paths(tmp_path / "index", [folder], settings, progress=False)
-    with SearchEngine(tmp_path / "index") as engine:
+    with SearchEngine(tmp_path / "index", device="cpu") as engine:
         assert engine.vectors_for_paths([folder / "link.jpg"]).shape == (1, 32)
         assert str(folder / "link.jpg") not in [r.path for r in engine.search_image(folder / "link.jpg", k=2)]
 
@@ -175,7 +176,7 @@ def test_a_symlinked_file_is_found_by_the_path_it_was_indexed_under(tmp_path, se
 def test_bf16_text_queries_stay_close_to_float32_ones(indexed):
     """The opt-in bfloat16 text tower moves query vectors only slightly, and search through it still works."""
     queries = ["a dog on a beach", "red", "a city street at night"]
-    with SearchEngine(indexed) as exact, SearchEngine(indexed, text_bf16=True) as fast:
+    with SearchEngine(indexed, device="cpu") as exact, SearchEngine(indexed, text_bf16=True, device="cpu") as fast:
         reference = exact.text_encoder.encode_texts(queries)
         approximate = fast.text_encoder.encode_texts(queries)
         assert fast.text_encoder is not exact.text_encoder

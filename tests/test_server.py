@@ -55,7 +55,7 @@ def indexed(tmp_path_factory, tiny_spec) -> tuple[Path, Path]:
     write_image(photos / "big" / "large.jpg", seed=5, size=(1600, 1200), fmt="JPEG")
     (photos / "broken.jpg").write_bytes(b"not a jpeg at all")
     index_dir = root / "index"
-    settings = IndexSettings(model=tiny_spec, batch_size=8, workers=0, chunk_size=8)
+    settings = IndexSettings(model=tiny_spec, batch_size=8, workers=0, chunk_size=8, device="cpu")
     index_paths(index_dir, [photos], settings, progress=False)
     return index_dir, photos
 
@@ -229,7 +229,7 @@ def test_uploads_are_decoded_with_the_indexing_protections(client):
 def test_photos_indexed_while_serving_become_searchable_without_a_restart(tiny_spec, tmp_path):
     photos = tmp_path / "photos"
     make_images(photos, 4, seed=8)
-    settings = IndexSettings(model=tiny_spec, workers=0)
+    settings = IndexSettings(model=tiny_spec, workers=0, device="cpu")
     index_paths(tmp_path / "index", [photos], settings, progress=False)
     with TestClient(create_app(tmp_path / "index", ServerSettings(device="cpu"))) as client:
         assert len(client.get("/api/search", params={"q": "cat", "k": 50}).json()["results"]) == 4

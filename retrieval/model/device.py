@@ -21,3 +21,13 @@ def resolve_device(device: str = "auto") -> str:
     if not available:
         raise UsageError(f"--device {device} was asked for, but CUDA is not available on this machine")
     return device
+
+
+def is_cuda(device: str) -> bool:
+    """Whether a resolved device string names a CUDA device (``cuda`` or ``cuda:N``)."""
+    return device == "cuda" or device.startswith("cuda:")
+
+
+def precision_for(device: str) -> str:
+    """open_clip precision for a resolved device: mixed fp16 on CUDA (tensor cores), float32 on the CPU."""
+    return "fp16" if is_cuda(device) else "fp32"

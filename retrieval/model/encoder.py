@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.model.build import build_model, build_text_model, model_identity, quantize_image_tower
-from retrieval.model.device import resolve_device
+from retrieval.model.device import precision_for, resolve_device
 from retrieval.model.spec import ModelIdentity, ModelSpec, spec_key
 
 if TYPE_CHECKING:
@@ -44,6 +44,23 @@ def encode_text_tokens(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     if model.text_projection is not None:
         x = model.text_projection(x) if hasattr(model.text_projection, "in_features") else x @ model.text_projection
     return F.normalize(x.float(), dim=-1)  # normalised in float32 also for fp16 / bf16 towers
+
+
+def image_input_dtype(model: Any) -> torch.dtype:
+    """The dtype the image tower's first layer consumes.
+
+    open_clip's ``precision="fp16"`` / ``"bf16"`` is mixed precision: embeddings, LayerNorms and the logit scale
+    stay float32 while convolutions and linear layers are half, so the first parameter's dtype (float32) says
+    nothing about what the patch embedding takes. The first convolution or linear layer of the tower does.
+    (The text tower needs no such rule: ``encode_text_tokens`` casts after its float32 embedding itself.)
+    """
+    import torch
+
+    visual = getattr(model, "visual", model)
+    for module in visual.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module.weight.is_floating_point():
+            return module.weight.dtype
+    return next(p.dtype for p in visual.parameters() if p.is_floating_point())
 
 
 _LOADED: dict[tuple[str, str], Encoder] = {}
@@ -124,8 +141,7 @@ class Encoder:
     def _build(cls, spec: ModelSpec, device: str, int8: bool = False) -> Encoder:
         import open_clip
 
-        precision = "fp16" if device.startswith("cuda") else "fp32"
-        model, preprocess = build_model(spec, device=device, precision=precision)
+        model, preprocess = build_model(spec, device=device, precision=precision_for(device))
         if int8:
             quantize_image_tower(model)
         tokenizer = open_clip.get_tokenizer(spec.name)
@@ -137,7 +153,8 @@ class Encoder:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The dtype image batches are fed in: the one the image tower's first layer computes in."""
+        return image_input_dtype(self.model)
 
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         """Encode a preprocessed batch (N, 3, H, W)."""
@@ -147,8 +164,9 @@ class Encoder:
             raise RuntimeError("this encoder holds only the text tower: use Encoder.load for images")
         with torch.inference_mode():
             pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-            features = self.model.encode_image(pixels, normalize=True)
-        return features.float().cpu().numpy()
+            features = self.model.encode_image(pixels, normalize=False)
+            features = torch.nn.functional.normalize(features.float(), dim=-1)  # in float32 for half towers too
+        return features.cpu().numpy()
 
     def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
         import torch

@@ -1,0 +1,62 @@
+"""CPU twins of the CUDA encoder: open_clip's mixed precision (``fp16``, ``bf16``) built on the CPU and run through
+``Encoder``, so the dtype each tower is fed is checked in CI, not first on a GPU (where fp16 is the default)."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from retrieval.errors import UsageError
+from retrieval.model.build import build_model, model_identity
+from retrieval.model.device import is_cuda, precision_for, resolve_device
+from retrieval.model.encoder import Encoder, image_input_dtype
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cpu_encoder(spec, precision: str) -> Encoder:
+    model, preprocess = build_model(spec, device="cpu", precision=precision)
+    return Encoder(model, preprocess, open_clip.get_tokenizer(spec.name), model_identity(spec, model), "cpu")
+
+
+@pytest.fixture(scope="module")
+def pixels() -> torch.Tensor:
+    return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_encoder_encodes_images_and_texts_on_the_cpu(tiny_spec, pixels, precision):
+    reference = cpu_encoder(tiny_spec, "fp32")
+    half = cpu_encoder(tiny_spec, precision)
+    # mixed precision: some parameters stay float32, so "the first parameter's dtype" would feed the wrong one
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32, HALF[precision]}
+    assert half.dtype == HALF[precision] == half.model.visual.conv1.weight.dtype
+
+    images, expected = half.encode_images(pixels), reference.encode_images(pixels)
+    assert images.dtype == np.float32 and images.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)  # normalised in float32
+    assert np.all(np.sum(images * expected, axis=1) > 0.98)
+
+    texts = ["a red square", "two blue circles on a white background"]
+    got, want = half.encode_texts(texts), reference.encode_texts(texts)
+    assert got.dtype == np.float32 and np.all(np.sum(got * want, axis=1) > 0.98)
+
+
+def test_image_batches_are_cast_to_what_the_tower_computes_in(tiny_spec, pixels):
+    encoder = cpu_encoder(tiny_spec, "fp16")
+    assert image_input_dtype(encoder.model) == torch.float16
+    for given in (torch.float32, torch.float64, torch.bfloat16):  # whatever preprocessing produced
+        assert encoder.encode_images(pixels.to(given)).shape == (3, 32)
+
+
+def test_one_device_rule():
+    assert resolve_device("cpu") == "cpu" and precision_for("cpu") == "fp32"
+    assert precision_for("cuda:1") == "fp16" and is_cuda("cuda:1") and not is_cuda("cpu")
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UsageError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available"):  # never a silent fall-back
+            resolve_device("cuda")
