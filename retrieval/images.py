@@ -51,14 +51,18 @@ def _register_heif() -> None:
 _register_heif()
 
 
-def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+def decode_image(data: bytes, min_side: int | None = None, reduce: bool = False) -> Image.Image:
     """Decode to an upright RGB image. With ``min_side``, JPEGs are decoded at a reduced DCT scale (``draft``)
     that keeps the shorter side at least ``min_side``: the same pixels the CLIP resize needs, several times faster.
+    ``reduce`` also shrinks other formats by an integer factor right after decoding (uploads: less memory in the
+    conversions that follow; the indexer keeps every pixel, so its vectors do not change).
     """
-    return decode_image_and_size(data, min_side)[0]
+    return decode_image_and_size(data, min_side, reduce)[0]
 
 
-def decode_image_and_size(data: bytes, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def decode_image_and_size(
+    data: bytes, min_side: int | None = None, reduce: bool = False
+) -> tuple[Image.Image, tuple[int, int]]:
     """``decode_image`` plus the full-resolution upright size (draft decoding shrinks the pixels, not the facts)."""
     if not data:
         raise DecodeError("empty file")
@@ -75,6 +79,8 @@ def decode_image_and_size(data: bytes, min_side: int | None = None) -> tuple[Ima
             if getattr(image, "is_animated", False):
                 image.seek(0)
             image.load()
+            if reduce and min_side and image.format != "JPEG":
+                image = _reduce(image, min_side)
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
                 width, height = height, width
             image = ImageOps.exif_transpose(image) or image
@@ -85,6 +91,20 @@ def decode_image_and_size(data: bytes, min_side: int | None = None) -> tuple[Ima
         raise DecodeError("not an image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
         raise DecodeError(f"corrupt or truncated image ({error})") from None
+
+
+def _reduce(image: Image.Image, min_side: int) -> Image.Image:
+    """Shrink by the largest integer factor that keeps the shorter side at least ``min_side``; EXIF kept."""
+    factor = min(image.size) // min_side
+    if factor < 2:
+        return image
+    exif = image.getexif()
+    try:
+        smaller = image.reduce(factor)
+    except ValueError:  # a mode reduce does not handle (palette): keep the pixels as they are
+        return image
+    smaller.info["exif"] = exif.tobytes()
+    return smaller
 
 
 def _limit_aspect(image: Image.Image) -> Image.Image:

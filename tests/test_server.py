@@ -63,7 +63,7 @@ def indexed(tmp_path_factory, tiny_spec) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def client(indexed) -> TestClient:
     app = create_app(indexed[0], ServerSettings(device="cpu", max_upload_bytes=UPLOAD_LIMIT))
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1") as test_client:
         yield test_client
 
 
@@ -231,7 +231,9 @@ def test_photos_indexed_while_serving_become_searchable_without_a_restart(tiny_s
     make_images(photos, 4, seed=8)
     settings = IndexSettings(model=tiny_spec, workers=0, device="cpu")
     index_paths(tmp_path / "index", [photos], settings, progress=False)
-    with TestClient(create_app(tmp_path / "index", ServerSettings(device="cpu"))) as client:
+    with TestClient(
+        create_app(tmp_path / "index", ServerSettings(device="cpu")), base_url="http://127.0.0.1"
+    ) as client:
         assert len(client.get("/api/search", params={"q": "cat", "k": 50}).json()["results"]) == 4
         make_images(photos, 3, seed=9)
         index_paths(tmp_path / "index", [photos], settings, progress=False)
@@ -241,7 +243,9 @@ def test_photos_indexed_while_serving_become_searchable_without_a_restart(tiny_s
 
 def test_an_index_with_no_images_answers_409_with_the_reason(tmp_path):
     Catalog(tmp_path / "index" / "catalog.sqlite", create=True).close()
-    with TestClient(create_app(tmp_path / "index", ServerSettings(device="cpu"))) as client:
+    with TestClient(
+        create_app(tmp_path / "index", ServerSettings(device="cpu")), base_url="http://127.0.0.1"
+    ) as client:
         response = client.get("/api/search", params={"q": "anything"})
         assert response.status_code == 409 and "empty" in response.json()["detail"]
         assert client.get("/api/stats").json()["images"] == 0

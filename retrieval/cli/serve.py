@@ -20,18 +20,56 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     device: DeviceOption = "auto",
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest query image accepted.")] = 20.0,
+    max_upload_mp: Annotated[
+        float, typer.Option("--max-upload-mp", help="Most megapixels a query image may have (read from its header).")
+    ] = 40.0,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Also answer requests for this Host name (repeatable); loopback names and --host always work.",
+            show_default=False,
+        ),
+    ] = None,
     bf16_text: BF16TextOption = False,
 ) -> None:
-    """Serve a search page and JSON API (docs at /docs) for an index; the model loads once."""
+    """Serve a search page and JSON API (schema at /openapi.json) for an index; the model loads once."""
     quiet_libraries()
     from retrieval.errors import UsageError
-    from retrieval.search.server import ServerSettings, run_server
 
     if max_upload_mb <= 0:
         raise UsageError("--max-upload-mb must be positive")
+    if max_upload_mp <= 0:
+        raise UsageError("--max-upload-mp must be positive")
+    _require_web_extra()
+    from retrieval.search.security import allowed_host_names
+    from retrieval.search.server import ServerSettings, run_server
+
     if host not in LOOPBACK_HOSTS:
         typer.echo(f"clipsearch: warning: listening on {host}: anyone who can reach it can see your photos", err=True)
     index = resolve_index_dir(index_dir)
     typer.echo(f"clipsearch: loading the model and the index at {index} ...", err=True)
-    settings = ServerSettings(device=device, text_bf16=bf16_text, max_upload_bytes=int(max_upload_mb * 2**20))
+    settings = ServerSettings(
+        device=device,
+        text_bf16=bf16_text,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_upload_pixels=int(max_upload_mp * 1e6),
+        allowed_hosts=allowed_host_names(host, allowed_host or ()),
+    )
     run_server(index, host=host, port=port, settings=settings)
+
+
+def _require_web_extra() -> None:
+    """One line naming the extra, instead of a traceback, when the web packages are not installed."""
+    from importlib.util import find_spec
+
+    from retrieval.errors import UsageError
+
+    missing = [name for name in ("fastapi", "uvicorn") if find_spec(name) is None]
+    if find_spec("python_multipart") is None and find_spec("multipart") is None:
+        missing.append("python-multipart")
+    if missing:
+        raise UsageError(
+            f"serve needs the web extra ({', '.join(missing)} missing): pip install 'clipsearch[serve]' "
+            f"(in a checkout: .venv/bin/pip install -e '.[serve]')"
+        )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
@@ -30,13 +30,24 @@ from retrieval.errors import (
     UsageError,
 )
 from retrieval.search.engine import SearchEngine, SearchResult
+from retrieval.search.file_guard import (
+    FileChanged,
+    FileNotServed,
+    OpenedFile,
+    content_disposition,
+    open_indexed,
+    stream,
+)
 from retrieval.search.info import IndexInfo, index_info
+from retrieval.search.security import LOOPBACK_NAMES, GuardMiddleware
 from retrieval.search.thumbnails import THUMBNAIL_SIZES, ThumbnailCache, ThumbnailError
+from retrieval.search.uploads import RETRY_AFTER_S, UploadBusy, UploadDecoder, UploadTooLarge
 from retrieval.store.catalog import STATUS_OK
 
 STATIC_DIR = Path(__file__).with_name("static")
 THUMBNAILS_DIR = "thumbnails"
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around an uploaded file
+MAX_IMAGE_ID = 2**63 - 1  # SQLite's largest integer: a larger id can name no image (and must not overflow)
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,9 @@ class ServerSettings:
     device: str = "auto"
     text_bf16: bool = False  # CPU: text queries through a bfloat16 text tower (see Encoder.load_text)
     max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_pixels: int = 40_000_000  # checked from the header, before decoding (retrieval/search/uploads.py)
+    max_upload_decodes: int = 2  # uploads decoded at once; more get 503 with Retry-After
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host: names answered (DNS rebinding); see security.py
     max_results: int = 1000  # offset + k of one request: deeper scrolling stops here
     default_k: int = 48
 
@@ -95,10 +109,13 @@ class SearchService:
     and one calling thread keeps one warm OpenMP team instead of a team per web worker thread. Before each query
     a cheap catalog read notices what an indexer committed meanwhile, so new photos appear without a restart."""
 
-    def __init__(self, index_dir: Path, device: str = "auto", text_bf16: bool = False):
+    def __init__(
+        self, index_dir: Path, device: str = "auto", text_bf16: bool = False, uploads: UploadDecoder | None = None
+    ):
         self.engine = SearchEngine(index_dir, device=device, text_bf16=text_bf16)
         self.thumbnails = ThumbnailCache(self.engine.layout.root / THUMBNAILS_DIR)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-query")
+        self.uploads = uploads or UploadDecoder(ServerSettings.max_upload_pixels, ServerSettings.max_upload_decodes)
         self._generation = self.engine.catalog.vectors_generation()
 
     def warm(self) -> None:
@@ -143,7 +160,8 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
     """The ASGI app for one index. Opening (and with ``warm``, loading the model) happens here, so a bad index or
     model fails before a server starts listening."""
     settings = settings or ServerSettings()
-    service = SearchService(Path(index_dir).expanduser(), settings.device, settings.text_bf16)
+    uploads = UploadDecoder(settings.max_upload_pixels, settings.max_upload_decodes)
+    service = SearchService(Path(index_dir).expanduser(), settings.device, settings.text_bf16, uploads)
     if warm:
         service.warm()
 
@@ -157,10 +175,13 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
         title="clipsearch",
         summary="Search an index of photos by text, by an uploaded image, or by an indexed image.",
         version="1",
+        docs_url=None,  # Swagger and ReDoc load from a CDN: the schema stays at /openapi.json, offline
+        redoc_url=None,
     )
     app.state.service = service
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts)  # outermost: runs first
     app.add_exception_handler(ClipsearchError, _clipsearch_error)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_page_routes(app)
@@ -309,7 +330,7 @@ def _add_search_routes(app: FastAPI, service: SearchService, settings: ServerSet
         data = image.file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise HTTPException(413, _too_large(settings.max_upload_bytes))
-        picture = _decode_upload(service, data)
+        picture = _decode_upload(service, data)  # pixel cap, reduced decode, bounded concurrency
         return page(
             {"upload": image.filename or "image"},
             k,
@@ -338,7 +359,7 @@ def _add_image_routes(app: FastAPI, service: SearchService) -> None:
     @app.get("/api/images/{image_id}", response_model=ImageOut, tags=["images"])
     def image_details(image_id: int) -> ImageOut:
         """The facts the catalog holds about one image."""
-        row = service.engine.row(image_id)
+        row = service.engine.row(image_id) if 0 <= image_id <= MAX_IMAGE_ID else None
         if row is None:
             raise HTTPException(404, f"no image has id {image_id}")
         return _image_out(row)
@@ -353,37 +374,48 @@ def _add_image_routes(app: FastAPI, service: SearchService) -> None:
         """An upright JPEG thumbnail (made on first request, then cached in the index folder)."""
         if size not in THUMBNAIL_SIZES:
             raise HTTPException(400, f"size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}")
-        row = _indexed_row(service, image_id)
+        opened = _opened_file(service, _indexed_row(service, image_id))
         try:
-            cached = service.thumbnails.get(row.id, row.path, size)
+            cached = service.thumbnails.get(image_id, opened.real_path, size)
         except ThumbnailError as error:
             raise HTTPException(404, str(error)) from None
+        finally:
+            opened.close()
         return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/api/images/{image_id}/file", tags=["images"], response_class=FileResponse)
     def original(image_id: int):
-        """The original file, as it is on disk."""
+        """The original file, as it was indexed: 409 when it changed since, 404 when it is gone or now leads
+        outside the indexed folders (retrieval/search/file_guard.py)."""
         row = _indexed_row(service, image_id)
-        if not os.path.isfile(row.path):
-            raise HTTPException(404, f"the file of image {image_id} is no longer on disk")
+        opened = _opened_file(service, row)
+        headers = {
+            "Content-Length": str(opened.size),
+            "Content-Disposition": content_disposition(Path(row.path).name),
+            "Cache-Control": "private, max-age=3600",
+        }
         media_type = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
-        return FileResponse(
-            row.path,
-            media_type=media_type,
-            filename=os.path.basename(row.path),
-            content_disposition_type="inline",
-            headers={"Cache-Control": "private, max-age=3600"},
-        )
+        return StreamingResponse(stream(opened), media_type=media_type, headers=headers)
 
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
 
 def _indexed_row(service: SearchService, image_id: int):
-    row = service.engine.row(image_id)
+    row = service.engine.row(image_id) if 0 <= image_id <= MAX_IMAGE_ID else None
     if row is None or row.status != STATUS_OK:
         raise HTTPException(404, f"no indexed image has id {image_id}")
     return row
+
+
+def _opened_file(service: SearchService, row) -> OpenedFile:
+    """The row's file, open, if it is still the file that was indexed (see file_guard)."""
+    try:
+        return open_indexed(row.path, row.size, row.mtime_ns, service.engine.catalog.roots(), row.id)
+    except FileNotServed as error:
+        raise HTTPException(404, str(error)) from None
+    except FileChanged as error:
+        raise HTTPException(409, str(error)) from None
 
 
 def _checked_under(service: SearchService, under: str | None) -> str | None:
@@ -400,13 +432,17 @@ def _checked_under(service: SearchService, under: str | None) -> str | None:
 
 
 def _decode_upload(service: SearchService, data: bytes):
-    from retrieval.images import DecodeError, decode_image
+    from retrieval.images import DecodeError
 
     image_size = service.engine.identity.image_size if service.engine.identity else None
     try:
-        return decode_image(data, min_side=image_size)
+        return service.uploads.decode(data, image_size)
     except DecodeError as error:
         raise UsageError(f"cannot use the upload as a query: {error}") from None
+    except UploadTooLarge as error:
+        raise HTTPException(413, str(error)) from None
+    except UploadBusy as error:
+        raise HTTPException(503, str(error), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
 
 def _urls(image_id: int, version: int) -> dict[str, str]:
