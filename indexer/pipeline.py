@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from indexer.gpu_decode import JpegBytesDataset, decode_batch, gpu_decode_available
 from indexer.plan import Plan, WorkItem, plan_changes
+from indexer.ray_runner import RaySettings, encode_on_ray
 from indexer.reindex import apply_index_type
 from indexer.scan import resolve_folder, scan_folder
 from retrieval.errors import DiskFullError, ModelLoadError, UsageError
@@ -49,6 +50,7 @@ class IndexSettings:
     index_type: str | None = None  # auto, flat, ivf, ivfpq or hnsw; None keeps the index's own (new: auto)
     max_memory: int | None = None  # bytes auto may plan with; None keeps the recorded budget (default: RAM / 2)
     int8: bool = False  # CPU only: dynamic int8 image encoder, faster, slightly different vectors (opt-in)
+    ray: RaySettings | None = None  # encode on a Ray cluster (indexer.ray_runner); None: on this machine
 
 
 @dataclass
@@ -206,7 +208,7 @@ def _run_plan(
             if writer.vectors is None:
                 writer.vectors = open_vectors(catalog, layout, encoder.dim, persist=False)
             started = time.perf_counter()
-            for chunk in _encode(plan.work, encoder, settings, progress):
+            for chunk in encoded_chunks(plan.work, encoder, settings, progress):
                 writer.commit(lambda session, chunk=chunk: _apply_chunk(session, chunk, summary))
             summary.encode_seconds = time.perf_counter() - started
     finally:
@@ -282,6 +284,16 @@ def default_workers(device: str = "cpu") -> int:
     so every core, up to 16."""
     cap = 16 if device.startswith("cuda") else 4
     return max(1, min(cap, os.cpu_count() or 1))
+
+
+def encoded_chunks(
+    work: list[WorkItem], encoder: Encoder, settings: IndexSettings, progress: bool
+) -> Iterator[list[tuple[WorkItem, DecodedItem, np.ndarray | None]]]:
+    """The source of encoded rows, in work order and commit-sized chunks: this machine, or a Ray cluster."""
+    if settings.ray is None:
+        return _encode(work, encoder, settings, progress)
+    s = settings
+    return encode_on_ray(work, encoder, s.model, s.ray, s.batch_size, s.chunk_size, s.int8, progress)
 
 
 def _encode(

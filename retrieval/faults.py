@@ -9,7 +9,8 @@ Points: ``planned`` (scan and diff done, nothing written), ``commit_begin`` (row
 transaction, not committed), ``commit_end`` (chunk committed, FAISS not updated), ``vectors_tmp_written`` (new FAISS
 file written under a temporary name), ``vectors_replaced`` (FAISS file renamed into place, its generation not yet
 recorded), ``migrate`` (schema migration done inside its transaction, not committed), ``repair`` (check --repair
-about to write).
+about to write), ``encode_batch`` (a Ray encoder actor about to encode a batch; ``indexer.ray_runner`` forwards
+``CLIPSEARCH_FAULT`` to its actors).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ POINTS = (
     "vectors_replaced",
     "migrate",
     "repair",
+    "encode_batch",
 )
 
 _reached: Counter[str] = Counter()

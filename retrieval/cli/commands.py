@@ -48,10 +48,27 @@ def index(
         bool,
         typer.Option("--int8", help="CPU only: dynamic int8 image encoder (faster; vectors differ slightly)."),
     ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Encode on a Ray cluster: auto (start a local one) or its ADDRESS. Needs clipsearch[ray] and the "
+            "folders at the same path on every node (docs/scale.md).",
+            show_default=False,
+        ),
+    ] = None,
+    ray_gpus_per_worker: Annotated[
+        float, typer.Option("--ray-gpus-per-worker", help="GPUs each Ray encoder actor holds (0: CPU actors).")
+    ] = 0.0,
+    ray_workers: Annotated[
+        int | None,
+        typer.Option("--ray-workers", help="Ray encoder actors (default: one per GPU, at least one).", min=1),
+    ] = None,
 ) -> None:
     """Index folders of images (only what changed since the last run)."""
     quiet_libraries()
     from indexer.pipeline import IndexSettings, index_paths
+    from indexer.ray_runner import RaySettings
     from retrieval.model.spec import ModelSpec
     from retrieval.store.index_types import parse_memory
 
@@ -64,6 +81,7 @@ def index(
         index_type=index_type,
         max_memory=parse_memory(max_memory),
         int8=int8,
+        ray=RaySettings(ray, ray_gpus_per_worker, ray_workers) if ray else None,
     )
     summary = index_paths(
         resolve_index_dir(index_dir),
