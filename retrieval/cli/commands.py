@@ -10,20 +10,30 @@ import typer
 
 from retrieval.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
 from retrieval.cli.options import (
+    AddOption,
+    AfterOption,
     BatchOption,
+    BeforeOption,
     BF16TextOption,
+    CameraOption,
     DeviceOption,
     IndexOption,
     IndexTypeOption,
     JsonOption,
+    KeywordsOption,
     KOption,
     MaxMemoryOption,
+    MinHeightOption,
     MinScoreOption,
+    MinWidthOption,
     ModelOption,
     NoWaitOption,
     PathsOption,
     PretrainedOption,
     ServerOption,
+    SortOption,
+    SubOption,
+    TypeOption,
     UnderOption,
     WorkersOption,
 )
@@ -111,6 +121,22 @@ def _print_results(results, as_json: bool, as_paths: bool, query: dict) -> None:
             typer.echo(f"{result.rank:>4}  {result.score:6.3f}  {result.path}")
 
 
+def _query(main, add, sub, sort, keywords, **filters):
+    """The CLI's arguments as the one query model (retrieval.search.query)."""
+    from retrieval.search.query import Filters, Query
+
+    return Query.of(main, add or (), sub or (), Filters(**filters), sort, keywords)
+
+
+def _echo(base: dict, query) -> dict:
+    """What --json repeats of the query: the main term and k, plus whatever else was asked."""
+    full = query.to_dict()
+    extras = {"add": full["positive"][1:], "sub": full["negative"], "filters": full["filters"]}
+    extras |= {"sort": query.sort} if query.sort != "relevance" else {}
+    extras |= {"keywords": query.keywords} if query.keywords is not None else {}
+    return base | {key: value for key, value in extras.items() if value}
+
+
 @app.command()
 @user_errors
 def search(
@@ -119,19 +145,31 @@ def search(
     k: KOption = 10,
     min_score: MinScoreOption = None,
     under: UnderOption = None,
+    add: AddOption = None,
+    sub: SubOption = None,
+    after: AfterOption = None,
+    before: BeforeOption = None,
+    camera: CameraOption = None,
+    min_width: MinWidthOption = None,
+    min_height: MinHeightOption = None,
+    types: TypeOption = None,
+    sort: SortOption = "relevance",
+    keywords: KeywordsOption = None,
     as_json: JsonOption = False,
     as_paths: PathsOption = False,
     device: DeviceOption = "auto",
     server: ServerOption = None,
     bf16_text: BF16TextOption = False,
 ) -> None:
-    """Find images matching a text description."""
+    """Find images matching a text description (plus --add, minus --sub), within the filters."""
     quiet_libraries()
     from retrieval.search.client import open_searcher
 
+    filters = dict(under=under, after=after, before=before, camera=camera, types=types or ())
+    query = _query(text, add, sub, sort, keywords, min_width=min_width, min_height=min_height, **filters)
     with open_searcher(resolve_index_dir(index_dir), device, server, text_bf16=bf16_text) as searcher:
-        results = searcher.search_text(text, k=k, min_score=min_score, under=under)
-    _print_results(results, as_json, as_paths, {"text": text, "k": k})
+        results = searcher.search(query, k=k, min_score=min_score)
+    _print_results(results, as_json, as_paths, _echo({"text": text, "k": k}, query))
 
 
 @app.command()
@@ -142,18 +180,31 @@ def similar(
     k: KOption = 10,
     min_score: MinScoreOption = None,
     under: UnderOption = None,
+    add: AddOption = None,
+    sub: SubOption = None,
+    after: AfterOption = None,
+    before: BeforeOption = None,
+    camera: CameraOption = None,
+    min_width: MinWidthOption = None,
+    min_height: MinHeightOption = None,
+    types: TypeOption = None,
+    sort: SortOption = "relevance",
     as_json: JsonOption = False,
     as_paths: PathsOption = False,
     device: DeviceOption = "auto",
     server: ServerOption = None,
 ) -> None:
-    """Find images that look like IMAGE (IMAGE itself is left out)."""
+    """Find images that look like IMAGE (plus --add, minus --sub); IMAGE itself is left out."""
     quiet_libraries()
     from retrieval.search.client import open_searcher
+    from retrieval.search.query import Term
 
+    filters = dict(under=under, after=after, before=before, camera=camera, types=types or ())
+    main = Term(path=str(image))
+    query = _query(main, add, sub, sort, False, min_width=min_width, min_height=min_height, **filters)
     with open_searcher(resolve_index_dir(index_dir), device, server) as searcher:
-        results = searcher.search_image(image, k=k, min_score=min_score, under=under)
-    _print_results(results, as_json, as_paths, {"image": str(image), "k": k})
+        results = searcher.search(query, k=k, min_score=min_score)
+    _print_results(results, as_json, as_paths, _echo({"image": str(image), "k": k}, query))
 
 
 @app.command()

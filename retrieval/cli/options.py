@@ -58,3 +58,46 @@ ServerOption = Annotated[
 NoWaitOption = Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting for a running indexer.")]
 BatchOption = Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")]
 WorkersOption = Annotated[int | None, typer.Option("--workers", help="Decoding processes (default: cores).")]
+
+# --- combined queries and filters (search, similar) ---------------------------------------------------------------
+AddOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--add",
+        help="Also look for this: a text, or an image file (an existing path), weighted as 2:snow or "
+        "0.5:./ref.jpg. Repeatable.",
+        show_default=False,
+    ),
+]
+SubOption = Annotated[
+    list[str] | None,
+    typer.Option("--sub", help="Look away from this (same forms as --add). Repeatable.", show_default=False),
+]
+AfterOption = Annotated[
+    str | None,
+    typer.Option(
+        "--after", help="Taken on or after DATE: YYYY, YYYY-MM, YYYY-MM-DD or 'YYYY-MM-DD HH:MM'.", show_default=False
+    ),
+]
+BeforeOption = Annotated[
+    str | None,
+    typer.Option("--before", help="Taken on or before DATE (the whole year, month or day named).", show_default=False),
+]
+CameraOption = Annotated[
+    str | None, typer.Option("--camera", help="Camera make or model contains TEXT (any case).", show_default=False)
+]
+MinWidthOption = Annotated[int | None, typer.Option("--min-width", help="At least this many pixels wide.")]
+MinHeightOption = Annotated[int | None, typer.Option("--min-height", help="At least this many pixels high.")]
+TypeOption = Annotated[
+    str | None, typer.Option("--type", help="File types, comma-separated: jpg,png,webp,gif,bmp,tiff,heic.")
+]
+SortOption = Annotated[str, typer.Option("--sort", help="relevance, or date (newest first, among the same results).")]
+KeywordsOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--keywords/--no-keywords",
+        help="Fuse CLIP's ranking with file and folder names (default: on when the text looks like a file name: "
+        "one word with a digit, _, - or .).",
+        show_default=False,
+    ),
+]

@@ -6,6 +6,8 @@ local engine returns, so the CLI prints them the same way.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import mimetypes
 import urllib.error
@@ -16,9 +18,10 @@ from pathlib import Path
 
 from retrieval.errors import ClipsearchError, UsageError
 from retrieval.search.engine import SearchEngine, SearchResult
+from retrieval.search.query import Query, Term
 from retrieval.store.paths import catalog_path
 
-RESULT_FIELDS = ("rank", "score", "path", "image_id", "width", "height")
+RESULT_FIELDS = ("rank", "score", "path", "image_id", "width", "height", "taken_at")
 
 
 class ServerClient:
@@ -56,6 +59,43 @@ class ServerClient:
         body, content_type = _multipart("image", path.name, path.read_bytes())
         return self._results(self._request("POST", "/api/search/image", params, body, content_type))
 
+    def search(self, query: Query, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
+        """Like ``SearchEngine.search``: image files are sent by id when indexed, else as bytes."""
+        params = _filters(k, min_score, query.filters.under)
+        filters = query.filters.to_dict() | ({"under": params["under"]} if "under" in params else {})
+        body = {
+            "query": {
+                "positive": [self._term(term) for term in query.positive],
+                "negative": [self._term(term) for term in query.negative],
+            },
+            "filters": filters,
+            "sort": query.sort,
+            "keywords": query.keywords,
+            "k": k,
+            "min_score": min_score,
+        }
+        encoded = json.dumps(body).encode()
+        return self._results(self._request("POST", "/api/query", {}, encoded, "application/json"))
+
+    def _term(self, term: Term) -> dict:
+        if term.text is not None:
+            return {"text": term.text, "weight": term.weight}
+        if term.image_id is not None:
+            return {"image_id": term.image_id, "weight": term.weight}
+        if term.picture is not None:
+            buffer = io.BytesIO()
+            term.picture.save(buffer, format="PNG")
+            data = buffer.getvalue()
+        else:
+            path = Path(term.path).expanduser()
+            if not path.is_file():
+                raise UsageError(f"no such image file: {path}")
+            image_id = self.indexed_id(Path(catalog_path(path)))
+            if image_id is not None:
+                return {"image_id": image_id, "weight": term.weight}
+            data = path.read_bytes()
+        return {"image_data": base64.b64encode(data).decode("ascii"), "weight": term.weight}
+
     def indexed_id(self, path: Path) -> int | None:
         """The id of an indexed (not failed) file, or None."""
         try:
@@ -84,7 +124,7 @@ class ServerClient:
 
     @staticmethod
     def _results(page: dict) -> list[SearchResult]:
-        return [SearchResult(**{name: item[name] for name in RESULT_FIELDS}) for item in page["results"]]
+        return [SearchResult(**{name: item.get(name) for name in RESULT_FIELDS}) for item in page["results"]]
 
 
 class _NotFound(Exception):
@@ -126,6 +166,6 @@ def _multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
 def open_searcher(
     index_dir: Path, device: str = "auto", server: str | None = None, text_bf16: bool = False
 ) -> SearchEngine | ServerClient:
-    """The local engine, or a running server when ``server`` is given: both answer ``search_text`` and
-    ``search_image`` with the same arguments and results."""
+    """The local engine, or a running server when ``server`` is given: both answer ``search`` (a ``Query``),
+    ``search_text`` and ``search_image`` with the same arguments and results."""
     return ServerClient(server) if server else SearchEngine(index_dir, device=device, text_bf16=text_bf16)

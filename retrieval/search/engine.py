@@ -11,12 +11,19 @@ import numpy as np
 from retrieval.errors import EmptyIndexError, UsageError
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelIdentity, ModelSpec, spec_key
+from retrieval.search.fusion import KEYWORD_WEIGHT, newest_first, reciprocal_rank_fusion
+from retrieval.search.query import Filters, Query, Term
 from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow
+from retrieval.store.filters import allowed_ids, keyword_ranking
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import catalog_path, display_path
-from retrieval.store.sync import open_vectors
+from retrieval.store.sync import fetch_vectors, open_vectors
+from retrieval.store.topk import empty_top_k, merge_top_k
 from retrieval.store.vectors import VectorIndex
 from retrieval.unit import unit_rows
+
+FUSION_DEPTH = 1000  # how deep the CLIP and keyword rankings go before they are fused (fixed, so pages agree)
+EXACT_BLOCK = 65536  # ids per block when a filtered search falls back to exact scoring over the catalog
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,6 +37,7 @@ class SearchResult:
     image_id: int
     width: int | None
     height: int | None
+    taken_at: str | None = None  # date taken (EXIF, else the file's mtime), wall clock "YYYY-MM-DD HH:MM:SS"
 
     def to_dict(self) -> dict:
         """JSON-ready: a file name that is not valid UTF-8 shows its odd bytes as ``\\xNN`` (``.path`` keeps
@@ -103,34 +111,106 @@ class SearchEngine:
 
     # --- queries --------------------------------------------------------------------------------------------
 
-    def search_text(self, text: str, k: int = 10, min_score: float | None = None, under: Path | str | None = None):
-        if not text.strip():
-            raise UsageError("the query text is empty")
+    def search(self, query: Query, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
+        """The k best images for a combined query, within its filters, in its sort order. Indexed images used as
+        terms are left out of the results. ``min_score`` drops results below that cosine score, except file-name
+        matches in keyword mode (their place comes from the name, not the picture)."""
         _check_k(k)
         self.vectors  # noqa: B018  (fail on an empty index before loading the model)
-        query = self.text_encoder.encode_texts([text])
-        return self._search(query, k, min_score, under, exclude=())
+        filters = self._resolved(query.filters)
+        allowed = allowed_ids(self.catalog, filters)
+        if allowed is not None and not len(allowed):
+            return []
+        vector, exclude = self._query_vector(query)
+        keyword_text = query.keyword_text
+        depth = k + len(exclude) if keyword_text is None else max(k + len(exclude), FUSION_DEPTH)
+        scores, ids = self._vector_search(vector, depth, allowed)
+        score_of = {
+            int(i): float(s) for s, i in zip(scores, ids) if i >= 0 and np.isfinite(s) and int(i) not in exclude
+        }
+        order, matched = list(score_of), set()
+        if keyword_text is not None:
+            matched = [i for i in keyword_ranking(self.catalog, keyword_text, filters, depth) if i not in exclude]
+            order = reciprocal_rank_fusion([matched, order], [KEYWORD_WEIGHT, 1.0])
+            unscored = np.array([i for i in matched if i not in score_of], dtype=np.int64)
+            if len(unscored):
+                score_of.update(zip(unscored.tolist(), (fetch_vectors(self.catalog, unscored) @ vector[0]).tolist()))
+            matched = set(matched)
+        if min_score is not None:
+            order = [i for i in order if i in matched or score_of[i] >= min_score]
+        rows = self.catalog.rows_by_id(order[:k])
+        order = [i for i in order[:k] if i in rows]
+        if query.sort == "date":
+            order = newest_first(order, {i: rows[i].taken_at for i in order})
+        return [_result(rank, rows[i], score_of[i]) for rank, i in enumerate(order, start=1)]
+
+    def _resolved(self, filters: Filters) -> Filters:
+        if filters.under is None:
+            return filters
+        folder = Path(filters.under).expanduser()
+        if not folder.is_dir():
+            raise UsageError(f"no such folder: {folder}")
+        return filters.with_under(str(folder.resolve()))
+
+    def _query_vector(self, query: Query) -> tuple[np.ndarray, set[int]]:
+        """sum(w q) over positive terms minus sum(w q) over negative ones, each q a unit vector, re-normalised;
+        and the ids of the indexed images among the terms."""
+        terms = [(term, 1.0) for term in query.positive] + [(term, -1.0) for term in query.negative]
+        texts = [term for term, _ in terms if not term.is_image]
+        encoded = dict(zip(map(id, texts), self.text_encoder.encode_texts([t.text for t in texts]))) if texts else {}
+        total, exclude = None, set()
+        for term, sign in terms:
+            if term.is_image:
+                vector, image_id = self._image_vector(term)
+                if image_id is not None:
+                    exclude.add(image_id)
+            else:
+                vector = encoded[id(term)]
+            part = sign * term.weight * unit_rows(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+            total = part if total is None else total + part
+        if float(np.linalg.norm(total)) < 1e-6:
+            raise UsageError("the terms of this query cancel each other out: change a weight or a term")
+        return unit_rows(total), exclude
+
+    def _image_vector(self, term: Term) -> tuple[np.ndarray, int | None]:
+        """An image term's vector, and its id when it is an indexed image (its stored vector is used)."""
+        if term.picture is not None:
+            return self.encoder.encode_pil([term.picture]), None
+        if term.image_id is not None:
+            row = self.row(term.image_id)
+            if row is None or row.status != STATUS_OK:
+                raise UsageError(f"no indexed image has id {term.image_id}")
+            return row.vector(), row.id
+        path = Path(term.path).expanduser()
+        if not path.is_file():
+            raise UsageError(f"no such image file: {path}")
+        row = self.catalog.row_by_path(catalog_path(path))
+        if row is not None and row.status == STATUS_OK:
+            return row.vector(), row.id
+        return self._encode_file(path), None
+
+    def _vector_search(self, vector: np.ndarray, depth: int, allowed: np.ndarray | None):
+        """Top ``depth`` (scores, ids) within ``allowed``. An approximate index may visit too few allowed vectors
+        under a wide filter; then the allowed ids are scored exactly from the catalog, block by block, so k
+        results come back whenever k images match."""
+        scores, ids = self.vectors.search(vector, depth, allowed)
+        if allowed is None or int((ids[0] >= 0).sum()) >= min(depth, len(allowed)):
+            return scores[0], ids[0]
+        best = empty_top_k(1)
+        for start in range(0, len(allowed), EXACT_BLOCK):
+            block = allowed[start : start + EXACT_BLOCK]
+            best = merge_top_k(best, (fetch_vectors(self.catalog, block) @ vector[0])[None, :], block, depth)
+        return best[0][0], best[1][0]
+
+    def search_text(self, text: str, k: int = 10, min_score: float | None = None, under: Path | str | None = None):
+        return self.search(Query((Term(text=text),), filters=Filters(under=under)), k, min_score)
 
     def search_image(
         self, image: Path | str | Image.Image, k: int = 10, min_score: float | None = None, under=None
     ) -> list[SearchResult]:
         """Images like ``image``; an indexed query image is left out of its own results."""
-        _check_k(k)
-        self.vectors  # noqa: B018
-        exclude: tuple[int, ...] = ()
-        if isinstance(image, (str, Path)):
-            path = Path(image).expanduser()
-            if not path.is_file():
-                raise UsageError(f"no such image file: {path}")
-            row = self.catalog.row_by_path(catalog_path(path))
-            if row is not None and row.status == STATUS_OK:
-                query = unit_rows(row.vector()[None, :])
-                exclude = (row.id,)
-            else:
-                query = self._encode_file(path)
-        else:
-            query = self.encoder.encode_pil([image])
-        return self._search(query, k, min_score, under, exclude=exclude)
+        term = Term(path=str(image)) if isinstance(image, (str, Path)) else Term(picture=image)
+        return self.search(Query((term,), filters=Filters(under=under)), k, min_score)
 
     def search_vectors(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
         """Raw FAISS search for many query vectors at once (used by evaluation)."""
@@ -156,12 +236,7 @@ class SearchEngine:
         self, image_id: int, k: int = 10, min_score: float | None = None, under: Path | str | None = None
     ) -> list[SearchResult]:
         """Images like the indexed image ``image_id``, from its stored vector; it is left out of its own results."""
-        _check_k(k)
-        self.vectors  # noqa: B018
-        row = self.row(image_id)
-        if row is None or row.status != STATUS_OK:
-            raise UsageError(f"no indexed image has id {image_id}")
-        return self._search(unit_rows(row.vector()[None, :]), k, min_score, under, exclude=(row.id,))
+        return self.search(Query((Term(image_id=int(image_id)),), filters=Filters(under=under)), k, min_score)
 
     def _encode_file(self, path: Path) -> np.ndarray:
         from retrieval.images import DecodeError, load_image
@@ -172,18 +247,10 @@ class SearchEngine:
             raise UsageError(f"cannot use {path} as a query: {error}") from None
         return self.encoder.encode_pil([image])
 
-    def _search(self, query: np.ndarray, k: int, min_score, under, exclude) -> list[SearchResult]:
-        allowed = None
-        if under is not None:
-            folder = Path(under).expanduser()
-            if not folder.is_dir():
-                raise UsageError(f"no such folder: {folder}")
-            allowed = self.catalog.ids_under(str(folder.resolve()))
-            if not len(allowed):
-                return []
-        scores, ids = self.vectors.search(query, k + len(exclude), allowed)
-        rows = self.catalog.rows_by_id([int(i) for i in ids[0] if i >= 0])
-        return _results(scores[0], ids[0], rows, min_score, exclude)[:k]
+
+def _result(rank: int, row: ImageRow, score: float) -> SearchResult:
+    clipped = float(min(1.0, max(-1.0, score)))
+    return SearchResult(rank, clipped, row.path, row.id, row.width, row.height, row.taken_at)
 
 
 def _results(scores, ids, rows, min_score, exclude) -> list[SearchResult]:
@@ -194,9 +261,7 @@ def _results(scores, ids, rows, min_score, exclude) -> list[SearchResult]:
             continue
         if min_score is not None and score < min_score:
             break
-        row = rows[image_id]
-        clipped = float(min(1.0, max(-1.0, score)))
-        results.append(SearchResult(len(results) + 1, clipped, row.path, image_id, row.width, row.height))
+        results.append(_result(len(results) + 1, rows[image_id], score))
     return results
 
 

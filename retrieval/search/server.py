@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -29,6 +29,7 @@ from retrieval.errors import (
     ModelMismatchError,
     UsageError,
 )
+from retrieval.search.api_query import SearchIn, to_query
 from retrieval.search.engine import SearchEngine, SearchResult
 from retrieval.search.file_guard import (
     FileChanged,
@@ -74,13 +75,14 @@ class ResultOut(BaseModel):
     path: str
     width: int | None
     height: int | None
+    taken_at: str | None = None
     thumbnail_url: str
     preview_url: str
     file_url: str
 
 
 class SearchOut(BaseModel):
-    query: dict[str, str | int | float | None]
+    query: dict[str, Any]
     offset: int
     k: int
     has_more: bool
@@ -337,6 +339,23 @@ def _add_search_routes(app: FastAPI, service: SearchService, settings: ServerSet
             offset,
             lambda depth, folder: service.engine.search_image(picture, depth, min_score, folder),
             under,
+        )
+
+    @app.post("/api/query", response_model=SearchOut, tags=["search"])
+    def search_query(body: SearchIn) -> SearchOut:
+        """A combined query: texts and images added (``positive``) or taken away (``negative``), with weights;
+        filters on folder, date taken, camera, pixel size and file type; relevance or date order. In date order
+        a page is a slice of the best ``max_results`` matches (above ``min_score``), newest first."""
+        folder = _checked_under(service, body.filters.under)
+        query = to_query(body, folder, lambda data: _decode_upload(service, data), settings.max_upload_bytes)
+        k = body.k or settings.default_k
+        depth = settings.max_results if query.sort == "date" else None
+        return page(
+            query.to_dict(),
+            k,
+            body.offset,
+            lambda wanted, _folder: service.engine.search(query, depth or wanted, body.min_score),
+            None,
         )
 
     @app.get("/api/stats", response_model=IndexInfo, tags=["index"])
