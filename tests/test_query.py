@@ -277,7 +277,7 @@ def test_cli_search_and_similar_take_terms_filters_and_sort(library, engine):
 @pytest.fixture(scope="module")
 def api(library):
     app = create_app(library[0], ServerSettings(device="cpu"))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         yield client
 
 
