@@ -29,6 +29,10 @@ class IndexCorruptError(ClipsearchError):
     """The index folder is damaged in a way that cannot be repaired automatically."""
 
 
+class ReadOnlyIndexError(ClipsearchError):
+    """The index folder cannot be written (a read-only file system, or no permission); searching still works."""
+
+
 class IndexBusyError(ClipsearchError):
     """Another process is writing to this index."""
 

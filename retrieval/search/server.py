@@ -41,12 +41,11 @@ from retrieval.search.file_guard import (
 )
 from retrieval.search.info import IndexInfo, index_info
 from retrieval.search.security import LOOPBACK_NAMES, GuardMiddleware
-from retrieval.search.thumbnails import THUMBNAIL_SIZES, ThumbnailCache, ThumbnailError
+from retrieval.search.thumbnails import THUMBNAIL_SIZES, ThumbnailCache, ThumbnailError, cache_dir_for
 from retrieval.search.uploads import RETRY_AFTER_S, UploadBusy, UploadDecoder, UploadTooLarge
 from retrieval.store.catalog import STATUS_OK
 
 STATIC_DIR = Path(__file__).with_name("static")
-THUMBNAILS_DIR = "thumbnails"
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around an uploaded file
 MAX_IMAGE_ID = 2**63 - 1  # SQLite's largest integer: a larger id can name no image (and must not overflow)
 
@@ -115,7 +114,7 @@ class SearchService:
         self, index_dir: Path, device: str = "auto", text_bf16: bool = False, uploads: UploadDecoder | None = None
     ):
         self.engine = SearchEngine(index_dir, device=device, text_bf16=text_bf16)
-        self.thumbnails = ThumbnailCache(self.engine.layout.root / THUMBNAILS_DIR)
+        self.thumbnails = ThumbnailCache(cache_dir_for(self.engine.layout.root, self.engine.catalog.read_only))
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-query")
         self.uploads = uploads or UploadDecoder(ServerSettings.max_upload_pixels, ServerSettings.max_upload_decodes)
         self._generation = self.engine.catalog.vectors_generation()

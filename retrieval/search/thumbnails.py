@@ -18,6 +18,18 @@ THUMBNAIL_SIZES = (256, 1024)  # grid tiles and the large view; a fixed set keep
 JPEG_QUALITY = 85
 
 
+def cache_dir_for(index_root: Path, read_only: bool) -> Path:
+    """``<index>/thumbnails``; for an index that cannot be written, a folder under ``$XDG_CACHE_HOME/clipsearch``
+    named after the index's path."""
+    if not read_only:
+        return Path(index_root) / "thumbnails"
+    import hashlib
+
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(os.fsencode(Path(index_root).resolve())).hexdigest()[:16]
+    return cache_home / "clipsearch" / "thumbnails" / digest
+
+
 class ThumbnailError(Exception):
     """The source file is gone or cannot be decoded; the message says which."""
 

@@ -26,11 +26,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from retrieval.errors import EmptyIndexError, IndexCorruptError, ModelMismatchError
+from retrieval.errors import EmptyIndexError, IndexCorruptError, ModelMismatchError, ReadOnlyIndexError
 from retrieval.image_meta import ImageMeta
 from retrieval.model.spec import ModelIdentity
 from retrieval.store.keywords import register_keyword_table
 from retrieval.store.paths import FsPath
+from retrieval.store.read_only import read_only_engine, writable
 from retrieval.unit import unit_rows
 
 # 2: image ids are never reused (AUTOINCREMENT); paths may hold escaped non-UTF-8 bytes (retrieval/store/paths.py).
@@ -149,9 +150,14 @@ class Catalog:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise EmptyIndexError(f"no index at {self.path.parent}: run `clipsearch index FOLDER` first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(f"sqlite:///{self.path}")
-        event.listen(self.engine, "connect", _sqlite_pragmas)
+        # read-only (retrieval/store/read_only.py): searches work where the folder cannot be written
+        self.read_only = not create and not writable(self.path)
+        if self.read_only:
+            self.engine = read_only_engine(self.path)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(f"sqlite:///{self.path}")
+            event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         if create:
             Base.metadata.create_all(self.engine)
@@ -174,6 +180,12 @@ class Catalog:
             )
         elif int(version) < SCHEMA_VERSION:
             from retrieval.store.migrations import migrate_catalog
+
+            if self.read_only:
+                raise ReadOnlyIndexError(
+                    f"read-only index: {self.path.parent} holds schema {version} and must be upgraded once where it "
+                    f"can be written (any clipsearch command does it)"
+                )
 
             self.engine.dispose()
             migrate_catalog(self.path, int(version), SCHEMA_VERSION)

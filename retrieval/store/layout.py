@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from retrieval.errors import ClipsearchError, ReadOnlyIndexError, UsageError
 
 CATALOG_FILE = "catalog.sqlite"
 VECTORS_FILE = "vectors.faiss"
@@ -37,3 +40,15 @@ class IndexLayout:
 
     def exists(self) -> bool:
         return self.catalog.is_file()
+
+
+def unwritable_index_error(root: Path, error: OSError) -> ClipsearchError:
+    """One line for an index folder that cannot be written: read-only, or a file in the way of the folder."""
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = next((p for p in [root, *root.parents] if p.exists() and not p.is_dir()), root)
+        return UsageError(f"--index {root}: {blocker} is a file, not a folder")
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ReadOnlyIndexError(
+            f"read-only index: {root} cannot be written ({error.strerror}); searching it still works"
+        )
+    return ClipsearchError(f"cannot use the index folder {root}: {error.strerror or error}")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from retrieval.errors import IndexBusyError
-from retrieval.store.layout import IndexLayout
+from retrieval.store.layout import IndexLayout, unwritable_index_error
 
 
 @contextmanager
@@ -18,11 +18,11 @@ def write_lock(layout: IndexLayout, wait: bool = True, on_wait: Callable[[str], 
     """Hold the index's write lock; when another process has it, tell ``on_wait`` and wait, or fail at once."""
     from filelock import FileLock, Timeout
 
-    layout.root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(layout.lock))
     try:
+        layout.root.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
-    except Timeout:
+    except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
         if not wait:
             raise IndexBusyError(
                 f"another clipsearch process is writing to {layout.root} (leave out --no-wait to wait for it)"
@@ -30,6 +30,8 @@ def write_lock(layout: IndexLayout, wait: bool = True, on_wait: Callable[[str], 
         if on_wait is not None:
             on_wait(f"another clipsearch process is writing to {layout.root}; waiting for it to finish (Ctrl-C stops)")
         lock.acquire(timeout=-1)
+    except OSError as error:  # a read-only disk, no permission, or a file where the folder should be
+        raise unwritable_index_error(layout.root, error) from None
     try:
         yield
     finally:
