@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,10 @@ from PIL import Image
 from indexer.pipeline import IndexSettings
 from retrieval.model.spec import ModelSpec
 from retrieval.testing import make_random_model_dir
+
+# `clipsearch index` exports the text tower to ONNX after encoding (seconds each time): tests of indexing leave it
+# out; tests/test_text_onnx.py exports on purpose.
+os.environ.setdefault("CLIPSEARCH_EXPORT_TEXT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -105,6 +105,12 @@ def index(
     typer.echo(summary.line())
     if summary.vectors_note:
         typer.echo(summary.vectors_note)
+    if summary.encoded:  # the model is loaded already: export the text tower for torch-free queries if stale
+        from indexer.text_export import refresh_text_tower
+
+        note = refresh_text_tower(resolve_index_dir(index_dir))
+        if note:
+            typer.echo(f"clipsearch: {note}", err=True)
 
 
 def _print_results(results, as_json: bool, as_paths: bool, query: dict) -> None:

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retrieval.errors import EmptyIndexError, UsageError
+from retrieval.model.device import resolve_device
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelIdentity, ModelSpec, spec_key
+from retrieval.model.text_onnx import OnnxTextEncoder, open_text_tower
 from retrieval.search.fusion import KEYWORD_WEIGHT, newest_first, reciprocal_rank_fusion
 from retrieval.search.query import Filters, Query, Term
-from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow
+from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, MetaKey
 from retrieval.store.filters import allowed_ids, keyword_ranking
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import catalog_path, display_path
@@ -60,6 +62,7 @@ class SearchEngine:
             self.catalog.check_model(spec_key(model), model.describe())
         self._encoder: Encoder | None = None
         self._vectors: VectorIndex | None = None
+        self._tower: tuple[str | None, OnnxTextEncoder | None] | None = None  # (record it was opened from, tower)
 
     def close(self) -> None:
         self.catalog.close()
@@ -85,13 +88,28 @@ class SearchEngine:
         return self._encoder
 
     @property
-    def text_encoder(self) -> Encoder:
-        """For text queries: the full encoder once loaded, else only the text tower (faster start, less memory)."""
+    def text_encoder(self) -> Encoder | OnnxTextEncoder:
+        """For text queries: the full encoder once loaded; else on the CPU the exported ONNX tower when the index
+        has a current one (no torch: ``retrieval.model.text_onnx``); else only the torch text tower (faster start,
+        less memory than the whole model)."""
         if self._encoder is not None and not self.text_bf16:
             return self._encoder
         spec = self.model_spec
+        exported = None if self.text_bf16 else self.exported_text_tower()
+        if exported is not None:
+            return exported
         self.catalog.check_model(spec_key(spec), spec.describe())
         return Encoder.load_text(spec, self.device, bf16=self.text_bf16)
+
+    def exported_text_tower(self) -> OnnxTextEncoder | None:
+        """The index's exported text tower when it is current for the index's model and queries run on the CPU;
+        opened again only when the catalog's record changes."""
+        record = self.catalog.get_meta(MetaKey.TEXT_TOWER)
+        if self._tower is None or self._tower[0] != record:
+            usable = self.identity is not None and resolve_device(self.device) == "cpu"
+            tower = open_text_tower(self.layout.root, record, self.identity.key()) if usable else None
+            self._tower = (record, tower)
+        return self._tower[1]
 
     @property
     def vectors(self) -> VectorIndex:

@@ -114,6 +114,7 @@ class MetaKey:
     PARAMS = "index_params"  # IndexParams as JSON
     BUILT_N = "index_built_n"  # vectors at the last (re)build: the IVF types are retrained once it doubles
     RECALL = "index_recall"  # JSON: recall@10 against exact search, queries, kind, effort, when
+    TEXT_TOWER = "text_tower"  # JSON TextTowerRecord: the exported ONNX text tower, its model and file digests
 
 
 class Meta(Base):

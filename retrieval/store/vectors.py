@@ -6,6 +6,7 @@ Ids are catalog primary keys: ``IndexIDMap2`` around flat and HNSW storage, the 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -211,6 +212,8 @@ class VectorIndex:
         all cores (FAISS scans a lone query on one core, at a quarter of the memory bandwidth), then the best
         ``k + RESCORE_MARGIN`` are rescored in float32, so scores and order are those of the stored vectors.
         Many queries: float32 matrix products over blocks of the collection."""
+        if "torch" not in sys.modules and len(queries) <= FAST_SCAN_MAX_QUERIES:
+            return self._scan_flat_faiss(queries, k)
         import torch
 
         stored, ids = self.flat_storage()
@@ -222,6 +225,17 @@ class VectorIndex:
         candidates = torch.topk(scores, shortlist, dim=1).indices.numpy()  # (queries, shortlist)
         exact = np.einsum("qcd,qd->qc", stored[candidates].astype(np.float32), queries)
         return top_k(exact, k, ids[candidates])
+
+    def _scan_flat_faiss(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The lone-query scan without torch (importing it costs a cold `clipsearch search` over a second): FAISS
+        scores the float16 vectors exactly in float32, one core per query, and the shortlist is ranked by the one
+        top-k, as the torch path ranks it."""
+        shortlist = min(len(self), k + RESCORE_MARGIN)
+        _, candidates = self.index.search(queries, shortlist)
+        exact = np.stack([self.index.reconstruct_batch(row) @ query for row, query in zip(candidates, queries)]).astype(
+            np.float32
+        )
+        return top_k(exact, k, candidates)
 
     def flat_storage(self) -> tuple[np.ndarray, np.ndarray]:
         """(n, dim) view of the stored vectors (float16, or float32 in indexes written before float16) and ids."""

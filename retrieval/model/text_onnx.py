@@ -1,0 +1,126 @@
+"""Text queries without torch: the exported text tower in ONNX Runtime, fed by the torch-free tokenizer.
+
+Importing torch and open_clip and loading the model cost a `clipsearch search` about 5 s; this path costs a
+fraction of a second. The export lives in its own folder inside the index (``text-tower-<digest>``), written by
+``indexer.text_export``, which also records a ``TextTowerRecord`` in the catalog: the model it was made from,
+how it was checked against the torch tower, and the digest of every file. A tower is used only when the record's
+model is the index's model and the files are the ones recorded; anything else falls back to the torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.model.clip_tokenizer import ClipTokenizer
+from retrieval.model.spec import file_digest
+from retrieval.unit import unit_rows
+
+TOWER_FILE = "text.onnx"
+FOLDER_PREFIX = "text-tower-"
+
+
+@dataclass(frozen=True)
+class TextTowerRecord:
+    """What the catalog records about an exported text tower (``MetaKey.TEXT_TOWER``)."""
+
+    folder: str  # inside the index folder
+    model_key: str  # ModelIdentity.key() of the model it was exported from
+    precision: str  # "int8" or "float32": the graph in TOWER_FILE
+    digest: str  # sha256 over the files' own sha256s: the export's identity
+    files: dict[str, list] = field(default_factory=dict)  # name -> [sha256, size, mtime_ns]
+    min_cosine: float = 0.0  # float32 graph against the torch tower on the probe captions
+    top10_same: bool = False  # float32 graph: the same top-10 as the torch tower on the probe captions
+    int8_overlap: float | None = None  # int8 graph: mean top-10 overlap with float32 on the probe captions
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TextTowerRecord:
+        return cls(**json.loads(text))
+
+
+def stamp_files(folder: Path, names: Sequence[str]) -> tuple[dict[str, list], str]:
+    """(per-file [sha256, size, mtime_ns], combined digest) of files in ``folder``."""
+    files = {}
+    for name in names:
+        stat = (folder / name).stat()
+        files[name] = [file_digest(folder / name), stat.st_size, stat.st_mtime_ns]
+    return files, _combined(files)
+
+
+def _combined(files: dict[str, list]) -> str:
+    return hashlib.sha256("".join(f"{name}:{files[name][0]}\n" for name in sorted(files)).encode()).hexdigest()
+
+
+def files_match(folder: Path, record: TextTowerRecord) -> bool:
+    """Whether the folder holds exactly the recorded files: size and mtime as recorded (no hashing), or else
+    the same sha256; and the record's digest is the digest of those files."""
+    if _combined(record.files) != record.digest:
+        return False
+    for name, (sha, size, mtime_ns) in record.files.items():
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            return False
+        if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns) and (
+            stat.st_size != size or file_digest(folder / name) != sha
+        ):
+            return False
+    return True
+
+
+class OnnxTextEncoder:
+    """Normalised float32 text features from an exported tower: ``encode_texts`` as ``Encoder`` has it."""
+
+    def __init__(self, folder: Path, record: TextTowerRecord, graph_file: str = TOWER_FILE, threads: int | None = None):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        if threads:
+            options.intra_op_num_threads = threads
+        self.record = record
+        self.tokenizer = ClipTokenizer(folder)
+        self.session = onnxruntime.InferenceSession(
+            str(folder / graph_file), options, providers=["CPUExecutionProvider"]
+        )
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+
+    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Features of (n, context) token rows, run only up to the batch's last end-of-text token."""
+        length = int(tokens.argmax(axis=1).max()) + 1
+        (features,) = self.session.run(None, {"tokens": np.ascontiguousarray(tokens[:, :length])})
+        return unit_rows(np.asarray(features, dtype=np.float32))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        chunks = [
+            self.encode_tokens(self.tokenizer(list(texts[start : start + batch_size])))
+            for start in range(0, len(texts), batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), dtype=np.float32)
+
+
+def open_text_tower(root: Path, record_json: str | None, model_key: str) -> OnnxTextEncoder | None:
+    """The index's exported tower when it belongs to ``model_key`` and its files are intact; else None (the
+    caller uses the torch tower). A broken file or a missing onnxruntime is also None, never an error."""
+    if not record_json:
+        return None
+    try:
+        record = TextTowerRecord.from_json(record_json)
+    except (ValueError, TypeError):
+        return None
+    folder = root / record.folder
+    if record.model_key != model_key or os.sep in record.folder or not files_match(folder, record):
+        return None
+    try:
+        return OnnxTextEncoder(folder, record)
+    except Exception:  # noqa: BLE001  (no onnxruntime, an unreadable graph: the torch path still answers)
+        return None

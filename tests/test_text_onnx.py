@@ -1,0 +1,166 @@
+"""Torch-free text queries: the tokenizer gives open_clip's ids, the exported ONNX tower matches torch and is
+recorded with its digest, a stale or damaged export falls back to torch, and the query commands never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from indexer.pipeline import index_paths
+from indexer.text_export import MIN_COSINE, export_text_tower, tower_current
+from retrieval.cli import app
+from retrieval.model.clip_tokenizer import ClipTokenizer, save_tokenizer
+from retrieval.model.encoder import Encoder
+from retrieval.model.text_onnx import TOWER_FILE, OnnxTextEncoder, TextTowerRecord
+from retrieval.search.engine import SearchEngine
+from retrieval.store.catalog import Catalog, MetaKey
+from retrieval.store.layout import IndexLayout
+from tests.conftest import make_images
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = [
+    "a", "dog", "on", "the", "beach", "at", "sunset", "Red", "CAR", "café", "naïve", "Zürich", "straße", "señor",
+    "東京", "夜景", "猫", "こんにちは", "서울", "Москва", "кошка", "القاهرة", "שלום", "हिन्दी", "ελληνικά", "🐶", "🌅",
+    "👨‍👩‍👧", "don't", "it's", "we'll", "I'M", "they've", "O'Brien", "&amp;", "&lt;b&gt;", "&quot;hi&quot;", "&#39;",
+    "Ã©tÃ©", "â€œquotedâ€\x9d", "1999", "3.14", "#hashtag", "@user", "e-mail", "snake_case", "CamelCase", "x" * 40,
+    "...", "!?!", "<start_of_text>", "<end_of_text>", "<<end_of_text>>", "<START_OF_TEXT>", "\t", "\n", "  ",
+    "\u00a0", "\u200b", "ﬁne", "Ⅻ", "①", "ｆｕｌｌｗｉｄｔｈ", "ǅ", "İstanbul", "ß", "ﬀ", "Å", "e\u0301",
+    "ñ", "½", "°C", "€100",
+]  # fmt: skip
+
+
+def varied_strings(count: int = 1000, seed: int = 0) -> list[str]:
+    """Short and long (past the context length), mixed scripts, emoji, entities, mojibake, special-token text."""
+    rng = random.Random(seed)
+    texts = ["", " ", "a", "A dog on the beach at sunset."]
+    while len(texts) < count:
+        words = rng.choice([1, 2, 3, 5, 8, 13, 40])
+        texts.append(rng.choice([" ", " ", "", "  ", "\n", ", "]).join(rng.choice(WORDS) for _ in range(words)))
+    return texts
+
+
+def test_tokenizer_gives_open_clips_ids_without_torch(tmp_path):
+    import open_clip
+
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    save_tokenizer(reference, tmp_path, context_length=77)
+    texts = varied_strings()
+    assert sum(not text.isascii() for text in texts) > 300
+    expected, got = reference(texts).numpy(), ClipTokenizer(tmp_path)(texts)
+    differing = [texts[i] for i in range(len(texts)) if not np.array_equal(expected[i], got[i])]
+    assert not differing, differing[:3]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_spec):
+    """A tiny index with its text tower exported through the CLI, as float32 (compared exactly with torch)."""
+    from indexer.pipeline import IndexSettings
+
+    root = tmp_path_factory.mktemp("onnx")
+    photos = root / "photos"
+    make_images(photos, 12)
+    index_dir = root / "index"
+    index_paths(index_dir, [photos], IndexSettings(model=tiny_spec, batch_size=8, workers=0), progress=False)
+    result = CliRunner().invoke(app, ["export-text", "--index", str(index_dir), "--precision", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "exported text-tower-" in result.output and "same top-10 yes" in result.output
+    return index_dir, photos
+
+
+@pytest.mark.slow
+def test_export_matches_torch_and_is_recorded_with_its_digest(exported, tiny_spec):
+    index_dir, _ = exported
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    record = TextTowerRecord.from_json(catalog.get_meta(MetaKey.TEXT_TOWER))
+    assert record.model_key == catalog.model_identity().key() and record.precision == "float32"
+    assert record.min_cosine >= MIN_COSINE and record.top10_same
+    assert tower_current(catalog, IndexLayout(index_dir))
+    catalog.close()
+
+    queries = ["a dog on a beach", "東京の夜景", "red car " * 30, "<end_of_text> x"]
+    tower = OnnxTextEncoder(index_dir / record.folder, record)
+    torch_vectors = Encoder.load_text(tiny_spec, "cpu").encode_texts(queries)
+    assert np.min(np.sum(tower.encode_texts(queries) * torch_vectors, axis=1)) >= MIN_COSINE
+    with SearchEngine(index_dir, device="cpu") as engine:
+        assert isinstance(engine.text_encoder, OnnxTextEncoder)
+        for query, vector in zip(queries, torch_vectors):
+            by_torch = [r.image_id for r in engine.search_vectors(vector[None, :], k=5)[0]]
+            assert [r.image_id for r in engine.search_text(query, k=5)] == by_torch
+
+    again = CliRunner().invoke(app, ["export-text", "--index", str(index_dir), "--precision", "float32"])
+    assert again.exit_code == 0 and "is current" in again.output
+
+
+@pytest.mark.slow
+def test_a_changed_or_foreign_export_falls_back_to_torch_until_exported_again(exported, tmp_path):
+    import shutil
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(exported[0], index_dir)
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    record = TextTowerRecord.from_json(catalog.get_meta(MetaKey.TEXT_TOWER))
+    with SearchEngine(index_dir, device="cpu") as engine:
+        expected = [r.image_id for r in engine.search_text("a dog", k=5)]
+
+    graph = index_dir / record.folder / TOWER_FILE
+    graph.write_bytes(graph.read_bytes() + b"\0")  # another file than the one checked and recorded
+    with SearchEngine(index_dir, device="cpu") as engine:
+        assert isinstance(engine.text_encoder, Encoder)
+        assert [r.image_id for r in engine.search_text("a dog", k=5)] == expected
+
+    foreign = json.loads(record.to_json()) | {"model_key": "sha256:another-model"}
+    catalog.set_meta(MetaKey.TEXT_TOWER, json.dumps(foreign))
+    assert not tower_current(catalog, IndexLayout(index_dir))
+    catalog.close()
+    with SearchEngine(index_dir, device="cpu") as engine:
+        assert isinstance(engine.text_encoder, Encoder)
+
+    report = export_text_tower(index_dir, precision="int8")  # stale: exported again, this time as int8
+    assert report.exported and report.record.precision == "int8" and report.record.int8_overlap >= 0.8
+    assert [p.name for p in index_dir.glob("text-tower-*")] == [report.record.folder]  # the old one is gone
+    with SearchEngine(index_dir, device="cpu") as engine:
+        assert isinstance(engine.text_encoder, OnnxTextEncoder) and engine.text_encoder.record.precision == "int8"
+
+
+QUERY_WITHOUT_TORCH = """
+import atexit, os, sys
+atexit.register(lambda: os.write(2, b"TORCH LOADED\\n") if "torch" in sys.modules else None)
+sys.argv = ["clipsearch", *sys.argv[1:]]
+from retrieval.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_query_commands_never_import_torch(exported):
+    index_dir, photos = exported
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_INDEX": str(index_dir)}
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, retrieval.cli; assert 'torch' not in sys.modules"], env=env, cwd=ROOT
+    )
+    assert imported.returncode == 0
+    outputs = {}
+    for args in (["search", "a dog", "--json"], ["info"], ["similar", str(photos / "img_0_001.jpg"), "--json"]):
+        done = subprocess.run(
+            [sys.executable, "-c", QUERY_WITHOUT_TORCH, *args], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert "TORCH LOADED" not in done.stderr, args
+        outputs[args[0]] = done.stdout
+    with SearchEngine(index_dir, device="cpu") as engine:  # in this process: torch's flat scan
+        for command, results in (
+            ("search", engine.search_text("a dog")),
+            ("similar", engine.search_image(photos / "img_0_001.jpg")),
+        ):
+            printed = json.loads(outputs[command])["results"]
+            assert [item["image_id"] for item in printed] == [r.image_id for r in results]
+    assert "12 indexed" in outputs["info"]
