@@ -2,6 +2,7 @@
 
 from retrieval.cli import check as check_command  # noqa: F401  (registers check)
 from retrieval.cli import commands  # noqa: F401  (registers index, search, similar, info)
+from retrieval.cli import duplicates as duplicates_command  # noqa: F401  (registers duplicates)
 from retrieval.cli import eval as eval_commands  # noqa: F401  (registers eval flickr30k, eval captions)
 from retrieval.cli import export_text as export_text_command  # noqa: F401  (registers export-text)
 from retrieval.cli import reindex as reindex_command  # noqa: F401  (registers reindex)
