@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,9 @@ def server_url(tmp_path_factory, tiny_spec):
     photos = root / "photos"
     draw_shapes(photos, 22, seed=11, suffix=".jpg")
     draw_shapes(photos / "more", 18, seed=12, suffix=".png")
+    for i, png in enumerate(sorted((photos / "more").iterdir())):  # dated 2015 (no EXIF: the mtime is the date)
+        stamp = (1_420_113_600 + i * 86_400) * 10**9
+        os.utime(png, ns=(stamp, stamp))
     settings = IndexSettings(model=tiny_spec, batch_size=16, workers=0, chunk_size=64, device="cpu")
     index_paths(root / "index", [photos], settings, progress=False)
     with running_server(create_app(root / "index", ServerSettings(device="cpu"))) as url:
@@ -98,13 +102,24 @@ def keep_screenshot(page, tmp_path: Path, name: str) -> Path:
     return shot
 
 
+def wait_until(page, expression: str, arg=None, timeout_s: float = 20.0) -> None:
+    """Poll ``expression`` (a JS expression, or a function given ``arg``) until it is truthy. Playwright's
+    wait_for_function evaluates its predicate with eval(), which the page's Content-Security-Policy forbids."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression, arg):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {expression}")
+        time.sleep(0.05)
+
+
 def tile_ids(page) -> list[int]:
     return [int(i) for i in page.eval_on_selector_all(".tile", "tiles => tiles.map(t => t.dataset.imageId)")]
 
 
 def wait_for_thumbnails(page, count: int) -> None:
     """The first ``count`` tiles show a decoded image (not a broken icon)."""
-    page.wait_for_function(
+    wait_until(
+        page,
         "n => { const imgs = [...document.querySelectorAll('.tile img')].slice(0, n);"
         " return imgs.length === n && imgs.every(i => i.complete && i.naturalWidth > 0); }",
         arg=count,
@@ -117,7 +132,7 @@ def test_type_a_query_see_thumbnails_open_one_and_get_more_like_it(page, server_
     assert not page.is_visible("#query-image") and not page.is_visible("#drop-overlay")
     page.fill("#q", "a sunset over the sea")
     page.press("#q", "Enter")
-    page.wait_for_function(f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
+    wait_until(page, f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
     wait_for_thumbnails(page, 8)
     assert "q=a+sunset+over+the+sea" in page.url
     scores = [float(s) for s in page.eval_on_selector_all(".tile .score", "els => els.map(e => e.textContent)")]
@@ -127,33 +142,33 @@ def test_type_a_query_see_thumbnails_open_one_and_get_more_like_it(page, server_
     keep_screenshot(page, tmp_path, "search.png")
 
     page.mouse.wheel(0, 5000)  # scrolling down loads the next pages
-    page.wait_for_function(f"document.querySelectorAll('.tile').length > {PAGE_SIZE}")
+    wait_until(page, f"document.querySelectorAll('.tile').length > {PAGE_SIZE}")
     assert tile_ids(page)[:PAGE_SIZE] == first_results[:PAGE_SIZE]
     page.evaluate("window.scrollTo(0, 0)")
 
     page.click(".tile >> nth=0")
     viewer = page.locator("#viewer")
     viewer.wait_for(state="visible")
-    page.wait_for_function(
-        "() => { const i = document.getElementById('viewer-img'); return i.complete && i.naturalWidth > 0; }"
+    wait_until(
+        page, "() => { const i = document.getElementById('viewer-img'); return i.complete && i.naturalWidth > 0; }"
     )
     assert page.inner_text("#viewer-path").endswith((".jpg", ".png"))
     keep_screenshot(page, tmp_path, "viewer.png")
 
     page.click("#viewer-similar")
     page.wait_for_url(f"**/?like={first_results[0]}*")
-    page.wait_for_function(f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
+    wait_until(page, f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
     wait_for_thumbnails(page, 8)
     similar = tile_ids(page)
     assert first_results[0] not in similar and similar != first_results
     assert page.is_visible("#query-image")
 
     page.reload()  # the query lives in the URL
-    page.wait_for_function(f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
+    wait_until(page, f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
     assert tile_ids(page)[:PAGE_SIZE] == similar[:PAGE_SIZE]
     page.go_back()
-    page.wait_for_function("new URLSearchParams(location.search).get('q') === 'a sunset over the sea'")
-    page.wait_for_function(f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
+    wait_until(page, "new URLSearchParams(location.search).get('q') === 'a sunset over the sea'")
+    wait_until(page, f"document.querySelectorAll('.tile').length >= {PAGE_SIZE}")
     assert tile_ids(page)[:PAGE_SIZE] == first_results[:PAGE_SIZE]
     assert page.input_value("#q") == "a sunset over the sea"
     assert page.errors == []
@@ -175,7 +190,7 @@ def test_dropping_or_pasting_an_image_searches_by_it(page, server_url, gesture):
         }""",
         gesture,
     )
-    page.wait_for_function("document.querySelectorAll('.tile').length > 0")
+    wait_until(page, "document.querySelectorAll('.tile').length > 0")
     assert tile_ids(page)[0] == 5  # the indexed copy of the dropped photo comes first
     assert float(page.inner_text(".tile >> nth=0 >> .score")) > 0.99
     assert page.is_visible("#query-image") and page.errors == []
@@ -185,3 +200,51 @@ def test_an_error_from_the_api_is_shown_not_swallowed(page, server_url):
     page.goto(f"{server_url}/?like=99999")
     page.wait_for_selector("#status.error")
     assert "no indexed image" in page.inner_text("#status")
+
+
+def wait_for_results(page, url_part: str) -> None:
+    """The URL says ``url_part`` and the search it started has answered with tiles."""
+    wait_until(page, f"decodeURIComponent(location.search.replace(/\\+/g, ' ')).includes({url_part!r})")
+    wait_until(page, "!state.loading && document.querySelectorAll('.tile').length > 0")
+
+
+def test_a_chip_and_a_date_filter_change_the_results_and_live_in_the_url(page, server_url, tmp_path):
+    page.goto(f"{server_url}/?k={PAGE_SIZE}")
+    page.wait_for_selector("#status:has-text('40 images indexed')")
+    assert page.is_visible("#filters") and page.is_visible("#chip-text")
+    page.fill("#q", "a red circle")
+    page.press("#q", "Enter")
+    wait_for_results(page, "q=a red circle")
+    plain = tile_ids(page)
+
+    page.fill("#chip-text", "a blue square")
+    page.click("#chip-add")
+    wait_for_results(page, "add=a blue square")
+    assert page.inner_text(".chip.positive .chip-label") == "a blue square"
+    added = tile_ids(page)
+    assert added != plain
+
+    page.click(".chip .chip-sign")  # the chip turns negative
+    wait_for_results(page, "sub=a blue square")
+    assert page.is_visible(".chip.negative") and tile_ids(page) not in (plain, added)
+
+    page.fill("#f-before", "2015-12-31")
+    wait_for_results(page, "before=2015-12-31")
+    page.mouse.wheel(0, 5000)  # every page of results, not just the first
+    page.wait_for_selector("#end", state="visible")
+    dates = page.eval_on_selector_all(".tile", "tiles => tiles.map(t => t.dataset.takenAt)")
+    titles = page.eval_on_selector_all(".tile", "tiles => tiles.map(t => t.title)")
+    assert len(dates) == 18 and all(d.startswith("2015-01") for d in dates)
+    assert all(t.endswith(".png") for t in titles)
+    keep_screenshot(page, tmp_path, "chips-and-filters.png")
+
+    page.select_option("#f-sort", "date")
+    wait_for_results(page, "sort=date")
+    dates = page.eval_on_selector_all(".tile", "tiles => tiles.map(t => t.dataset.takenAt)")
+    assert dates == sorted(dates, reverse=True)
+
+    page.reload()  # chips and filters come back from the URL
+    wait_until(page, "!state.loading && document.querySelectorAll('.tile').length > 0")
+    assert page.is_visible(".chip.negative") and page.input_value("#f-before") == "2015-12-31"
+    assert page.input_value("#f-sort") == "date"
+    assert page.errors == []

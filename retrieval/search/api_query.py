@@ -55,8 +55,9 @@ class SearchIn(BaseModel):
     min_score: float | None = Field(None, ge=-1, le=1, description="Drop results below this cosine score.")
 
 
-def to_query(body: SearchIn, under: str | None, decode: Callable[[bytes], Any], max_bytes: int) -> Query:
-    """The request as a ``Query``; ``under`` is the caller's checked folder."""
+def to_query(body: SearchIn, under: str | None, decode: Callable[[bytes], Any]) -> Query:
+    """The request as a ``Query``; ``under`` is the caller's checked folder, ``decode`` its bounded decoder
+    (it refuses oversized bytes too)."""
 
     def term(item: TermIn) -> Term:
         if item.image_data is not None:
@@ -64,8 +65,6 @@ def to_query(body: SearchIn, under: str | None, decode: Callable[[bytes], Any], 
                 data = base64.b64decode(item.image_data, validate=True)
             except (binascii.Error, ValueError):
                 raise UsageError("image_data must be base64") from None
-            if len(data) > max_bytes:
-                raise UsageError(f"an image in the query is larger than {max_bytes} bytes")
             return Term(picture=decode(data), weight=item.weight)
         return Term(text=item.text, image_id=item.image_id, weight=item.weight)
 

@@ -181,7 +181,8 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
     )
     app.state.service = service
     app.state.settings = settings
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
+    # base64 images in a POST /api/query body take 4/3 of their size: the body limit leaves room for one
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes * 4 // 3 + MULTIPART_SLACK)
     app.add_middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts)  # outermost: runs first
     app.add_exception_handler(ClipsearchError, _clipsearch_error)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -346,7 +347,13 @@ def _add_search_routes(app: FastAPI, service: SearchService, settings: ServerSet
         filters on folder, date taken, camera, pixel size and file type; relevance or date order. In date order
         a page is a slice of the best ``max_results`` matches (above ``min_score``), newest first."""
         folder = _checked_under(service, body.filters.under)
-        query = to_query(body, folder, lambda data: _decode_upload(service, data), settings.max_upload_bytes)
+
+        def decode(data: bytes):
+            if len(data) > settings.max_upload_bytes:
+                raise HTTPException(413, _too_large(settings.max_upload_bytes))
+            return _decode_upload(service, data)
+
+        query = to_query(body, folder, decode)
         k = body.k or settings.default_k
         depth = settings.max_results if query.sort == "date" else None
         return page(

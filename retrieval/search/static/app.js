@@ -1,12 +1,13 @@
-// clipsearch web page: search by text, by an indexed image ("more like this") or by a dropped / pasted image.
-// The query lives in the URL (?q=... or ?like=ID), so a search can be shared or reloaded. Plain JS, no build step.
+// clipsearch web page: search by text, by an indexed image ("more like this") or by a dropped / pasted image, plus
+// chips and filters (query.js). The query lives in the URL (?q=... or ?like=ID, &add=..&after=..), so a search can
+// be shared or reloaded. Every search is one POST /api/query. Plain JS, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const PAGE_SIZE = Math.min(200, Math.max(1, Number(new URLSearchParams(location.search).get("k")) || 48));
 
 const state = {
-  query: null,      // {kind: "text", text} | {kind: "like", id} | {kind: "upload", blob, name}
+  query: null,      // {kind: "text", text} | {kind: "like", id} | {kind: "upload", blob, name, data (base64)}
   results: [],
   hasMore: false,
   loading: false,
@@ -28,16 +29,17 @@ function urlFor(query) {
   if (query && query.kind === "text") params.set("q", query.text);
   if (query && query.kind === "like") params.set("like", String(query.id));
   const current = new URLSearchParams(location.search);
-  for (const kept of ["k", "under", "min_score"]) if (current.get(kept)) params.set(kept, current.get(kept));
+  if (current.get("k")) params.set("k", current.get("k"));
+  QueryModel.writeUrl(params);
   const text = params.toString();
   return text ? `/?${text}` : "/";
 }
 
-function filters(offset) {
-  const current = new URLSearchParams(location.search);
-  const params = new URLSearchParams({ k: String(PAGE_SIZE), offset: String(offset) });
-  for (const kept of ["under", "min_score"]) if (current.get(kept)) params.set(kept, current.get(kept));
-  return params;
+function mainTerm(query) {
+  if (!query) return null;
+  if (query.kind === "text") return { text: query.text };
+  if (query.kind === "like") return { image_id: query.id };
+  return { image_data: query.data };
 }
 
 // --- searching ------------------------------------------------------------------------------------------------
@@ -50,11 +52,11 @@ function search(query, { push = true } = {}) {
   state.token += 1;
   $("grid").replaceChildren();
   $("end").hidden = true;
-  if (push && query && query.kind !== "upload") history.pushState(null, "", urlFor(query));
+  if (push && (!query || query.kind !== "upload")) history.pushState(null, "", urlFor(query));
   if (push && query && query.kind === "upload") history.pushState(null, "", urlFor(null));
   $("q").value = query && query.kind === "text" ? query.text : "";
   showQueryImage(query);
-  if (!query) {
+  if (!query && !QueryModel.hasPositive()) {
     showStats();
     return;
   }
@@ -62,7 +64,7 @@ function search(query, { push = true } = {}) {
 }
 
 async function loadMore() {
-  if (state.loading || !state.query) return;
+  if (state.loading || !(state.query || QueryModel.hasPositive())) return;
   const token = state.token;
   const query = state.query;
   state.loading = true;
@@ -86,18 +88,11 @@ async function loadMore() {
 }
 
 async function fetchPage(query, offset) {
-  const params = filters(offset);
-  let response;
-  if (query.kind === "text") {
-    params.set("q", query.text);
-    response = await fetch(`/api/search?${params}`);
-  } else if (query.kind === "like") {
-    response = await fetch(`/api/similar/${query.id}?${params}`);
-  } else {
-    const form = new FormData();
-    form.append("image", query.blob, query.name);
-    response = await fetch(`/api/search/image?${params}`, { method: "POST", body: form });
-  }
+  const response = await fetch("/api/query", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(QueryModel.body(mainTerm(query), offset, PAGE_SIZE)),
+  });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(describeError(body, response.status));
   return body;
@@ -109,12 +104,18 @@ function describeError(body, status) {
   return `the server answered ${status}`;
 }
 
-function searchUpload(file) {
+async function searchUpload(file) {
   if (!file || !file.type.startsWith("image/")) {
     setStatus("That is not an image file.", true);
     return;
   }
-  search({ kind: "upload", blob: file, name: file.name || "pasted image" });
+  const url = await new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+  search({ kind: "upload", blob: file, name: file.name || "pasted image", data: url.slice(url.indexOf(",") + 1) });
 }
 
 // --- rendering ------------------------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ function appendTiles(results, first) {
     tile.tabIndex = 0;
     tile.dataset.index = String(first + i);
     tile.dataset.imageId = String(result.image_id);
+    if (result.taken_at) tile.dataset.takenAt = result.taken_at;
     tile.title = result.path;
     const img = document.createElement("img");
     img.src = result.thumbnail_url;
@@ -184,7 +186,8 @@ function openViewer(index) {
   $("viewer-img").alt = baseName(result.path);
   $("viewer-path").textContent = result.path;
   const size = result.width && result.height ? `${result.width} × ${result.height} · ` : "";
-  $("viewer-facts").textContent = `${size}score ${result.score.toFixed(3)} · #${result.rank}`;
+  const taken = result.taken_at ? `taken ${result.taken_at} · ` : "";
+  $("viewer-facts").textContent = `${size}${taken}score ${result.score.toFixed(3)} · #${result.rank}`;
   $("viewer-original").href = result.file_url;
   $("viewer-prev").disabled = index === 0;
   $("viewer-next").disabled = index >= state.results.length - 1;
@@ -233,6 +236,29 @@ function wire() {
       window.scrollTo({ top: 0 });
     }
   });
+  for (const [button, sign] of [["viewer-add", "+"], ["viewer-sub", "-"]]) {
+    $(button).addEventListener("click", () => {
+      const result = state.results[state.viewing];
+      closeViewer();
+      if (result) {
+        QueryModel.add({ sign, imageId: result.image_id });
+        search(state.query);
+      }
+    });
+  }
+  $("chip-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("chip-text").value.trim();
+    if (!text) return;
+    QueryModel.add({ sign: event.submitter && event.submitter.id === "chip-sub" ? "-" : "+", text });
+    $("chip-text").value = "";
+    search(state.query);
+  });
+  $("chips").addEventListener("click", (event) => {
+    if (QueryModel.click(event.target)) search(state.query);
+  });
+  for (const id of QueryModel.filterIds) $(id).addEventListener("change", () => search(state.query));
+  $("filters").addEventListener("submit", (event) => event.preventDefault());
   $("viewer-close").addEventListener("click", closeViewer);
   $("viewer-prev").addEventListener("click", () => openViewer(state.viewing - 1));
   $("viewer-next").addEventListener("click", () => openViewer(state.viewing + 1));
@@ -278,9 +304,11 @@ function wire() {
   });
   window.addEventListener("popstate", () => {
     closeViewer();
+    QueryModel.readUrl(new URLSearchParams(location.search));
     search(queryFromUrl(), { push: false });
   });
 }
 
 wire();
+QueryModel.readUrl(new URLSearchParams(location.search));
 search(queryFromUrl(), { push: false });

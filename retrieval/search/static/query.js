@@ -1,0 +1,149 @@
+// clipsearch web page: the query model (retrieval/search/query.py) on the page. The main query (a text, an indexed
+// image or an upload) plus chips (texts or indexed images, each added or taken away, with a weight) and the filter
+// controls. It lives in the URL (?q=..&add=..&sub=..&after=..) and becomes one POST /api/query body.
+"use strict";
+
+const QueryModel = (() => {
+  const WEIGHTED = /^(\d+(?:\.\d*)?|\.\d+):([\s\S]+)$/;
+  const IMAGE = /^img:(\d+)$/;
+  // URL parameter -> filter control id; each is read and written as text.
+  const FILTERS = {
+    after: "f-after", before: "f-before", camera: "f-camera", type: "f-type", min_width: "f-min-width",
+    min_height: "f-min-height", under: "f-under", min_score: "f-min-score", sort: "f-sort",
+  };
+  let chips = []; // {sign: "+" | "-", text?: string, imageId?: number, weight: number}
+
+  // --- chips <-> URL ("2:snow", "img:42", "0.5:img:42": the CLI's [WEIGHT:]VALUE form) -------------------------
+
+  function chipParam(chip) {
+    const value = chip.imageId != null ? `img:${chip.imageId}` : chip.text;
+    return chip.weight !== 1 || WEIGHTED.test(value) ? `${chip.weight}:${value}` : value;
+  }
+
+  function parseChip(param, sign) {
+    let weight = 1;
+    let value = param;
+    const weighted = WEIGHTED.exec(param);
+    if (weighted) {
+      weight = Number(weighted[1]);
+      value = weighted[2];
+    }
+    const image = IMAGE.exec(value);
+    return image ? { sign, imageId: Number(image[1]), weight } : { sign, text: value, weight };
+  }
+
+  function readUrl(params) {
+    chips = [
+      ...params.getAll("add").filter(Boolean).map((p) => parseChip(p, "+")),
+      ...params.getAll("sub").filter(Boolean).map((p) => parseChip(p, "-")),
+    ];
+    for (const [name, id] of Object.entries(FILTERS)) $(id).value = params.get(name) || (name === "sort" ? "relevance" : "");
+    renderChips();
+  }
+
+  function writeUrl(params) {
+    for (const chip of chips) params.append(chip.sign === "+" ? "add" : "sub", chipParam(chip));
+    for (const [name, id] of Object.entries(FILTERS)) {
+      const value = $(id).value.trim();
+      if (value && !(name === "sort" && value === "relevance")) params.set(name, value);
+    }
+  }
+
+  // --- the request body ------------------------------------------------------------------------------------------
+
+  function term(chip) {
+    return chip.imageId != null ? { image_id: chip.imageId, weight: chip.weight } : { text: chip.text, weight: chip.weight };
+  }
+
+  function filters() {
+    const value = (id) => $(id).value.trim();
+    const number = (id) => (value(id) ? Number(value(id)) : null);
+    const found = {
+      after: value("f-after") || null,
+      before: value("f-before") || null,
+      camera: value("f-camera") || null,
+      under: value("f-under") || null,
+      min_width: number("f-min-width"),
+      min_height: number("f-min-height"),
+      types: value("f-type").split(",").map((t) => t.trim()).filter(Boolean),
+    };
+    return Object.fromEntries(Object.entries(found).filter(([, v]) => v !== null && !(Array.isArray(v) && !v.length)));
+  }
+
+  function body(mainTerm, offset, k) {
+    const positive = mainTerm ? [mainTerm] : [];
+    const negative = [];
+    for (const chip of chips) (chip.sign === "+" ? positive : negative).push(term(chip));
+    const minScore = $("f-min-score").value.trim();
+    return {
+      query: { positive, negative },
+      filters: filters(),
+      sort: $("f-sort").value || "relevance",
+      min_score: minScore ? Number(minScore) : null,
+      k,
+      offset,
+    };
+  }
+
+  // --- chips on the page -----------------------------------------------------------------------------------------
+
+  function renderChips() {
+    const box = $("chips");
+    box.replaceChildren(
+      ...chips.map((chip, index) => {
+        const element = document.createElement("span");
+        element.className = `chip ${chip.sign === "+" ? "positive" : "negative"}`;
+        element.dataset.index = String(index);
+        const sign = document.createElement("button");
+        sign.type = "button";
+        sign.className = "chip-sign";
+        sign.textContent = chip.sign === "+" ? "+" : "−";
+        sign.title = chip.sign === "+" ? "Added: click to take it away" : "Taken away: click to add it";
+        sign.setAttribute("aria-label", sign.title);
+        const label = document.createElement("span");
+        label.className = "chip-label";
+        if (chip.imageId != null) {
+          const thumb = document.createElement("img");
+          thumb.src = `/api/images/${chip.imageId}/thumbnail`;
+          thumb.alt = `image ${chip.imageId}`;
+          label.append(thumb);
+        } else {
+          label.textContent = chip.text;
+        }
+        if (chip.weight !== 1) label.append(` ×${chip.weight}`);
+        const remove = document.createElement("button");
+        remove.type = "button";
+        remove.className = "chip-remove";
+        remove.textContent = "×";
+        remove.title = "Remove";
+        remove.setAttribute("aria-label", "Remove");
+        element.append(sign, label, remove);
+        return element;
+      }),
+    );
+    box.hidden = !chips.length;
+  }
+
+  function add(chip) {
+    chips.push({ weight: 1, ...chip });
+    renderChips();
+  }
+
+  // Clicks on a chip: flip its sign or remove it; true when the query changed.
+  function click(target) {
+    const element = target.closest(".chip");
+    if (!element) return false;
+    const chip = chips[Number(element.dataset.index)];
+    if (target.closest(".chip-sign")) chip.sign = chip.sign === "+" ? "-" : "+";
+    else if (target.closest(".chip-remove")) chips.splice(Number(element.dataset.index), 1);
+    else return false;
+    renderChips();
+    return true;
+  }
+
+  return {
+    readUrl, writeUrl, body, add, click,
+    hasPositive: () => chips.some((chip) => chip.sign === "+"),
+    filterIds: Object.values(FILTERS),
+  };
+})();
