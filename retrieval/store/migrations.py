@@ -105,7 +105,9 @@ def _v2_to_v3(connection: sqlite3.Connection, facts: HeaderFacts) -> None:
     filled from the rows and kept in step by triggers."""
     for name, kind in IMAGES_V3_COLUMNS:
         connection.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
-    connection.execute("CREATE INDEX ix_images_taken_at ON images (taken_at)")
+    connection.execute(
+        "CREATE INDEX ix_images_facts ON images (status, taken_at, file_type, width, height, camera_make, camera_model)"
+    )
     for statement in FTS_V3:
         connection.execute(statement)
     connection.executemany(
