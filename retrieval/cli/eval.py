@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from retrieval.cli.app import app, quiet_libraries, user_errors
-from retrieval.cli.options import BatchOption, DeviceOption, ModelOption, PretrainedOption, WorkersOption
+from retrieval.cli.options import DeviceOption, ModelOption, PretrainedOption, WorkersOption
 from retrieval.errors import ClipsearchError
 from retrieval.model.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
@@ -44,6 +44,20 @@ JsonFileOption = Annotated[
     Path | None, typer.Option("--json", help="Also write the results as JSON to FILE (-: stdout).")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+AsIndexedOption = Annotated[
+    bool,
+    typer.Option(
+        "--as-indexed",
+        help="Measure what the search engine returns (draft JPEG decode, float16 catalog vectors, FAISS) instead "
+        "of the reference protocol (clip_benchmark's: full-resolution Pillow decode, float32).",
+    ),
+]
+BothOption = Annotated[
+    bool, typer.Option("--both", help="Measure the reference protocol and --as-indexed, and print them side by side.")
+]
+EvalBatchOption = Annotated[
+    int, typer.Option("--batch-size", help="Images per encoder batch (64: clip_benchmark's default).")
+]
 
 
 @eval_app.command("flickr30k")
@@ -58,11 +72,13 @@ def flickr30k(
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
     index_dir: EvalIndexOption = None,
     device: DeviceOption = "auto",
-    batch_size: BatchOption = 32,
+    batch_size: EvalBatchOption = 64,
     workers: WorkersOption = None,
     allow_missing: AllowMissingOption = False,
     json_file: JsonFileOption = None,
     quiet: QuietOption = False,
+    as_indexed: AsIndexedOption = False,
+    both: BothOption = False,
 ) -> None:
     """Flickr30K retrieval, the published protocol: 1,000 test images x 5 raw captions, recall@1/5/10."""
     _run(locals(), benchmark="flickr30k")
@@ -80,14 +96,25 @@ def captions(
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
     index_dir: EvalIndexOption = None,
     device: DeviceOption = "auto",
-    batch_size: BatchOption = 32,
+    batch_size: EvalBatchOption = 64,
     workers: WorkersOption = None,
     allow_missing: AllowMissingOption = False,
     json_file: JsonFileOption = None,
     quiet: QuietOption = False,
+    as_indexed: AsIndexedOption = False,
+    both: BothOption = False,
 ) -> None:
     """Any captioned image set (your own domain): every caption against every image, recall@1/5/10."""
     _run(locals(), benchmark=None)
+
+
+def protocols_from(options: dict) -> tuple[str, ...]:
+    """Which protocols the flags ask for, headline first."""
+    from retrieval.lab.evaluate import AS_INDEXED, REFERENCE
+
+    if options["both"]:
+        return (REFERENCE, AS_INDEXED)
+    return (AS_INDEXED,) if options["as_indexed"] else (REFERENCE,)
 
 
 def _run(options: dict, benchmark: str | None) -> None:
@@ -103,6 +130,7 @@ def _run(options: dict, benchmark: str | None) -> None:
         device=options["device"],
         index_dir=options["index_dir"],
         allow_missing=options["allow_missing"],
+        protocols=protocols_from(options),
     )
     report = evaluate_annotations(
         options["annotations"],
@@ -122,37 +150,68 @@ def _run(options: dict, benchmark: str | None) -> None:
             json_file.expanduser().write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     for problem in report.problems:
         typer.echo(f"clipsearch: warning: {problem}", err=True)
-    if not report.faiss.agrees:
+    faiss = next((run.faiss for run in report.runs if run.faiss is not None), None)
+    if faiss is not None and not faiss.agrees:
         raise ClipsearchError(
-            f"the index search disagrees with the exact similarity matrix on {report.faiss.disagreements} captions "
-            f"(e.g. {report.faiss.examples[0]}): this is a bug, please report it"
+            f"the index search disagrees with the exact similarity matrix on {faiss.disagreements} captions "
+            f"(e.g. {faiss.examples[0]}): this is a bug, please report it"
         )
 
 
 def report_table(report) -> str:
-    """The eval as a small table, recall in percent."""
+    """The eval as a small table, recall in percent, one row per direction and protocol."""
     metrics = report.metrics
     ks = list(metrics.t2i)
     split = f", split {report.split}" if report.split else ""
     prompt = f", prompt {report.prompt!r}" if report.prompt else ""
-    images = f"{report.images_encoded:,} images encoded" if report.images_encoded else "images cached"
-    texts = "captions cached" if report.texts_cached else f"captions {report.text_seconds:.1f} s"
     lines = [
         f"model        {report.model}",
         f"data         {report.source_format}{split}: {metrics.n_images:,} images, {metrics.n_captions:,} captions"
         f"{prompt}",
-        f"encode       {images} in {report.image_seconds:.1f} s, {texts}",
-        "",
-        "recall %     " + "".join(f"{f'R@{k}':>8}" for k in ks),
-        "text→image   " + "".join(f"{100 * metrics.t2i[k]:8.2f}" for k in ks),
-        "image→text   " + "".join(f"{100 * metrics.i2t[k]:8.2f}" for k in ks),
-        f"mean R@1 {100 * metrics.mean_r1:.2f}   RSUM {metrics.rsum:.1f}",
-        "",
     ]
-    faiss = report.faiss
+    lines += [f"encode       {_encode_line(run)}" for run in report.runs]
+    lines += ["", "recall %     protocol     " + "".join(f"{f'R@{k}':>8}" for k in ks)]
+    for direction, name in (("t2i", "text→image"), ("i2t", "image→text")):
+        for i, run in enumerate(report.runs):
+            values = getattr(run.metrics, direction)
+            label = name if i == 0 else ""
+            lines.append(f"{label:<13}{run.protocol:<13}" + "".join(f"{100 * values[k]:8.2f}" for k in ks))
+    for run in report.runs:
+        lines.append(f"mean R@1 {100 * run.metrics.mean_r1:.2f}   RSUM {run.metrics.rsum:.1f}   ({run.protocol})")
+    lines.append("")
+    lines += [_ties_line(run, ks) for run in report.runs]
+    for run in report.runs:
+        if run.faiss is not None:
+            lines.append(_faiss_line(run.faiss))
+    return "\n".join(lines)
+
+
+def _encode_line(run) -> str:
+    if run.images_encoded:
+        images = f"{run.images_encoded:,} images encoded in {run.image_seconds:.1f} s"
+    else:
+        images = "images cached"
+    if run.protocol == "reference":
+        return f"{run.protocol}: {images}, with their captions" if run.images_encoded else f"{run.protocol}: cached"
+    texts = "captions cached" if run.texts_cached else f"captions {run.text_seconds:.1f} s"
+    return f"{run.protocol}: {images}, {texts}"
+
+
+def _ties_line(run, ks) -> str:
+    """How many queries' outcome at k hangs on the order of exact ties (topk's, as in clip_benchmark)."""
+    ties = run.ties
+    if ties.total == 0:
+        return f"ties         {run.protocol}: no exact score tie at any cut"
+    counts = " ".join(f"{ties.t2i[k]}/{ties.i2t[k]}" for k in ks)
+    strict = " ".join(f"{100 * ties.strict_t2i[k]:.2f}/{100 * ties.strict_i2t[k]:.2f}" for k in ks)
+    return (
+        f"ties         {run.protocol}: queries tied at the cut (text→image/image→text, k={','.join(map(str, ks))}) "
+        f"{counts}; recall with ties counted as misses {strict}"
+    )
+
+
+def _faiss_line(faiss) -> str:
     ties = f"; {faiss.float_ties} float32 ties" if faiss.float_ties else ""
     if faiss.agrees:
-        lines.append(f"index check  FAISS text→image recall equals the exact matrix's{ties}")
-    else:
-        lines.append(f"index check  FAISS DISAGREES with the exact matrix on {faiss.disagreements} captions{ties}")
-    return "\n".join(lines)
+        return f"index check  FAISS text→image recall equals the exact matrix's{ties}"
+    return f"index check  FAISS DISAGREES with the exact matrix on {faiss.disagreements} captions{ties}"

@@ -1,13 +1,17 @@
-"""Run a retrieval eval through the engine: index the set's images, embed its captions, score recall@k.
+"""Run a retrieval eval: the reference protocol (clip_benchmark's), the engine as indexed, or both.
 
-Image embeddings come from ``indexer.pipeline.index_paths`` (the decoding, preprocessing and model loading of
-``clipsearch index``) into an eval index folder. The set's images are staged there first (hard links, copies
-across file systems), so the index holds exactly the evaluated images: only those are encoded, however big
-the images folder, and the engine's own FAISS search ranks the same candidates as the exact matrix. A second
-run with the same model finds everything unchanged and encodes nothing; caption embeddings are cached too.
+``reference`` (the default) embeds the set as LAION clip_benchmark does (``retrieval.lab.reference``: Pillow at
+full resolution, the model's own transform, float32) and scores it with clip_benchmark's own rule
+(``metrics.reference_recall``): its figures are clip_benchmark's.
 
-Text→image recall is computed twice, from the exact float64 similarity matrix and from ``search_vectors``;
-the two must agree except where two scores tie to within float32 rounding. Anything else is reported.
+``as-indexed`` measures what the search engine returns. Image embeddings come from ``indexer.pipeline.index_paths``
+(the draft JPEG decode, EXIF rotation and float16 storage of ``clipsearch index``) into an eval index folder; the
+set's images are staged there first (hard links, copies across file systems), so the index holds exactly the
+evaluated images. Captions are embedded by the engine's encoder. The figures use the same rule as the reference,
+and text→image recall is computed a second time from the engine's FAISS search (``search_vectors``): the two must
+agree except where two scores tie to within float32 rounding. Anything else is reported.
+
+Both protocols cache what they encode: a second run with the same model encodes nothing.
 """
 
 from __future__ import annotations
@@ -24,29 +28,45 @@ import numpy as np
 from retrieval.atomic import atomic_write
 from retrieval.errors import UsageError
 from retrieval.lab.datasets import CaptionedSet, DatasetError, flickr30k_test_problems, load_captioned_set
-from retrieval.lab.metrics import DEFAULT_KS, RetrievalMetrics, recall_at_k, recall_from_ranks, text_to_image_ranks
+from retrieval.lab.metrics import (
+    DEFAULT_KS,
+    RetrievalMetrics,
+    TieReport,
+    recall_from_ranks,
+    reference_recall,
+    text_to_image_ranks,
+)
 from retrieval.model.spec import ModelSpec
 from retrieval.unit import unit_rows
 
 STAGE_FOLDER = "eval-images"
 TEXT_CACHE_FOLDER = "eval-texts"
+REFERENCE_CACHE_FOLDER = "reference"
 # FAISS scores in float32; a ranking decided by less than this is a tie, not a disagreement.
 TIE_TOLERANCE = 1e-5
 BENCHMARKS = ("flickr30k",)
+REFERENCE = "reference"
+AS_INDEXED = "as-indexed"
+PROTOCOLS = (REFERENCE, AS_INDEXED)
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How to run an eval; ``index_dir`` None means a cache folder keyed by images, model and image set."""
+    """How to run an eval; ``index_dir`` None means a cache folder keyed by images, model and image set.
+
+    ``protocols``: which measurements, in order; the first is the headline (``metrics`` in the JSON).
+    ``batch_size`` 64 is clip_benchmark's default: the reference's float32 vectors depend on the batching.
+    """
 
     model: ModelSpec = field(default_factory=ModelSpec)
     ks: tuple[int, ...] = DEFAULT_KS
     prompt: str = ""
-    batch_size: int = 32
+    batch_size: int = 64
     workers: int | None = None
     device: str = "auto"
     index_dir: Path | None = None
     allow_missing: bool = False
+    protocols: tuple[str, ...] = (REFERENCE,)
 
 
 @dataclass(frozen=True)
@@ -62,44 +82,79 @@ class FaissCheck:
     def agrees(self) -> bool:
         return self.disagreements == 0
 
+    def as_dict(self) -> dict:
+        return {
+            "agrees": self.agrees,
+            **{f"image_retrieval_recall@{k}": v for k, v in self.t2i.items()},
+            "disagreements": self.disagreements,
+            "float_ties": self.float_ties,
+            "examples": list(self.examples),
+        }
+
 
 @dataclass(frozen=True)
-class EvalReport:
+class ProtocolRun:
+    """One protocol's figures, its exact ties, and what it encoded (``encoded`` 0: everything was cached)."""
+
+    protocol: str
     metrics: RetrievalMetrics
-    faiss: FaissCheck
-    model: str
-    source_format: str
-    split: str | None
-    prompt: str
-    index_dir: Path
+    ties: TieReport
     images_encoded: int
     image_seconds: float
     text_seconds: float
     texts_cached: bool
-    problems: tuple[str, ...] = ()
+    faiss: FaissCheck | None = None  # as-indexed only
 
     def as_dict(self) -> dict:
-        """clip_benchmark's layout (``metrics`` under its names, and ours) plus what this run did."""
-        return {
-            "task": "zeroshot_retrieval",
-            "dataset": self.source_format,
-            "split": self.split,
-            "model": self.model,
-            "prompt": self.prompt,
+        out = {
             "metrics": self.metrics.as_dict(),
-            "faiss_check": {
-                "agrees": self.faiss.agrees,
-                **{f"image_retrieval_recall@{k}": v for k, v in self.faiss.t2i.items()},
-                "disagreements": self.faiss.disagreements,
-                "float_ties": self.faiss.float_ties,
-                "examples": list(self.faiss.examples),
-            },
+            "ties": self.ties.as_dict(),
             "encode": {
                 "images_encoded": self.images_encoded,
                 "image_seconds": round(self.image_seconds, 3),
                 "text_seconds": round(self.text_seconds, 3),
                 "texts_cached": self.texts_cached,
             },
+        }
+        if self.faiss is not None:
+            out["faiss_check"] = self.faiss.as_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    runs: tuple[ProtocolRun, ...]
+    model: str
+    source_format: str
+    split: str | None
+    prompt: str
+    index_dir: Path
+    problems: tuple[str, ...] = ()
+
+    @property
+    def headline(self) -> ProtocolRun:
+        return self.runs[0]
+
+    @property
+    def metrics(self) -> RetrievalMetrics:
+        """The first protocol's figures (the reference unless only ``as-indexed`` was asked for)."""
+        return self.runs[0].metrics
+
+    def run(self, protocol: str) -> ProtocolRun | None:
+        return next((run for run in self.runs if run.protocol == protocol), None)
+
+    def as_dict(self) -> dict:
+        """clip_benchmark's layout (``metrics`` under its names, and ours) for the first protocol; every protocol
+        under ``protocols``; plus what this run did."""
+        return {
+            "task": "zeroshot_retrieval",
+            "dataset": self.source_format,
+            "split": self.split,
+            "model": self.model,
+            "prompt": self.prompt,
+            "protocol": self.headline.protocol,
+            **self.headline.as_dict(),
+            "protocols": {run.protocol: run.as_dict() for run in self.runs},
             "index_dir": str(self.index_dir),
             "problems": list(self.problems),
         }
@@ -132,13 +187,82 @@ def evaluate_annotations(
 
 
 def evaluate(captioned: CaptionedSet, settings: EvalSettings, progress: bool = True) -> EvalReport:
-    """Index the set's images (cached), embed its captions (cached) and compute recall@k two ways."""
-    from indexer.pipeline import IndexSettings, index_paths
-    from retrieval.search.engine import SearchEngine
+    """Run each of ``settings.protocols`` on the set (each cached) and report them in that order."""
+    from retrieval.model.device import resolve_device
 
     if not captioned.items:
         raise DatasetError("the captioned set is empty")
+    unknown = [p for p in settings.protocols if p not in PROTOCOLS]
+    if unknown or not settings.protocols:
+        raise UsageError(f"unknown eval protocol {unknown[:1]}: use {' or '.join(PROTOCOLS)}")
     index_dir = (settings.index_dir or default_eval_dir(captioned, settings.model)).expanduser().resolve()
+    settings = replace(settings, device=resolve_device(settings.device))
+    runs, problems, model = [], [], settings.model.describe()
+    for protocol in settings.protocols:
+        if protocol == REFERENCE:
+            run, model, dropped = _reference_run(captioned, settings, index_dir, progress)
+        else:
+            run, model, dropped = _as_indexed_run(captioned, settings, index_dir, progress)
+        runs.append(run)
+        problems += [note for note in dropped if note not in problems]
+    return EvalReport(
+        runs=tuple(runs),
+        model=model,
+        source_format=captioned.source_format,
+        split=None,
+        prompt=settings.prompt,
+        index_dir=index_dir,
+        problems=tuple(problems),
+    )
+
+
+def _reference_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: Path, progress: bool):
+    """clip_benchmark's protocol; undecodable images are an error, or (``allow_missing``) left out of the set."""
+    from retrieval.lab.reference import reference_embeddings
+
+    def embed(subset: CaptionedSet):
+        return reference_embeddings(
+            subset,
+            settings.model,
+            index_dir / REFERENCE_CACHE_FOLDER,
+            settings.prompt,
+            settings.batch_size,
+            _reference_workers(settings),
+            settings.device,
+            progress,
+        )
+
+    embedded, dropped = embed(captioned), []
+    if embedded.failed:
+        reasons = [f"{captioned.items[i].path.name} ({reason})" for i, reason in embedded.failed[:3]]
+        note = f"{len(embedded.failed):,} images could not be decoded, e.g. {', '.join(reasons)}"
+        if not settings.allow_missing:
+            raise DatasetError(f"{note}: pass --allow-missing to evaluate without them")
+        bad = {i for i, _ in embedded.failed}
+        kept = tuple(item for i, item in enumerate(captioned.items) if i not in bad)
+        if not kept:
+            raise DatasetError(f"{note}: nothing left to evaluate")
+        # clip_benchmark on the kept images batches them afresh: so do we
+        embedded, dropped = embed(CaptionedSet(kept, captioned.source_format, captioned.missing)), [note]
+    metrics, ties = reference_recall(
+        embedded.texts, embedded.images, embedded.owners, settings.ks, settings.batch_size, settings.device
+    )
+    encoded = 0 if embedded.cached else len(embedded.images)
+    run = ProtocolRun(REFERENCE, metrics, ties, encoded, embedded.seconds, 0.0, embedded.cached)
+    return run, embedded.model, dropped
+
+
+def _reference_workers(settings: EvalSettings) -> int:
+    from indexer.pipeline import default_workers
+
+    return default_workers(settings.device) if settings.workers is None else settings.workers
+
+
+def _as_indexed_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: Path, progress: bool):
+    """Index the set's images (cached), embed its captions (cached), score them, and check the FAISS search."""
+    from indexer.pipeline import IndexSettings, index_paths
+    from retrieval.search.engine import SearchEngine
+
     _refuse_foreign_index(index_dir)
     staged = stage_images(captioned, index_dir / STAGE_FOLDER)
     index_settings = IndexSettings(
@@ -153,24 +277,14 @@ def evaluate(captioned: CaptionedSet, settings: EvalSettings, progress: bool = T
         text_emb, cached = _text_embeddings(engine, texts, index_dir / TEXT_CACHE_FOLDER)
         text_seconds = time.perf_counter() - started
         owners_array = np.asarray(owners, dtype=np.int64)
-        metrics = recall_at_k(text_emb, image_emb, owners_array, settings.ks)
+        metrics, ties = reference_recall(
+            text_emb, unit_rows(image_emb), owners_array, settings.ks, settings.batch_size, settings.device
+        )
         image_ids = _ids_of(engine, staged)
         faiss = check_faiss_search(engine, text_emb, image_emb, owners_array, image_ids, settings.ks, texts)
         model = engine.identity.describe() if engine.identity else settings.model.describe()
-    return EvalReport(
-        metrics=metrics,
-        faiss=faiss,
-        model=model,
-        source_format=captioned.source_format,
-        split=None,
-        prompt=settings.prompt,
-        index_dir=index_dir,
-        images_encoded=summary.encoded,
-        image_seconds=summary.seconds,
-        text_seconds=text_seconds,
-        texts_cached=cached,
-        problems=tuple(dropped),
-    )
+    run = ProtocolRun(AS_INDEXED, metrics, ties, summary.encoded, summary.seconds, text_seconds, cached, faiss)
+    return run, model, dropped
 
 
 def check_faiss_search(

@@ -1,22 +1,29 @@
-"""Recall@k for text→image and image→text retrieval, the standard way (CLIP, open_clip, clip_benchmark).
+"""Recall@k for text→image and image→text retrieval, two ways.
 
-Scores are cosine similarities of L2-normalised embeddings, computed in float64 in row chunks of the
-captions × images matrix, so the full matrix never sits in memory (``chunk_bytes`` bounds one chunk).
+``reference_recall`` is LAION clip_benchmark's computation (``clip_benchmark.metrics.zeroshot_retrieval``),
+step for step: a float32 ``texts @ images.T`` score matrix, ``torch.topk`` per query row, a hit when a correct
+answer is among the k indices. Where scores tie exactly at the cut, ``topk`` decides which tied items make it
+(neither index order nor anything documented: it depends on the row's values), so only the same computation on
+the same float32 scores gives the same figure; ``TieReport`` says how many queries that concerns, and what
+recall is with ties counted against the query.
 
-Ties count against the query: a caption's image is at rank r when r other images score *at least* as high,
-and an image's best own caption is at rank r when r captions of other images score at least as high. So the
-result does not depend on the order of images and captions nor on the chunk size (no tie is broken by
-position), and a model that maps everything to the same vector is never flattered.
+``recall_at_k`` is the strict rule, used for training's validation recall: a caption's image is at rank r when
+r other images score *at least* as high (float64 scores in row chunks of at most ``chunk_bytes``), so no tie
+is broken by position and a model that maps everything to one vector is never flattered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.unit import unit_rows
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_KS = (1, 5, 10)
 DEFAULT_CHUNK_BYTES = 128 << 20
@@ -55,6 +62,105 @@ class RetrievalMetrics:
         out["n_images"] = self.n_images
         out["n_captions"] = self.n_captions
         return out
+
+
+@dataclass(frozen=True)
+class TieReport:
+    """Queries whose hit or miss at k depends on how exact score ties at the cut are ordered.
+
+    ``t2i[k]`` / ``i2t[k]``: how many such queries; ``strict_*``: recall@k with every such tie a miss.
+    """
+
+    t2i: dict[int, int]
+    i2t: dict[int, int]
+    strict_t2i: dict[int, float]
+    strict_i2t: dict[int, float]
+
+    @property
+    def total(self) -> int:
+        return sum(self.t2i.values()) + sum(self.i2t.values())
+
+    def as_dict(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = {}
+        for k in self.t2i:
+            out[f"image_retrieval_ties@{k}"] = self.t2i[k]
+            out[f"image_retrieval_recall_strict@{k}"] = self.strict_t2i[k]
+        for k in self.i2t:
+            out[f"text_retrieval_ties@{k}"] = self.i2t[k]
+            out[f"text_retrieval_recall_strict@{k}"] = self.strict_i2t[k]
+        return out
+
+
+def reference_recall(
+    text_emb: torch.Tensor | np.ndarray,
+    image_emb: torch.Tensor | np.ndarray,
+    caption_to_image: np.ndarray | Sequence[int],
+    ks: Sequence[int] = DEFAULT_KS,
+    row_batch: int = 64,
+    device: str = "cpu",
+) -> tuple[RetrievalMetrics, TieReport]:
+    """clip_benchmark's recall@k on L2-normalised float32 embeddings, plus the ties at each cut.
+
+    Every image is an image→text query, as there (one without captions is a miss). ``device``: where ``topk``
+    runs (clip_benchmark runs it on its eval device; CUDA's ``topk`` may order exact ties differently).
+    """
+    import torch
+
+    texts = torch.as_tensor(text_emb, dtype=torch.float32).cpu()
+    images = torch.as_tensor(image_emb, dtype=torch.float32).cpu()
+    owners = torch.as_tensor(_check_inputs(texts.numpy(), images.numpy(), caption_to_image, ks))
+    scores = texts @ images.t()  # the very matrix clip_benchmark ranks
+    n_texts, n_images = scores.shape
+    t2i = {k: 0 for k in ks}
+    i2t = {k: 0 for k in ks}
+    t2i_ties, i2t_ties = dict.fromkeys(ks, 0), dict.fromkeys(ks, 0)
+    t2i_strict, i2t_strict = dict.fromkeys(ks, 0), dict.fromkeys(ks, 0)
+    for start in range(0, n_texts, row_batch):
+        rows = scores[start : start + row_batch]
+        own = owners[start : start + row_batch]
+        own_score = rows.gather(1, own[:, None])
+        others = torch.arange(n_images)[None, :] != own[:, None]
+        above, level = _above_and_level(rows, own_score, others)
+        for k in ks:
+            top = torch.topk(rows.to(device), min(k, n_images), dim=1)[1].cpu()
+            t2i[k] += int((top == own[:, None]).any(dim=1).sum())
+            _count_ties(above, level, k, t2i_ties, t2i_strict)
+    by_image = scores.t()
+    image_index = torch.arange(n_images)
+    for start in range(0, n_images, row_batch):
+        rows = by_image[start : start + row_batch]
+        others = owners[None, :] != image_index[start : start + row_batch, None]
+        best = rows.masked_fill(others, -torch.inf).amax(dim=1, keepdim=True)
+        above, level = _above_and_level(rows, best, others)
+        for k in ks:
+            top = torch.topk(rows.to(device), min(k, n_texts), dim=1)[1].cpu()
+            i2t[k] += int((owners[top] == image_index[start : start + row_batch, None]).any(dim=1).sum())
+            _count_ties(above, level, k, i2t_ties, i2t_strict)
+    metrics = RetrievalMetrics(
+        t2i={k: t2i[k] / n_texts for k in ks},
+        i2t={k: i2t[k] / n_images for k in ks},
+        n_images=n_images,
+        n_captions=n_texts,
+    )
+    ties = TieReport(
+        t2i=t2i_ties,
+        i2t=i2t_ties,
+        strict_t2i={k: t2i_strict[k] / n_texts for k in ks},
+        strict_i2t={k: i2t_strict[k] / n_images for k in ks},
+    )
+    return metrics, ties
+
+
+def _above_and_level(rows: torch.Tensor, own: torch.Tensor, competitors: torch.Tensor):
+    """Per row: how many competitors score above the own score, and how many exactly equal it."""
+    above = ((rows > own) & competitors).sum(dim=1)
+    level = ((rows == own) & competitors).sum(dim=1)
+    return above, level
+
+
+def _count_ties(above, level, k: int, ties: dict[int, int], strict: dict[int, int]) -> None:
+    ties[k] += int(((above < k) & (above + level >= k)).sum())
+    strict[k] += int((above + level < k).sum())
 
 
 def recall_at_k(
