@@ -3,8 +3,9 @@
 clip_benchmark runs as its CLI runs it (``clip_benchmark.cli``: ``load_clip``, its Flickr dataset class over an
 annotation file in its format, a ``DataLoader`` with its collate function, ``zeroshot_retrieval.evaluate``), with
 ``amp=False`` (``--no_amp``: float32, the reference protocol). The set has images smaller than the tiny model's
-64-pixel input and larger than twice it (the indexer's draft decode fires on those), several batches, pictures that
-appear twice, five captions per image, and duplicate captions within an image, across images in one batch and across batches.
+64-pixel input and larger than twice it (the indexer's draft decode fires on those), several batches, pictures
+that appear twice, five captions per image, and duplicate captions within an image, across images in one batch
+and across batches.
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
-"""`clipsearch eval` end to end on the synthetic shapes set with a tiny model: through the index, cached, exact."""
+"""`clipsearch eval` end to end on the synthetic shapes set with a tiny model: both protocols, cached, exact.
+
+Parity of the default (reference) protocol with clip_benchmark itself: tests/test_clip_benchmark_parity.py.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ from typer.testing import CliRunner
 from retrieval.cli import app
 from retrieval.errors import UsageError
 from retrieval.lab.datasets import DatasetError, load_captioned_set
-from retrieval.lab.evaluate import STAGE_FOLDER, EvalSettings, evaluate
+from retrieval.lab.evaluate import AS_INDEXED, REFERENCE, STAGE_FOLDER, EvalSettings, evaluate
 from retrieval.search.engine import SearchEngine
 from tests.test_metrics import brute_force
 from tests.test_shapes_dataset import shapes
@@ -47,12 +51,12 @@ def settings_for(tiny_spec, **overrides) -> EvalSettings:
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_equals_an_independent_computation(shapes_set: Path, tiny_model_dir: Path, tmp_path: Path):
+def test_as_indexed_cli_equals_an_independent_computation(shapes_set: Path, tiny_model_dir: Path, tmp_path: Path):
     out = tmp_path / "recall.json"
     index_dir = tmp_path / "eval-index"
     args = ["eval", "captions", "--images", str(shapes_set.parent / "images"), "--annotations", str(shapes_set)]
     args += ["--split", "test", "--model", f"local-dir:{tiny_model_dir}", "--pretrained", ""]
-    args += ["--index", str(index_dir), "--workers", "0", "--device", "cpu", "--json", str(out), "-q"]
+    args += ["--index", str(index_dir), "--workers", "0", "--device", "cpu", "--json", str(out), "-q", "--as-indexed"]
 
     result = runner.invoke(app, args)
 
@@ -62,6 +66,7 @@ def test_cli_end_to_end_equals_an_independent_computation(shapes_set: Path, tiny
     assert "FAISS text→image recall equals the exact matrix" in result.output
     report = json.loads(out.read_text())
     metrics = report["metrics"]
+    assert report["protocol"] == AS_INDEXED and list(report["protocols"]) == [AS_INDEXED]
     assert report["faiss_check"]["agrees"] is True
     assert report["encode"]["images_encoded"] == 30
 
@@ -85,25 +90,31 @@ def test_cli_end_to_end_equals_an_independent_computation(shapes_set: Path, tiny
 @pytest.mark.slow
 def test_second_run_encodes_nothing(shapes_set: Path, tiny_spec, private_cache: Path):
     captioned = test_set(shapes_set)
-    first = evaluate(captioned, settings_for(tiny_spec), progress=False)
-    second = evaluate(captioned, settings_for(tiny_spec), progress=False)
+    both = settings_for(tiny_spec, protocols=(REFERENCE, AS_INDEXED))
+    first = evaluate(captioned, both, progress=False)
+    second = evaluate(captioned, both, progress=False)
 
     assert first.index_dir == second.index_dir and first.index_dir.is_relative_to(private_cache)
-    assert (first.images_encoded, first.texts_cached) == (30, False)
-    assert (second.images_encoded, second.texts_cached) == (0, True)
-    assert second.metrics == first.metrics
+    for protocol in (REFERENCE, AS_INDEXED):
+        assert (first.run(protocol).images_encoded, first.run(protocol).texts_cached) == (30, False)
+        assert (second.run(protocol).images_encoded, second.run(protocol).texts_cached) == (0, True)
+        assert second.run(protocol).metrics == first.run(protocol).metrics
 
 
 @pytest.mark.slow
 def test_batch_size_and_order_do_not_change_results(shapes_set: Path, tiny_spec, tmp_path: Path):
+    """Without exact ties, neither the batching nor the order of the set moves a figure, in either protocol."""
     captioned = test_set(shapes_set)
     reversed_set = type(captioned)(captioned.items[::-1], captioned.source_format)
+    both = (REFERENCE, AS_INDEXED)
 
-    one = evaluate(captioned, settings_for(tiny_spec, batch_size=1, index_dir=tmp_path / "a"), progress=False)
-    many = evaluate(reversed_set, settings_for(tiny_spec, batch_size=13, index_dir=tmp_path / "b"), progress=False)
+    one = evaluate(captioned, settings_for(tiny_spec, batch_size=3, index_dir=tmp_path / "a", protocols=both))
+    many = evaluate(reversed_set, settings_for(tiny_spec, batch_size=13, index_dir=tmp_path / "b", protocols=both))
 
-    assert one.metrics.as_dict() == many.metrics.as_dict()
-    assert one.faiss.agrees and many.faiss.agrees
+    for protocol in both:
+        assert one.run(protocol).ties.total == 0
+        assert one.run(protocol).metrics.as_dict() == many.run(protocol).metrics.as_dict()
+    assert one.run(AS_INDEXED).faiss.agrees and many.run(AS_INDEXED).faiss.agrees
 
 
 def test_resolution_follows_the_set_size(shapes_set: Path, tiny_spec, tmp_path: Path):
@@ -134,11 +145,13 @@ def test_an_undecodable_image_is_named_or_dropped(shapes_set: Path, tiny_spec, t
     broken.write_bytes(b"not a png")
     captioned = load_captioned_set(shapes_set, images, "val")
 
-    with pytest.raises(DatasetError, match=rf"1 images could not be decoded, e.g. {broken.name}.*--allow-missing"):
-        evaluate(captioned, settings_for(tiny_spec, index_dir=tmp_path / "i"), progress=False)
-    report = evaluate(captioned, settings_for(tiny_spec, index_dir=tmp_path / "i", allow_missing=True), progress=False)
-    assert (report.metrics.n_images, report.metrics.n_captions) == (5, 25)
-    assert any(broken.name in problem for problem in report.problems)
+    for protocol in (REFERENCE, AS_INDEXED):
+        settings = settings_for(tiny_spec, index_dir=tmp_path / "i", protocols=(protocol,))
+        with pytest.raises(DatasetError, match=rf"1 images could not be decoded, e.g. {broken.name}.*--allow-missing"):
+            evaluate(captioned, settings, progress=False)
+        report = evaluate(captioned, replace(settings, allow_missing=True), progress=False)
+        assert (report.metrics.n_images, report.metrics.n_captions) == (5, 25)
+        assert any(broken.name in problem for problem in report.problems)
 
 
 def test_a_photo_index_is_never_used_for_eval(shapes_set: Path, tiny_spec, settings, photo_folder, tmp_path: Path):
@@ -147,8 +160,9 @@ def test_a_photo_index_is_never_used_for_eval(shapes_set: Path, tiny_spec, setti
     photo_index = tmp_path / "photos-index"
     index_paths(photo_index, [photo_folder], settings, progress=False)
 
+    as_indexed = settings_for(tiny_spec, index_dir=photo_index, protocols=(AS_INDEXED,))
     with pytest.raises(UsageError, match="already indexes other folders"):
-        evaluate(test_set(shapes_set, "val"), settings_for(tiny_spec, index_dir=photo_index), progress=False)
+        evaluate(test_set(shapes_set, "val"), as_indexed, progress=False)
 
 
 def test_the_index_check_catches_a_search_that_ranks_other_vectors(shapes_set: Path, tiny_spec, tmp_path: Path):
@@ -156,7 +170,8 @@ def test_the_index_check_catches_a_search_that_ranks_other_vectors(shapes_set: P
     from retrieval.lab.evaluate import check_faiss_search
 
     captioned = test_set(shapes_set)
-    report = evaluate(captioned, settings_for(tiny_spec, index_dir=tmp_path / "i"), progress=False)
+    as_indexed = settings_for(tiny_spec, index_dir=tmp_path / "i", protocols=(AS_INDEXED,))
+    report = evaluate(captioned, as_indexed, progress=False)
     texts, owners = captioned.captions_and_owners()
     staged = [report.index_dir / STAGE_FOLDER / item.path.name for item in captioned.items]
     with SearchEngine(report.index_dir, device="cpu") as engine:
@@ -169,3 +184,24 @@ def test_the_index_check_catches_a_search_that_ranks_other_vectors(shapes_set: P
     assert honest.agrees and honest.t2i == report.metrics.t2i
     assert not swapped.agrees and swapped.disagreements > 0
     assert "exact rank" in swapped.examples[0] and "FAISS rank" in swapped.examples[0]
+
+
+def test_reference_pixels_are_pillows_full_decode_also_in_workers(tiny_spec, tmp_path: Path):
+    """A large JPEG (the indexer would draft-decode it) gives exactly preprocess(Image.open(p).convert("RGB")),
+    whether decoded in the main process or in DataLoader workers."""
+    from torch.utils.data import DataLoader
+
+    from retrieval.lab.reference import ReferenceImages
+    from retrieval.model.encoder import Encoder
+    from tests.conftest import write_image
+
+    paths = [write_image(tmp_path / f"{n}.jpg", n, size=(400 + 50 * n, 300)) for n in range(3)]
+    preprocess = Encoder.load(tiny_spec, "cpu").preprocess
+    direct = [preprocess(Image.open(path).convert("RGB")) for path in paths]
+    loader = DataLoader(ReferenceImages(paths, preprocess), batch_size=2, num_workers=2, collate_fn=list)
+
+    decoded = [item for batch in loader for item in batch]
+
+    assert [position for position, _, _ in decoded] == [0, 1, 2]
+    for (_, pixels, error), expected in zip(decoded, direct):
+        assert error is None and pixels.equal(expected)

@@ -1,11 +1,12 @@
-"""recall@k equals a brute-force reading of the standard protocol, whatever the chunking or order."""
+"""recall@k equals a brute-force reading of the standard protocol, whatever the chunking or order; the reference
+rule (clip_benchmark's topk) equals it where no score ties exactly, and counts the ties where some do."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from retrieval.lab.metrics import recall_at_k
+from retrieval.lab.metrics import recall_at_k, reference_recall
 
 
 def brute_force(text: np.ndarray, images: np.ndarray, owners: np.ndarray, ks=(1, 5, 10)):
@@ -116,3 +117,40 @@ def test_bad_inputs_are_refused():
         recall_at_k(text, images, owners + 1)
     with pytest.raises(ValueError, match="same d|one d"):
         recall_at_k(text[:, :3], images, owners)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_reference_rule_equals_the_strict_rule_without_ties():
+    text, images, owners = noisy_set()
+
+    metrics, ties = reference_recall(unit(text), unit(images), owners, row_batch=7)
+    strict = recall_at_k(text, images, owners)
+
+    assert ties.total == 0
+    assert metrics.t2i == pytest.approx(strict.t2i, abs=1e-12) and metrics.i2t == pytest.approx(strict.i2t, abs=1e-12)
+    assert ties.strict_t2i == metrics.t2i and ties.strict_i2t == metrics.i2t
+
+
+def test_exact_ties_at_the_cut_are_counted_and_strict_recall_counts_them_as_misses():
+    """Every image the same vector: each caption ties with all 19 other images, so from k=1 up to 19 each is a tie."""
+    owners = np.repeat(np.arange(20), 2)
+    same = np.ones((20, 4), np.float32) / 2
+
+    metrics, ties = reference_recall(unit(np.ones((40, 4))), same, owners, ks=(1, 5, 20))
+
+    assert ties.t2i == {1: 40, 5: 40, 20: 0} and ties.i2t == {1: 20, 5: 20, 20: 20}
+    assert ties.strict_t2i == {1: 0.0, 5: 0.0, 20: 1.0} and ties.strict_i2t == {1: 0.0, 5: 0.0, 20: 0.0}
+    assert 0 < metrics.t2i[5] < 1 and metrics.t2i[20] == 1.0  # topk picks some of the tied images
+    assert recall_at_k(np.ones((40, 4), np.float32), same, owners, ks=(1, 5, 20)).t2i == ties.strict_t2i
+
+
+def test_an_image_without_captions_is_a_missed_image_to_text_query_as_in_clip_benchmark():
+    text, images, owners = noisy_set(n_images=10, noise=0.0)
+    images = np.vstack([images, np.ones((1, images.shape[1]), np.float32)])  # image 10: no caption
+
+    metrics, _ = reference_recall(unit(text), unit(images), owners)
+
+    assert metrics.n_images == 11 and metrics.i2t[10] == pytest.approx(10 / 11)
