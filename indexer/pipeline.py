@@ -21,7 +21,7 @@ from indexer.plan import Plan, WorkItem, plan_changes
 from indexer.ray_runner import RaySettings, encode_on_ray
 from indexer.reindex import apply_index_type
 from indexer.scan import resolve_folder, scan_folder
-from retrieval.errors import DiskFullError, ModelLoadError, UsageError
+from retrieval.errors import DiskFullError, Interrupted, ModelLoadError, UsageError
 from retrieval.faults import fault_point
 from retrieval.image_meta import read_image_meta
 from retrieval.images import DecodedItem, ImageFileDataset, collate_decoded, hash_file
@@ -66,15 +66,20 @@ class IndexSummary:
     warnings: list[str] = field(default_factory=list)
     vectors_note: str | None = None  # set when the run rebuilt the vector index as another type
     encode_seconds: float = 0.0  # decoding + encoding + committing, without the model load (steady throughput)
+    unchanged_failed: int = 0  # of ``unchanged``: files that failed before and were not retried
 
     @property
     def images_per_second(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        """Failed counts every file that is failed now (what `clipsearch info` counts), new ones in brackets."""
+        failed = f"{self.failed + self.unchanged_failed}"
+        if self.unchanged_failed:
+            failed += f" ({self.failed} new)"
         return (
             f"added {self.added}, updated {self.updated}, moved {self.moved}, removed {self.removed}, "
-            f"unchanged {self.unchanged}, failed {self.failed} in {self.seconds:.1f} s "
+            f"unchanged {self.unchanged - self.unchanged_failed}, failed {failed} in {self.seconds:.1f} s "
             f"({self.images_per_second:.1f} images/s)"
         )
 
@@ -131,26 +136,41 @@ def _index_locked(layout: IndexLayout, folders: list[str], settings: IndexSettin
             if not folders:
                 raise UsageError("nothing indexed yet: run `clipsearch index FOLDER`")
         summary = IndexSummary()
-        present = []
-        for folder in folders:
-            if os.path.isdir(folder):
-                present.append(folder)
-            else:  # an unmounted drive must not erase its images from the index
-                summary.warnings.append(f"skipped {folder}: folder not found (its images stay indexed)")
-        with catalog.session() as session:
-            scans = {folder: scan_folder(folder) for folder in present}
-            plan = plan_changes(catalog, session, scans, hash_file)
-        fault_point("planned")
-        for folder, scan in scans.items():
-            if not scan.files and not scan.unreadable and not plan.known_under(folder):
-                raise UsageError(f"no images found in {folder}")
-        catalog.add_roots(present)
-        _run_plan(catalog, layout, plan, settings, summary, progress)
-        rebuilt = apply_index_type(catalog, layout, settings.index_type, settings.max_memory, settings.device)
-        summary.vectors_note = rebuilt.line() if rebuilt else None
+        generation = catalog.vectors_generation()
+        try:
+            _plan_and_run(catalog, layout, folders, settings, summary, progress)
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted(catalog.vectors_generation() != generation)) from None
         return summary
     finally:
         catalog.close()
+
+
+def _interrupted(committed: bool) -> str:
+    if committed:
+        return "interrupted; the work committed so far is kept: run `clipsearch index` again to continue"
+    return "interrupted before anything was committed: the index is as it was"
+
+
+def _plan_and_run(catalog: Catalog, layout: IndexLayout, folders, settings: IndexSettings, summary, progress) -> None:
+    present = []
+    for folder in folders:
+        if os.path.isdir(folder):
+            present.append(folder)
+        else:  # an unmounted drive must not erase its images from the index
+            summary.warnings.append(f"skipped {folder}: folder not found (its images stay indexed)")
+    with catalog.session() as session:
+        roots = [*present, *catalog.roots()]  # a link to a file the walk of any of them finds is not indexed twice
+        scans = {folder: scan_folder(folder, roots) for folder in present}
+        plan = plan_changes(catalog, session, scans, hash_file)
+    fault_point("planned")
+    for folder, scan in scans.items():
+        if not scan.files and not scan.unreadable and not plan.known_under(folder):
+            raise UsageError(f"no images found in {folder}")
+    catalog.add_roots(present)
+    _run_plan(catalog, layout, plan, settings, summary, progress)
+    rebuilt = apply_index_type(catalog, layout, settings.index_type, settings.max_memory, settings.device)
+    summary.vectors_note = rebuilt.line() if rebuilt else None
 
 
 class _Writer:
@@ -197,6 +217,7 @@ def _run_plan(
     progress: bool,
 ) -> None:
     summary.unchanged = plan.unchanged
+    summary.unchanged_failed = plan.unchanged_failed
     identity = catalog.model_identity()
     vectors = open_vectors(catalog, layout, identity.embed_dim, persist=True) if identity else None
     writer = _Writer(catalog, layout, vectors, settings.save_every_s)

@@ -31,6 +31,7 @@ class Plan:
     gone: list[int] = field(default_factory=list)
     unreadable: list[tuple[str, str, int | None]] = field(default_factory=list)  # path, reason, known row id
     unchanged: int = 0
+    unchanged_failed: int = 0  # of ``unchanged``: files that failed before and still do (not retried)
     known_paths: list[str] = field(default_factory=list)
 
     def known_under(self, folder: str) -> bool:
@@ -53,6 +54,7 @@ def plan_changes(
             row = known.get(path)
             if row is not None and row.status == STATUS_FAILED and row.error == reason:
                 plan.unchanged += 1
+                plan.unchanged_failed += 1
             else:
                 plan.unreadable.append((path, reason, row.id if row else None))
     unreadable_paths = {path for scan in scans.values() for path, _ in scan.unreadable}
@@ -64,6 +66,7 @@ def plan_changes(
             new.append(facts)
         elif row.size == facts.size and row.mtime_ns == facts.mtime_ns:
             plan.unchanged += 1
+            plan.unchanged_failed += row.status == STATUS_FAILED
         else:
             plan.work.append(WorkItem(facts, row.id))
 

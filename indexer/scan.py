@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -35,6 +36,7 @@ class FileFacts:
 class ScanResult:
     files: list[FileFacts] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): broken links, no access
+    aliases: int = 0  # file links skipped because their target is indexed under its own path
 
 
 def resolve_folder(path: Path) -> str:
@@ -47,9 +49,12 @@ def resolve_folder(path: Path) -> str:
     return str(path.resolve())
 
 
-def scan_folder(folder: str) -> ScanResult:
-    """Recursive walk; hidden files and folders are skipped; folder symlinks are not followed (no loops)."""
+def scan_folder(folder: str, roots: Sequence[str] = ()) -> ScanResult:
+    """Recursive walk; hidden files and folders are skipped; folder symlinks are not followed (no loops). A file
+    symlink whose target the walk of ``folder`` or of one of ``roots`` finds anyway is skipped: the image is
+    indexed once, under its real path (a link to a file elsewhere is indexed under the link's name)."""
     result = ScanResult()
+    walked = (folder, *roots)
     suffixes = image_suffixes()
 
     def on_error(error: OSError) -> None:
@@ -72,5 +77,19 @@ def scan_folder(folder: str) -> ScanResult:
             if not S_ISREG(stat.st_mode):  # a FIFO or device would block or never end when read
                 result.unreadable.append((path, "not a regular file"))
                 continue
+            if os.path.islink(path) and _found_by_walk(os.path.realpath(path), walked, suffixes):
+                result.aliases += 1
+                continue
             result.files.append(FileFacts(path, stat.st_size, stat.st_mtime_ns))
     return result
+
+
+def _found_by_walk(target: str, folders: Sequence[str], suffixes: frozenset[str]) -> bool:
+    """Whether a walk of one of ``folders`` lists ``target`` itself (inside, no hidden part, an image suffix)."""
+    if os.path.splitext(target)[1].lower() not in suffixes:
+        return False
+    for folder in folders:
+        parts = os.path.relpath(target, folder).split(os.sep)
+        if parts[0] not in (".", "..") and not any(part.startswith(".") for part in parts):
+            return True
+    return False

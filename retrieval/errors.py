@@ -1,6 +1,10 @@
 """The exceptions a user can meet. Each carries a message written for the user; the CLI prints it in one line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a message that says what was kept (the CLI prints it in one line, exit code 130)."""
+
+
 class ClipsearchError(Exception):
     """Base class: a problem the user can act on (exit code 1 from the CLI)."""
 

@@ -2,7 +2,8 @@
 
 ``CLIPSEARCH_FAULT="POINT:N[:ACTION],..."`` acts the N-th time the process reaches ``POINT``. Actions: ``kill``
 (SIGKILL to itself, the default: no cleanup, no flush, exactly like ``kill -9``), ``enospc`` (raise
-``OSError(ENOSPC)``, a disk that fills up) and ``sleep=SECONDS`` (hold whatever is held there, e.g. the write lock).
+``OSError(ENOSPC)``, a disk that fills up), ``sigint`` (Ctrl-C) and ``sleep=SECONDS`` (hold whatever is held
+there, e.g. the write lock).
 ``CLIPSEARCH_FAULT_AFTER_COMMITS=N`` is short for ``commit_end:N``.
 
 Points: ``planned`` (scan and diff done, nothing written), ``commit_begin`` (rows flushed inside the chunk's
@@ -70,6 +71,9 @@ def _act(action: str, name: str) -> None:
         time.sleep(60)  # the signal is asynchronous; never run on past the point
     elif action == "enospc":
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {name})")
+    elif action == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Python raises KeyboardInterrupt here, in the main thread
+        time.sleep(5)
     elif action.startswith("sleep="):
         time.sleep(float(action.split("=", 1)[1]))
     else:

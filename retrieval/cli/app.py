@@ -11,7 +11,8 @@ from typing import TypeVar
 
 import typer
 
-from retrieval.errors import ClipsearchError
+from retrieval.cli.help_format import use_plain_types
+from retrieval.errors import ClipsearchError, Interrupted
 
 app = typer.Typer(
     name="clipsearch",
@@ -19,7 +20,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: `--model TEXT`, flags without `<bool>`, and [brackets] kept as text
 )
+
+use_plain_types()
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -34,8 +38,8 @@ def user_errors(func: F) -> F:
         except ClipsearchError as error:
             typer.echo(f"clipsearch: {error}", err=True)
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("clipsearch: interrupted; work committed so far is kept", err=True)
+        except KeyboardInterrupt as interrupt:  # Interrupted says what was kept; a bare Ctrl-C claims nothing
+            typer.echo(f"clipsearch: {interrupt if isinstance(interrupt, Interrupted) else 'interrupted'}", err=True)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -31,9 +31,9 @@ def check(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        vectors = "none" if report.vectors_in_file is None else str(report.vectors_in_file)
+        vectors = "missing or unreadable" if report.vectors_in_file is None else f"{report.vectors_in_file} vectors"
         typer.echo(f"index:    {report.index_dir} (schema {report.schema_version})")
-        typer.echo(f"images:   {report.images} indexed, {report.failed} failed; FAISS file: {vectors} vectors")
+        typer.echo(f"images:   {report.images} indexed, {report.failed} failed; FAISS file: {vectors}")
         for line in report.problems:
             typer.echo(f"problem:  {line}")
         for line in report.notices:

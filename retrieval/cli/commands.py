@@ -28,6 +28,7 @@ from retrieval.cli.options import (
     MinWidthOption,
     ModelOption,
     NoWaitOption,
+    NullOption,
     PathsOption,
     PretrainedOption,
     ServerOption,
@@ -37,7 +38,8 @@ from retrieval.cli.options import (
     UnderOption,
     WorkersOption,
 )
-from retrieval.model.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from retrieval.cli.output import check_output_mode, print_results, printable
+from retrieval.search.arguments import check_query
 
 
 @app.command()
@@ -45,8 +47,8 @@ from retrieval.model.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED
 def index(
     paths: Annotated[list[Path] | None, typer.Argument(help="Folders to index; none: refresh all known.")] = None,
     index_dir: IndexOption = None,
-    model: ModelOption = DEFAULT_MODEL,
-    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
     batch_size: BatchOption = 32,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
@@ -76,14 +78,17 @@ def index(
     ] = None,
 ) -> None:
     """Index folders of images (only what changed since the last run)."""
+    from indexer.preflight import check_folders
+
+    check_folders(resolve_index_dir(index_dir), paths or [])  # before torch and the model load
     quiet_libraries()
     from indexer.pipeline import IndexSettings, index_paths
     from indexer.ray_runner import RaySettings
-    from retrieval.model.spec import ModelSpec
     from retrieval.store.index_types import parse_memory
+    from retrieval.store.recorded_model import model_for_index
 
     settings = IndexSettings(
-        model=ModelSpec(model, pretrained or None),
+        model=model_for_index(resolve_index_dir(index_dir), model, pretrained),
         batch_size=batch_size,
         workers=workers,
         device=device,
@@ -111,20 +116,6 @@ def index(
         note = refresh_text_tower(resolve_index_dir(index_dir))
         if note:
             typer.echo(f"clipsearch: {note}", err=True)
-
-
-def _print_results(results, as_json: bool, as_paths: bool, query: dict) -> None:
-    if as_json:
-        typer.echo(json.dumps({"query": query, "results": [r.to_dict() for r in results]}, indent=2))
-    elif as_paths:
-        for result in results:
-            typer.echo(result.path)
-    elif not results:
-        typer.echo("no results", err=True)
-    else:
-        typer.echo(f"{'rank':>4}  {'score':>6}  path")
-        for result in results:
-            typer.echo(f"{result.rank:>4}  {result.score:6.3f}  {result.path}")
 
 
 def _query(main, add, sub, sort, keywords, **filters):
@@ -163,11 +154,14 @@ def search(
     keywords: KeywordsOption = None,
     as_json: JsonOption = False,
     as_paths: PathsOption = False,
+    null: NullOption = False,
     device: DeviceOption = "auto",
     server: ServerOption = None,
     bf16_text: BF16TextOption = False,
 ) -> None:
     """Find images matching a text description (plus --add, minus --sub), within the filters."""
+    check_output_mode(as_json, as_paths, null)
+    check_query(min_score, under)  # before anything slow: the model, the index
     quiet_libraries()
     from retrieval.search.client import open_searcher
 
@@ -175,7 +169,7 @@ def search(
     query = _query(text, add, sub, sort, keywords, min_width=min_width, min_height=min_height, **filters)
     with open_searcher(resolve_index_dir(index_dir), device, server, text_bf16=bf16_text) as searcher:
         results = searcher.search(query, k=k, min_score=min_score)
-    _print_results(results, as_json, as_paths, _echo({"text": text, "k": k}, query))
+    print_results(results, as_json, as_paths, _echo({"text": text, "k": k}, query), null)
 
 
 @app.command()
@@ -197,10 +191,13 @@ def similar(
     sort: SortOption = "relevance",
     as_json: JsonOption = False,
     as_paths: PathsOption = False,
+    null: NullOption = False,
     device: DeviceOption = "auto",
     server: ServerOption = None,
 ) -> None:
     """Find images that look like IMAGE (plus --add, minus --sub); IMAGE itself is left out."""
+    check_output_mode(as_json, as_paths, null)
+    check_query(min_score, under, image)  # before anything slow: the model, the index
     quiet_libraries()
     from retrieval.search.client import open_searcher
     from retrieval.search.query import Term
@@ -210,7 +207,7 @@ def similar(
     query = _query(main, add, sub, sort, False, min_width=min_width, min_height=min_height, **filters)
     with open_searcher(resolve_index_dir(index_dir), device, server) as searcher:
         results = searcher.search(query, k=k, min_score=min_score)
-    _print_results(results, as_json, as_paths, _echo({"image": str(image), "k": k}, query))
+    print_results(results, as_json, as_paths, _echo({"image": str(image), "k": k}, query), null)
 
 
 @app.command()
@@ -238,6 +235,6 @@ def info(
             f"({details.recall_queries} {details.recall_query_kind} queries, measured when built)"
         )
     typer.echo(f"size:    {details.size_bytes / 1e6:.1f} MB")
-    typer.echo("folders: " + (", ".join(details.roots) or "(none)"))
+    typer.echo("folders: " + (", ".join(map(printable, details.roots)) or "(none)"))
     for path, reason in details.failures:
-        typer.echo(f"failed:  {path}: {reason}")
+        typer.echo(f"failed:  {printable(path)}: {printable(reason)}")

@@ -11,7 +11,6 @@ import typer
 from retrieval.cli.app import app, quiet_libraries, user_errors
 from retrieval.cli.options import DeviceOption, ModelOption, PretrainedOption, WorkersOption
 from retrieval.errors import ClipsearchError
-from retrieval.model.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 eval_app = typer.Typer(
     help="Measure retrieval quality (recall@k) on Flickr30K or on a captioned set of your own.",
@@ -68,8 +67,8 @@ def flickr30k(
     split: Annotated[str, typer.Option("--split", help="test (the 1K test protocol), val, train, or all.")] = "test",
     split_file: SplitFileOption = None,
     prompt: PromptOption = "",
-    model: ModelOption = DEFAULT_MODEL,
-    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
     index_dir: EvalIndexOption = None,
     device: DeviceOption = "auto",
     batch_size: EvalBatchOption = 64,
@@ -92,8 +91,8 @@ def captions(
     split: Annotated[str | None, typer.Option("--split", help="Only this split (default: every image).")] = None,
     split_file: SplitFileOption = None,
     prompt: PromptOption = "",
-    model: ModelOption = DEFAULT_MODEL,
-    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
     index_dir: EvalIndexOption = None,
     device: DeviceOption = "auto",
     batch_size: EvalBatchOption = 64,
@@ -120,10 +119,10 @@ def protocols_from(options: dict) -> tuple[str, ...]:
 def _run(options: dict, benchmark: str | None) -> None:
     quiet_libraries()
     from retrieval.lab.evaluate import EvalSettings, evaluate_annotations
-    from retrieval.model.spec import ModelSpec
+    from retrieval.store.recorded_model import model_for_index
 
     settings = EvalSettings(
-        model=ModelSpec(options["model"], options["pretrained"] or None),
+        model=model_for_index(options["index_dir"], options["model"], options["pretrained"]),
         prompt=options["prompt"],
         batch_size=options["batch_size"],
         workers=options["workers"],

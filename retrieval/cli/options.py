@@ -16,20 +16,36 @@ IndexOption = Annotated[
 
 BF16TextOption = Annotated[
     bool,
-    typer.Option("--bf16-text", help="CPU: encode text queries with a bfloat16 text tower (about 2x faster)."),
+    typer.Option(
+        "--bf16-text", help="CPU: encode text queries with a bfloat16 text tower (about 1.5x faster text queries)."
+    ),
 ]
 
 ModelOption = Annotated[
-    str, typer.Option("--model", help="open_clip model name, or local-dir:FOLDER with a saved model.")
+    str | None,
+    typer.Option(
+        "--model",
+        help="open_clip model name, or local-dir:FOLDER with a saved model (default: the index's own model; "
+        "new indexes: ViT-B-32).",
+        show_default=False,
+    ),
 ]
 PretrainedOption = Annotated[
-    str, typer.Option("--pretrained", help="open_clip pretrained tag, or a checkpoint file path.")
+    str | None,
+    typer.Option(
+        "--pretrained",
+        help="open_clip pretrained tag, or a checkpoint file path (default with --model ViT-B-32: laion2b_s34b_b79k).",
+        show_default=False,
+    ),
 ]
 KOption = Annotated[int, typer.Option("-k", "--top-k", help="How many results.")]
 MinScoreOption = Annotated[float | None, typer.Option("--min-score", help="Drop results below this cosine score.")]
 UnderOption = Annotated[Path | None, typer.Option("--under", help="Only results inside this folder.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
 PathsOption = Annotated[bool, typer.Option("--paths", help="Print one path per line (for piping).")]
+NullOption = Annotated[
+    bool, typer.Option("--null", "-0", help="Print paths ending in NUL instead of a newline (for xargs -0).")
+]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (fp16 on CUDA).")]
 IndexTypeOption = Annotated[
     str | None,

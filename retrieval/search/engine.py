@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ from retrieval.model.device import resolve_device
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelIdentity, ModelSpec, spec_key
 from retrieval.model.text_onnx import OnnxTextEncoder, open_text_tower
+from retrieval.search.arguments import check_image_file
 from retrieval.search.fusion import KEYWORD_WEIGHT, newest_first, reciprocal_rank_fusion
 from retrieval.search.query import Filters, Query, Term
 from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, MetaKey
@@ -199,11 +201,9 @@ class SearchEngine:
             if row is None or row.status != STATUS_OK:
                 raise UsageError(f"no indexed image has id {term.image_id}")
             return row.vector(), row.id
-        path = Path(term.path).expanduser()
-        if not path.is_file():
-            raise UsageError(f"no such image file: {path}")
-        row = self.catalog.row_by_path(catalog_path(path))
-        if row is not None and row.status == STATUS_OK:
+        path = check_image_file(term.path)  # a folder, a device or not an image: said before any decoding
+        row = self.catalog.row_by_path(catalog_path(path)) or self.catalog.row_by_path(os.path.realpath(path))
+        if row is not None and row.status == STATUS_OK:  # a link to an indexed file is that file (indexed once)
             return row.vector(), row.id
         return self._encode_file(path), None
 
