@@ -99,10 +99,18 @@ def build_model(spec: ModelSpec, device: str = "cpu", precision: str = "fp32") -
                 f"--pretrained /path/to/open_clip_pytorch_model.bin, or --model local-dir:FOLDER"
             ) from error
         raise ModelLoadError(f"could not load model {spec.describe()}: {error}") from error
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, _weights_file_error()) as error:  # a missing, corrupt or truncated file
         raise ModelLoadError(f"could not load model {spec.describe()}: {error}") from error
     model.eval()
     return model, preprocess
+
+
+def _weights_file_error() -> type[Exception]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return OSError
+    return SafetensorError
 
 
 _INIT_FUNCTIONS = (
@@ -189,6 +197,35 @@ def build_text_model(spec: ModelSpec) -> tuple[Any, Any] | None:
     model.attn_mask = torch.full((length, length), float("-inf")).triu_(1)
     model.eval()
     return model, preprocess
+
+
+def build_image_transform(spec: ModelSpec) -> tuple[Any, dict[str, Any]] | None:
+    """The model's eval image transform and its preprocess config, without its weights: the model is built on
+    PyTorch's meta device (no memory, no initialisation, ~0.2 s for ViT-B-32), so decoding workers can start
+    while the real model loads. None when that fails; the caller then loads the model first."""
+    import open_clip
+    import torch
+
+    try:
+        check_spec(spec)
+        _fail_fast_when_offline(spec)
+    except ModelLoadError:
+        return None
+    pretrained = None if spec.local_dir is not None else spec.pretrained
+    silenced = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "initialized randomly": true only of this weightless copy
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, load_weights=False, device="meta",
+                force_quick_gelu=_needs_quick_gelu(spec),
+            )  # fmt: skip
+    except Exception:  # noqa: BLE001  (any failure: the caller loads the model first, which reports it properly)
+        return None
+    finally:
+        logging.disable(silenced)
+    return preprocess, dict(getattr(model.visual, "preprocess_cfg", {}) or {})
 
 
 def _weights_file(spec: ModelSpec) -> Path | None:

@@ -92,9 +92,13 @@ class ModelIdentity:
         return cls(**json.loads(text))
 
 
-def spec_key(spec: ModelSpec) -> str:
-    """The identity key of a spec without building the model (the same value as ``ModelIdentity.key``)."""
-    check_spec(spec)
+def spec_key(spec: ModelSpec, check: bool = True) -> str:
+    """The identity key of a spec without building the model (the same value as ``ModelIdentity.key``).
+
+    ``check=False`` skips ``check_spec``, which imports open_clip (and torch, over a second) for a tag: an index
+    whose recorded key matches needs no more proof that the spec loads."""
+    if check:
+        check_spec(spec)
     weights = weights_path(spec)
     return identity_key(spec.name, spec.pretrained, file_digest(weights) if weights is not None else None)
 
@@ -103,22 +107,46 @@ def weights_path(spec: ModelSpec) -> Path | None:
     """The weights file of a ``local-dir:`` folder or a checkpoint path; None for tags and random weights."""
     local = spec.local_dir
     if local is not None:
-        import open_clip.factory as factory  # the file open_clip itself will load, by its own preference order
-
-        found = factory._find_checkpoint_in_dir(local)
-        return Path(found) if found else None
+        return find_checkpoint_in_dir(local)
     return spec.checkpoint_file
+
+
+CHECKPOINT_PREFERENCE = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
+
+
+def find_checkpoint_in_dir(folder: Path) -> Path | None:
+    """The file open_clip loads from a ``local-dir:`` folder, by its own preference order (open_clip 3's
+    ``factory._find_checkpoint_in_dir``, mirrored and checked against it by a test): importing open_clip here
+    would import torch, over a second that an index with nothing to encode does not need."""
+    found = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.pth")]
+    if not found:
+        return None
+    found.sort()
+    found.sort(key=lambda path: path.suffix == ".safetensors", reverse=True)
+    preferred = sorted(
+        (p for p in found if p.name in CHECKPOINT_PREFERENCE), key=lambda p: CHECKPOINT_PREFERENCE.index(p.name)
+    )
+    return (preferred or found)[0]
 
 
 def check_spec(spec: ModelSpec) -> None:
     """Refuse a spec that cannot load, in one line, before anything slow happens."""
-    import open_clip
-
     local = spec.local_dir
     if local is not None:
         if not (local / CONFIG_FILE).is_file():
             raise ModelLoadError(f"no {CONFIG_FILE} in model folder {local}")
         return
+    import open_clip
+
     if spec.name.replace("/", "-") not in open_clip.list_models():
         raise ModelLoadError(
             f"unknown model {spec.name!r}: use an open_clip model name (see `open_clip.list_models()`) "

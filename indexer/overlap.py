@@ -1,0 +1,167 @@
+"""The encoding run as overlapping stages, so that no stage waits for another that could run beside it:
+
+    DataLoader workers (processes)  read, hash and decode files (only read and hash on the nvJPEG path)
+    feed thread                     nvJPEG decode and preprocess on the GPU, on its own CUDA stream; stack the
+                                    batch, pin it and copy it to the device while the previous batch encodes
+    model-load thread               builds the model while the workers decode the first batches
+    main thread                     encodes batches, gathers them into commit-sized chunks in file order
+    writer thread                   commits each chunk (catalog rows, then FAISS adds) while the next encodes
+
+Bounded queues (``stages.Channel``) between them keep memory flat. Crash safety is the writer's: one chunk is one
+SQLite transaction, committed in file order, so an interrupted run resumes exactly as a sequential one would.
+Any stage's failure stops the others and is raised here; a Ctrl-C waits for the chunk being committed, not more.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from indexer.gpu_decode import JpegBytesDataset, decode_batch, gpu_decode_available
+from indexer.plan import WorkItem
+from indexer.stages import DONE, Channel, Stage, Stopped, first_error
+from retrieval.images import DecodedItem, ImageFileDataset, collate_decoded
+from retrieval.model.build import build_image_transform
+from retrieval.model.device import is_cuda
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
+
+Encoded = tuple[WorkItem, DecodedItem, np.ndarray | None]
+QUEUED_BATCHES = 2  # decoded batches waiting for the encoder (each is batch_size images on the device)
+QUEUED_CHUNKS = 2  # encoded chunks waiting for the writer
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    model: ModelSpec
+    device: str  # resolved: cpu, cuda or cuda:N
+    batch_size: int
+    workers: int
+    chunk_size: int
+
+
+def encode_and_commit(
+    work: list[WorkItem],
+    options: EncodeOptions,
+    load_encoder: Callable[[], Encoder],
+    on_encoder: Callable[[Encoder], None],
+    commit: Callable[[list[Encoded]], None],
+    progress: bool,
+) -> float:
+    """Decode, encode and commit ``work``; returns the seconds from a loaded model to the last commit.
+
+    ``on_encoder`` runs in this thread once the model is loaded, before the first commit; ``commit`` runs in the
+    writer thread, one chunk at a time, in file order.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    encoder: Encoder | None = None
+    transform = build_image_transform(options.model)  # weightless: the workers need only the transform
+    if transform is None:
+        encoder = load_encoder()
+        preprocess, cfg, size = encoder.preprocess, encoder.identity.preprocess, encoder.identity.image_size
+    else:
+        preprocess, cfg = transform
+        size = _side(cfg)
+    on_gpu = gpu_decode_available(options.device, cfg)
+    dataset = (JpegBytesDataset if on_gpu else ImageFileDataset)([item.facts.path for item in work], preprocess, size)
+    loader = DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        num_workers=options.workers,
+        collate_fn=collate_decoded,
+        prefetch_factor=4 if options.workers else None,
+    )
+    batches = iter(loader)  # forks the workers now, before this run starts any thread
+    stop = threading.Event()
+    fed, encoded = Channel(QUEUED_BATCHES, stop), Channel(QUEUED_CHUNKS, stop)
+    feeder = Stage("feed", lambda: _feed(batches, fed, on_gpu, size, cfg, preprocess, options.device), stop)
+    writer = Stage("writer", lambda: _write(encoded, commit), stop)
+    loading = Stage("model-load", load_encoder, stop) if encoder is None else None
+    stages = [stage for stage in (loading, feeder, writer) if stage is not None]
+    for stage in stages:
+        stage.start()
+    try:
+        try:
+            encoder = loading.wait() if loading is not None else encoder
+            on_encoder(encoder)
+            started = time.perf_counter()
+            _encode(work, encoder, fed, encoded, options, progress, torch)
+            writer.wait()
+            return time.perf_counter() - started
+        except Stopped:
+            pass  # another stage failed: raised below, once every stage has stopped
+    finally:
+        stop.set()
+        writer.join()  # a commit under way ends (or fails) before the caller saves the vectors
+        feeder.join(timeout=5)  # it may sit in a worker's next batch: a daemon, never waited for long
+    raise first_error(stages) or RuntimeError("indexing stopped without a reason")
+
+
+def _side(cfg: dict[str, Any]) -> int:
+    size = cfg.get("size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _feed(batches, out: Channel, on_gpu: bool, size: int, cfg: dict, preprocess, device: str) -> None:
+    """Loader batches to device tensors. On CUDA on a stream of its own, so copies and nvJPEG decoding overlap
+    with the encoder's kernels; the event it records tells the encoder when the batch is ready."""
+    import torch
+
+    stream = torch.cuda.Stream(device) if is_cuda(device) else None
+    for batch in batches:
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if on_gpu:
+                batch = decode_batch(batch, size, cfg, device, preprocess)
+            ok = [item for item in batch if item.pixels is not None]
+            pixels = _to_device([item.pixels for item in ok], device) if ok else None
+            ready = stream.record_event() if stream is not None else None
+        out.put((batch, ok, pixels, ready))
+    out.put(DONE)
+
+
+def _to_device(pixels: list, device: str):
+    """One batch tensor on ``device``; CPU-decoded batches go through pinned memory (an asynchronous copy)."""
+    import torch
+
+    if not is_cuda(device):
+        return torch.stack(pixels)
+    if all(p.device.type == "cpu" for p in pixels):
+        return torch.stack(pixels).pin_memory().to(device, non_blocking=True)
+    return torch.stack([p.to(device, non_blocking=True) for p in pixels])  # nvJPEG's, and a few CPU fall-backs
+
+
+def _encode(work, encoder: Encoder, fed: Channel, out: Channel, options: EncodeOptions, progress: bool, torch):
+    from tqdm import tqdm
+
+    pending: list[Encoded] = []
+    with tqdm(total=len(work), unit="img", disable=not progress, dynamic_ncols=True, desc="indexing") as bar:
+        while (item := fed.get()) is not DONE:
+            batch, ok, pixels, ready = item
+            if ready is not None:
+                current = torch.cuda.current_stream(pixels.device)
+                current.wait_event(ready)
+                pixels.record_stream(current)  # made on the feed stream, read on this one
+            vectors = encoder.encode_images(pixels) if ok else []
+            by_position = {decoded.position: vector for decoded, vector in zip(ok, vectors)}
+            for decoded in batch:
+                pending.append((work[decoded.position], decoded, by_position.get(decoded.position)))
+            bar.update(len(batch))
+            if len(pending) >= options.chunk_size:
+                out.put(pending)
+                pending = []
+    if pending:
+        out.put(pending)
+    out.put(DONE)
+
+
+def _write(inbox: Channel, commit: Callable[[list[Encoded]], None]) -> None:
+    while (chunk := inbox.get()) is not DONE:
+        commit(chunk)
