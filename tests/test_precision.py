@@ -60,3 +60,17 @@ def test_one_device_rule():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):  # never a silent fall-back
             resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_encoder_agrees_with_the_cpu_one(tiny_spec, pixels):
+    """On CUDA the encoder runs open_clip's mixed fp16 (the default there): same vectors as float32 on the CPU."""
+    texts = ["a red square", "two blue circles"]
+    cpu = Encoder.load(tiny_spec, "cpu")
+    want_images, want_texts = cpu.encode_images(pixels), cpu.encode_texts(texts)
+    cuda = Encoder.load(tiny_spec, "cuda")
+    assert cuda.dtype == torch.float16
+    assert np.all(np.sum(cuda.encode_images(pixels) * want_images, axis=1) > 0.98)
+    assert np.all(np.sum(cuda.encode_texts(texts) * want_texts, axis=1) > 0.98)
+    Encoder.unload_all()
