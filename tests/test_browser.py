@@ -8,6 +8,7 @@ screenshots are copied there too (``docs/screenshots`` in the repository).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -137,6 +138,8 @@ def test_type_a_query_see_thumbnails_open_one_and_get_more_like_it(page, server_
     assert "q=a+sunset+over+the+sea" in page.url
     scores = [float(s) for s in page.eval_on_selector_all(".tile .score", "els => els.map(e => e.textContent)")]
     assert scores == sorted(scores, reverse=True)
+    assert page.inner_text(".tile >> nth=0 >> .label .name").endswith((".jpg", ".png"))  # tiles: name and date
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", page.inner_text(".tile >> nth=0 >> .label .date"))
     assert not page.is_visible("#query-image") and not page.is_visible("#drop-overlay")
     first_results = tile_ids(page)
     keep_screenshot(page, tmp_path, "search.png")
@@ -153,6 +156,10 @@ def test_type_a_query_see_thumbnails_open_one_and_get_more_like_it(page, server_
         page, "() => { const i = document.getElementById('viewer-img'); return i.complete && i.naturalWidth > 0; }"
     )
     assert page.inner_text("#viewer-path").endswith((".jpg", ".png"))
+    shown, natural = page.evaluate(
+        "() => { const i = document.getElementById('viewer-img'); return [i.clientWidth, i.naturalWidth]; }"
+    )
+    assert natural == 160 and shown <= 2 * natural  # a 160-pixel photo is not blown up to the window's width
     keep_screenshot(page, tmp_path, "viewer.png")
 
     page.click("#viewer-similar")

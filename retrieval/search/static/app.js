@@ -135,10 +135,22 @@ function appendTiles(results, first) {
     img.alt = baseName(result.path);
     img.loading = "lazy";
     img.decoding = "async";
+    const label = document.createElement("div");
+    label.className = "label";
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = baseName(result.path);
+    label.append(name);
+    if (result.taken_at) {
+      const date = document.createElement("span");
+      date.className = "date";
+      date.textContent = result.taken_at.slice(0, 10);
+      label.append(date);
+    }
     const score = document.createElement("figcaption");
     score.className = "score";
     score.textContent = result.score.toFixed(3);
-    tile.append(img, score);
+    tile.append(img, label, score);
     fragment.append(tile);
   });
   $("grid").append(fragment);
@@ -207,7 +219,17 @@ function sentinelVisible() {
 
 // --- wiring ---------------------------------------------------------------------------------------------------
 
+// A small original is shown at most this many times its own size: a 64-pixel photo is not blown up to a blur.
+const MAX_UPSCALE = 2;
+
+function capUpscale() {
+  const img = $("viewer-img");
+  img.style.maxWidth = `${img.naturalWidth * MAX_UPSCALE}px`;
+  img.style.maxHeight = `${img.naturalHeight * MAX_UPSCALE}px`;
+}
+
 function wire() {
+  $("viewer-img").addEventListener("load", capUpscale);
   $("search-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("q").value.trim();
