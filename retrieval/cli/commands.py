@@ -60,6 +60,10 @@ def index(
         bool,
         typer.Option("--int8", help="CPU only: dynamic int8 image encoder (faster; vectors differ slightly)."),
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Keep running: index new, changed, moved and deleted photos within seconds."),
+    ] = False,
     ray: Annotated[
         str | None,
         typer.Option(
@@ -98,6 +102,9 @@ def index(
         int8=int8,
         ray=RaySettings(ray, ray_gpus_per_worker, ray_workers) if ray else None,
     )
+    if watch:
+        _watch(resolve_index_dir(index_dir), paths or [], settings, progress=not quiet)
+        return
     summary = index_paths(
         resolve_index_dir(index_dir),
         paths or [],
@@ -105,6 +112,10 @@ def index(
         progress=not quiet,
         on_wait=lambda message: typer.echo(f"clipsearch: {message}", err=True),
     )
+    _report_run(summary, resolve_index_dir(index_dir))
+
+
+def _report_run(summary, index_dir: Path) -> None:
     for warning in summary.warnings:
         typer.echo(f"clipsearch: {warning}", err=True)
     typer.echo(summary.line())
@@ -113,9 +124,34 @@ def index(
     if summary.encoded:  # the model is loaded already: export the text tower for torch-free queries if stale
         from indexer.text_export import refresh_text_tower
 
-        note = refresh_text_tower(resolve_index_dir(index_dir))
+        note = refresh_text_tower(index_dir)
         if note:
             typer.echo(f"clipsearch: {note}", err=True)
+
+
+def _watch(index_dir: Path, paths: list[Path], settings, progress: bool) -> None:
+    """``index --watch``: a first run, then one run per debounced batch of file events, until Ctrl-C."""
+    import threading
+
+    from indexer.watch import FolderWatcher
+
+    def on_batch(summary) -> None:
+        if watcher.batches == 0 or summary.added + summary.updated + summary.moved + summary.removed + summary.failed:
+            _report_run(summary, index_dir)
+        if watcher.batches == 0:
+            typer.echo("clipsearch: watching for changes (Ctrl-C stops)", err=True)
+
+    watcher = FolderWatcher(
+        index_dir,
+        paths,
+        settings,
+        on_batch=on_batch,
+        on_error=lambda message: typer.echo(f"clipsearch: {message}", err=True),
+    )
+    try:
+        watcher.run(threading.Event(), first_progress=progress)
+    except KeyboardInterrupt:
+        typer.echo("clipsearch: stopped watching; work committed so far is kept", err=True)
 
 
 def _query(main, add, sub, sort, keywords, **filters):

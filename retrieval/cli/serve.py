@@ -32,6 +32,10 @@ def serve(
         ),
     ] = None,
     bf16_text: BF16TextOption = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Also index new, changed, moved and deleted photos in the indexed folders."),
+    ] = False,
 ) -> None:
     """Serve a search page and JSON API (schema at /openapi.json) for an index; the model loads once."""
     quiet_libraries()
@@ -56,7 +60,27 @@ def serve(
         max_upload_pixels=int(max_upload_mp * 1e6),
         allowed_hosts=allowed_host_names(host, allowed_host or ()),
     )
-    run_server(index, host=host, port=port, settings=settings)
+    run_server(index, host=host, port=port, settings=settings, alongside=_watcher(index, device) if watch else None)
+
+
+def _watcher(index, device: str):
+    """``serve --watch``: the folder watcher on a background thread of the server process (the server itself,
+    on the read side, never imports the indexer)."""
+    from functools import partial
+
+    from indexer.watch import recorded_settings, watching_in_background
+
+    def on_batch(summary) -> None:
+        if summary.added + summary.updated + summary.moved + summary.removed + summary.failed:
+            typer.echo(f"clipsearch: watch: {summary.line()}", err=True)
+
+    return partial(
+        watching_in_background,
+        index,
+        recorded_settings(index, device),
+        on_batch=on_batch,
+        on_error=lambda message: typer.echo(f"clipsearch: watch: {message}", err=True),
+    )
 
 
 def _require_web_extra() -> None:

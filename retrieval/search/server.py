@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -192,13 +192,22 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
     return app
 
 
-def run_server(index_dir: Path, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None):
-    """Serve until interrupted: the model and the index are loaded once, before the port opens."""
+def run_server(
+    index_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServerSettings | None = None,
+    alongside: Callable[[], AbstractContextManager] | None = None,
+):
+    """Serve until interrupted: the model and the index are loaded once, before the port opens. ``alongside``
+    (``serve --watch``: the folder watcher, which this read-side module must not import) runs while the server
+    does, started once the model is warm; new vectors reach queries through the generation check."""
     import uvicorn
 
     _check_port_free(host, port)
     app = create_app(index_dir, settings)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    with alongside() if alongside is not None else nullcontext():
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 
 
 def _check_port_free(host: str, port: int) -> None:
