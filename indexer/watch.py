@@ -25,6 +25,7 @@ from indexer.scan import image_suffixes, resolve_folder
 from retrieval.errors import ClipsearchError, UsageError
 from retrieval.store.catalog import Catalog
 from retrieval.store.layout import IndexLayout
+from retrieval.store.recorded_model import recorded_model
 
 MAX_FOLDERS = 64  # a batch touching more folders than this rescans the watched roots instead
 IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})  # reads, not changes
@@ -216,17 +217,10 @@ def watching_in_background(
 
 def recorded_settings(index_dir: Path, device: str = "auto") -> IndexSettings:
     """Index settings for the model an index already records (how ``serve --watch`` indexes)."""
-    layout = IndexLayout(Path(index_dir).expanduser())
-    if not layout.catalog.is_file():
-        raise UsageError(f"no index at {layout.root}: run `clipsearch index FOLDER` first")
-    catalog = Catalog(layout.catalog)
-    try:
-        identity = catalog.model_identity()
-    finally:
-        catalog.close()
-    if identity is None:
-        raise UsageError(f"the index at {layout.root} has no images yet: run `clipsearch index FOLDER` first")
-    return IndexSettings(model=identity.spec(), device=device)
+    model = recorded_model(Path(index_dir))
+    if model is None:
+        raise UsageError(f"the index at {index_dir} has no images yet: run `clipsearch index FOLDER` first")
+    return IndexSettings(model=model, device=device)
 
 
 class _EventHandler(FileSystemEventHandler):
