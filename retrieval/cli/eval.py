@@ -34,7 +34,11 @@ SplitFileOption = Annotated[
 PromptOption = Annotated[str, typer.Option("--prompt", help='Text put before every caption, e.g. "a photo of ".')]
 EvalIndexOption = Annotated[
     Path | None,
-    typer.Option("--index", help="Eval index folder to build and reuse (default: one per set and model in the cache)."),
+    typer.Option(
+        "--index",
+        help="Eval folder to reuse: cached embeddings, and the eval index of --as-indexed (default: one per set and "
+        "model in the cache).",
+    ),
 ]
 AllowMissingOption = Annotated[
     bool, typer.Option("--allow-missing", help="Evaluate without images that are missing or cannot be decoded.")
