@@ -187,6 +187,14 @@ def test_a_filter_narrows_the_search_itself_so_k_results_come_back_when_k_match(
     assert len(under) == 4 and folders(under) == {"phone"}
 
 
+@pytest.mark.parametrize("k", [1, 2, 4, 6])
+def test_a_wide_filter_over_fetches_yet_returns_exactly_the_best_matching_images(engine, k):
+    everything = engine.search(Query.of("a photo", keywords=False), k=24)
+    best_iphones = [r.path for r in everything if Path(r.path).parent.name == "phone"][:k]
+    found = engine.search(Query.of("a photo", filters=Filters(camera="iphone")), k=k)
+    assert [r.path for r in found] == best_iphones
+
+
 def test_date_order_is_newest_first_over_the_same_results_and_keeps_the_min_score_cut(engine):
     by_relevance = engine.search(Query.of("a red flower"), k=8)
     by_date = engine.search(Query.of("a red flower", sort="date"), k=8)

@@ -18,7 +18,7 @@ from retrieval.search.arguments import check_image_file
 from retrieval.search.fusion import KEYWORD_WEIGHT, newest_first, reciprocal_rank_fusion
 from retrieval.search.query import Filters, Query, Term
 from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, MetaKey
-from retrieval.store.filters import allowed_ids, keyword_ranking
+from retrieval.store.filters import allowed_ids, keyword_ranking, passing, scans_every_row
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import catalog_path, display_path
 from retrieval.store.sync import fetch_vectors, open_vectors
@@ -28,6 +28,8 @@ from retrieval.unit import unit_rows
 
 FUSION_DEPTH = 1000  # how deep the CLIP and keyword rankings go before they are fused (fixed, so pages agree)
 EXACT_BLOCK = 65536  # ids per block when a filtered search falls back to exact scoring over the catalog
+OVER_FETCH = (4, 32)  # a wide filter first searches this many times deeper unfiltered and checks the candidates
+OVER_FETCH_MAX = 4096  # deepest over-fetch; past it (or when short) the filter's id list is searched instead
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -138,13 +140,10 @@ class SearchEngine:
         _check_k(k)
         self.vectors  # noqa: B018  (fail on an empty index before loading the model)
         filters = self._resolved(query.filters)
-        allowed = allowed_ids(self.catalog, filters)
-        if allowed is not None and not len(allowed):
-            return []
         vector, exclude = self._query_vector(query)
         keyword_text = query.keyword_text
         depth = k + len(exclude) if keyword_text is None else max(k + len(exclude), FUSION_DEPTH)
-        scores, ids = self._vector_search(vector, depth, allowed)
+        scores, ids = self._filtered_search(vector, depth, filters)
         score_of = {
             int(i): float(s) for s, i in zip(scores, ids) if i >= 0 and np.isfinite(s) and int(i) not in exclude
         }
@@ -206,6 +205,28 @@ class SearchEngine:
         if row is not None and row.status == STATUS_OK:  # a link to an indexed file is that file (indexed once)
             return row.vector(), row.id
         return self._encode_file(path), None
+
+    def _filtered_search(self, vector: np.ndarray, depth: int, filters: Filters):
+        """Top ``depth`` (scores, ids) among the images the filters let through. A filter that would scan every
+        row's facts (camera, type, size) first over-fetches: search deeper unfiltered, keep the candidates that
+        pass, and stop once ``depth`` of them do or every vector was searched; a bounded number of rounds, then
+        the filter's id list is searched as a narrow filter's is, so k results come back whenever k images match."""
+        if not filters.active:
+            return self._vector_search(vector, depth, None)
+        if scans_every_row(filters):
+            for factor in OVER_FETCH:
+                fetch = min(depth * factor, len(self.vectors))
+                if fetch > OVER_FETCH_MAX:
+                    break
+                scores, ids = self._vector_search(vector, fetch, None)
+                keep = passing(self.catalog, [int(i) for i in ids if i >= 0], filters)
+                chosen = np.array([i in keep for i in ids.tolist()], dtype=bool)
+                if chosen.sum() >= depth or fetch >= len(self.vectors):
+                    return scores[chosen][:depth], ids[chosen][:depth]
+        allowed = allowed_ids(self.catalog, filters)
+        if not len(allowed):
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        return self._vector_search(vector, depth, allowed)
 
     def _vector_search(self, vector: np.ndarray, depth: int, allowed: np.ndarray | None):
         """Top ``depth`` (scores, ids) within ``allowed``. An approximate index may visit too few allowed vectors

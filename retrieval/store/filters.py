@@ -122,6 +122,24 @@ def allowed_ids(catalog: Catalog, filters: Filters) -> np.ndarray | None:
         return np.fromiter(ids, dtype=np.int64)
 
 
+def scans_every_row(filters: Filters) -> bool:
+    """True when no filter bounds a range of an index (date taken, folder): then the id list costs a pass over every
+    row's facts (about 2 us a row), and searching first and checking the candidates is cheaper for a wide filter."""
+    return not (filters.after or filters.before or filters.under)
+
+
+def passing(catalog: Catalog, ids: list[int], filters: Filters) -> set[int]:
+    """Which of ``ids`` (search candidates) are indexed images the filters let through: primary-key lookups."""
+    found: set[int] = set()
+    with catalog.session() as session:
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            ok = ImageRow.status.concat("") == STATUS_OK  # not indexable: SQLite stays on primary-key lookups
+            query = select(ImageRow.id).where(ImageRow.id.in_(chunk), ok, *conditions(filters))
+            found.update(session.scalars(query))
+    return found
+
+
 def keyword_ranking(catalog: Catalog, query: str, filters: Filters, limit: int) -> list[int]:
     """Ids of indexed images whose path holds every token of ``query`` (keywords.match_expression), best bm25
     first (a match in the file name weighs more than one in a folder name), within the filters."""
