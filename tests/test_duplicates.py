@@ -86,3 +86,23 @@ def test_duplicates_cli_json(duplicate_index):
     assert set(payload["groups"][0]["members"][0]) == {"image_id", "path", "width", "height", "size", "score"}
     bad = CliRunner().invoke(app, ["duplicates", "--index", str(index_dir), "--threshold", "1.5"])
     assert bad.exit_code != 0 and "--threshold" in bad.output
+
+
+@pytest.mark.slow
+def test_duplicates_api_and_page(duplicate_index):
+    from fastapi.testclient import TestClient
+
+    from retrieval.search.server import ServerSettings, create_app
+
+    index_dir, _ = duplicate_index
+    with TestClient(create_app(index_dir, ServerSettings(device="cpu")), base_url="http://127.0.0.1") as client:
+        answer = client.get("/api/duplicates", params={"threshold": 0.97, "limit": 2})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["threshold"] == 0.97 and len(body["groups"]) == min(2, body["total_groups"])
+        first = body["groups"][0]["members"][0]
+        assert first["score"] == 1.0 and client.get(first["thumbnail_url"]).status_code == 200
+        assert client.get("/api/duplicates", params={"threshold": 1.5}).status_code == 422
+        page = client.get("/duplicates")
+        assert page.status_code == 200 and "duplicates.js" in page.text
+        assert client.get("/static/duplicates.js").status_code == 200

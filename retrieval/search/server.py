@@ -30,6 +30,7 @@ from retrieval.errors import (
     UsageError,
 )
 from retrieval.search.api_query import SearchIn, to_query
+from retrieval.search.duplicates import DEFAULT_THRESHOLD, find_duplicates
 from retrieval.search.engine import SearchEngine, SearchResult
 from retrieval.search.file_guard import (
     FileChanged,
@@ -100,6 +101,29 @@ class ImageOut(BaseModel):
     thumbnail_url: str
     preview_url: str
     file_url: str
+
+
+class DuplicateMemberOut(BaseModel):
+    image_id: int
+    path: str
+    width: int | None
+    height: int | None
+    size: int
+    score: float  # cosine similarity to the group's first (kept) file
+    thumbnail_url: str
+    preview_url: str
+    file_url: str
+
+
+class DuplicateGroupOut(BaseModel):
+    members: list[DuplicateMemberOut]
+
+
+class DuplicatesOut(BaseModel):
+    threshold: float
+    total_groups: int
+    took_ms: float
+    groups: list[DuplicateGroupOut]
 
 
 # --- the warm engine ------------------------------------------------------------------------------------------
@@ -189,6 +213,7 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
     _add_page_routes(app)
     _add_search_routes(app, service, settings)
     _add_image_routes(app, service)
+    _add_duplicate_routes(app, service)
     return app
 
 
@@ -271,6 +296,10 @@ def _add_page_routes(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/duplicates", include_in_schema=False)
+    def duplicates_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "duplicates.html", headers={"Cache-Control": "no-cache"})
 
 
 KQuery = Annotated[int | None, Query(ge=1, description="Results per page (default 48).")]
@@ -430,6 +459,41 @@ def _add_image_routes(app: FastAPI, service: SearchService) -> None:
         }
         media_type = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
         return StreamingResponse(stream(opened), media_type=media_type, headers=headers)
+
+
+def _add_duplicate_routes(app: FastAPI, service: SearchService) -> None:
+    cached: dict[tuple[int, float], tuple[list, float]] = {}  # (generation, threshold) -> (groups, took_ms)
+
+    @app.get("/api/duplicates", response_model=DuplicatesOut, tags=["index"])
+    def duplicates(
+        threshold: Annotated[
+            float, Query(gt=0, le=1, description="Cosine similarity at which photos count as near-duplicates.")
+        ] = DEFAULT_THRESHOLD,
+        limit: Annotated[int, Query(ge=1, le=1000, description="Most groups returned (largest first).")] = 200,
+    ) -> DuplicatesOut:
+        """Groups of near-identical photos, largest groups first, each with the file to keep (most pixels, then
+        most bytes) first. Computed once per index state and threshold (an exact pass over all vectors)."""
+        key = (service.engine.catalog.vectors_generation(), round(threshold, 4))
+        if key not in cached:
+            started = time.perf_counter()
+            groups = service.query(lambda engine: find_duplicates(engine.catalog, threshold))
+            cached.clear()
+            cached[key] = (groups, (time.perf_counter() - started) * 1000)
+        groups, took_ms = cached[key]
+        shown = groups[:limit]
+        rows = service.engine.catalog.rows_by_id([m.image_id for g in shown for m in g.members])
+        out = [
+            DuplicateGroupOut(
+                members=[
+                    DuplicateMemberOut(
+                        **m.to_dict(), **_urls(m.image_id, rows[m.image_id].mtime_ns if m.image_id in rows else 0)
+                    )
+                    for m in group.members
+                ]
+            )
+            for group in shown
+        ]
+        return DuplicatesOut(threshold=threshold, total_groups=len(groups), took_ms=took_ms, groups=out)
 
 
 # --- helpers --------------------------------------------------------------------------------------------------
