@@ -92,6 +92,7 @@ def assert_same_figures(ours: dict, theirs: dict) -> None:
             assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
 
 
+@pytest.mark.slow  # clip_benchmark's import and run: ~15 s on a loaded 2-core machine
 def test_the_default_protocol_gives_clip_benchmarks_figures(parity_set, reference_figures, tiny_spec, tmp_path):
     images, annotations = parity_set
     captioned = load_captioned_set(annotations, images)
