@@ -154,9 +154,15 @@ class FolderWatcher:
         roots = self.roots()
         observer = Observer()
         handler = _EventHandler(self.batcher, roots, _ignored_prefixes(self.index_dir))
-        for root in roots:
-            observer.schedule(handler, root, recursive=True)
-        observer.start()
+        try:
+            for root in roots:
+                observer.schedule(handler, root, recursive=True)
+            observer.start()
+        except OSError as error:  # inotify's per-user watch limit, most often (one watch per folder)
+            raise UsageError(
+                f"cannot watch {', '.join(roots)}: {error.strerror or error}; on Linux, raise "
+                f"fs.inotify.max_user_watches (sysctl) for large folder trees"
+            ) from None
         try:
             self.on_batch(self._run(self.paths, first_progress))  # errors here end the watch: nothing to keep in step
             while not stop.is_set():

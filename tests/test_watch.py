@@ -12,7 +12,7 @@ import pytest
 from indexer.pipeline import index_paths
 from indexer.watch import ChangeBatcher, FolderWatcher, WatchSettings, folders_to_scan
 from retrieval.search.engine import SearchEngine
-from tests.conftest import make_images
+from tests.conftest import make_images, write_image
 
 FAST = WatchSettings(quiet_s=0.3, max_wait_s=2.0, poll_s=0.05)
 
@@ -56,9 +56,11 @@ def test_folders_to_scan_covers_changes_with_the_fewest_existing_folders(tmp_pat
     assert folders_to_scan(changed, [str(root)]) == [str(root / "a"), str(root / "c")]
 
 
-def searchable(engine: SearchEngine) -> set[str]:
+def searchable(engine: SearchEngine, root: Path | None = None) -> set[str]:
+    """Names of the files a search finds (paths relative to ``root`` when given)."""
     engine.refresh()
-    return {Path(r.path).name for r in engine.search_text("a photo", k=1000)}
+    paths = [Path(r.path) for r in engine.search_text("a photo", k=1000)]
+    return {str(p.relative_to(root)) if root else p.name for p in paths}
 
 
 def wait_for(condition, timeout_s: float = 10.0) -> bool:
@@ -77,7 +79,13 @@ def test_copied_files_become_searchable_and_deleted_ones_go(tmp_path, settings):
     incoming = make_images(tmp_path / "camera", 50, seed=2)
     index_paths(index_dir, [photos], settings, progress=False)
     first_run = threading.Event()
-    watcher = FolderWatcher(index_dir, [photos], settings, FAST, on_batch=lambda summary: first_run.set())
+    summaries = []
+
+    def on_batch(summary) -> None:
+        summaries.append(summary)
+        first_run.set()
+
+    watcher = FolderWatcher(index_dir, [photos], settings, FAST, on_batch=on_batch)
     stop = threading.Event()
     thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
     thread.start()
@@ -93,11 +101,21 @@ def test_copied_files_become_searchable_and_deleted_ones_go(tmp_path, settings):
             gone = {path.name for path in incoming[:10]}
             assert wait_for(lambda: not gone & searchable(engine)), "deleted files still found after 10 s"
             assert len(searchable(engine)) == 3 + 40
+            batches_so_far = watcher.batches
+            (photos / "moved").mkdir()
+            moved = [path.name for path in incoming[10:15]]
+            for name in moved:
+                (photos / name).rename(photos / "moved" / name)
+            write_image(photos / incoming[15].name, seed=999)  # changed in place
+            assert wait_for(lambda: {f"moved/{name}" for name in moved} <= searchable(engine, photos))
+            assert wait_for(lambda: sum(s.updated for s in summaries) == 1)
+            assert sum(s.moved for s in summaries) == 5  # moves keep their vectors: nothing re-encoded for them
+            assert len(searchable(engine)) == 3 + 40
     finally:
         stop.set()
         thread.join(30)
     assert not thread.is_alive()
-    assert 1 <= watcher.batches <= 4  # 50 copies in one burst, 10 deletions in another (debounced, not 60 runs)
+    assert 1 <= batches_so_far <= 4  # 50 copies in one burst, 10 deletions in another (debounced, not 60 runs)
 
 
 @pytest.mark.slow
