@@ -204,9 +204,10 @@ def bench_10m(space: EmbeddingSpace, args, encoder, captions) -> list[dict]:
 
 
 def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
-    """`clipsearch search` from process start to printed results on an index of ``n`` images: a catalog filled
-    with synthetic embeddings under the bench model's identity (no encoding), then the real command, 3 times."""
-    import subprocess
+    """The commands from process start to printed results on an index of ``n`` images: a catalog filled with
+    synthetic embeddings under the bench model's identity (no encoding), its text tower exported to ONNX (unless
+    --no-export: the torch path), then each command ``--cold-runs`` times in a fresh process. Peak memory is the
+    largest resident size of those processes."""
     import tempfile
 
     from sqlalchemy import insert
@@ -219,16 +220,19 @@ def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
 
     spec_name = load_text_encoder(model).identity.name if model != "none" else None
     identity = Encoder.load_text(ModelSpec(spec_name, None), "cpu").identity
-    index_dir = Path(tempfile.mkdtemp(prefix="bench-cold-", dir=args.scratch))
+    scratch = Path(tempfile.mkdtemp(prefix="bench-cold-", dir=args.scratch))
+    index_dir, photos = scratch / "index", scratch / "photos"
+    photos.mkdir()
+    (photos / f"{0:08d}.jpg").write_bytes(b"\xff\xd8")  # the first row's file exists: `similar` takes it by path
     layout = IndexLayout(index_dir)
     catalog = Catalog(layout.catalog, create=True)
     started = time.perf_counter()
     catalog.set_model_identity(identity)
-    catalog.add_roots(["/photos"])
+    catalog.add_roots([str(photos)])
     row_id = 0
     for block in space.images(n, seed=21, chunk=50_000):
         rows = [
-            {"path": f"/photos/{row_id + i:08d}.jpg", "size": 1, "mtime_ns": 1, "status": STATUS_OK,
+            {"path": f"{photos}/{row_id + i:08d}.jpg", "size": 1, "mtime_ns": 1, "status": STATUS_OK,
              "embedding": encode_embedding(v), "width": 4000, "height": 3000}
             for i, v in enumerate(block)
         ]  # fmt: skip
@@ -240,15 +244,64 @@ def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
     save_vectors(catalog, layout, vectors, catalog.vectors_generation())
     catalog.close()
     print(f"cold-start index of {n:,} images built in {time.perf_counter() - started:.0f} s", flush=True)
-    times = []
-    for i in range(3):
-        command = [sys.executable, "-c", "from retrieval.cli import main; main()", "search", f"a dog on a beach {i}"]
+    row = {"vectors": n, "index_dir": str(index_dir), "text_tower": None}
+    if not args.no_export:
+        from indexer.text_export import export_text_tower
+
         started = time.perf_counter()
-        subprocess.run([*command, "--index", str(index_dir), "-k", "10"], check=True, capture_output=True, cwd=ROOT)
-        times.append(time.perf_counter() - started)
-    row = {"vectors": n, "cold_search_s": [round(t, 2) for t in times], "load": os.getloadavg()[0]}
+        report = export_text_tower(index_dir, precision=args.text_precision)
+        print(f"{report.line()} in {time.perf_counter() - started:.0f} s", flush=True)
+        row["text_tower"] = report.record.precision
+        row["int8_overlap"] = report.record.int8_overlap
+        row |= warm_engine_query(index_dir)
+    commands = {
+        "search": ["search", "a dog on a beach at sunset"],
+        "similar": ["similar", str(photos / f"{0:08d}.jpg")],
+        "info": ["info"],
+    }
+    for name, command in commands.items():
+        seconds, peak = [], 0
+        for _ in range(args.cold_runs):
+            elapsed, rss = run_cold([*command, "--index", str(index_dir)])
+            seconds.append(elapsed)
+            peak = max(peak, rss)
+        row[f"cold_{name}_s"] = {"median": round(float(np.median(seconds)), 3), "min": round(min(seconds), 3),
+                                 "max": round(max(seconds), 3), "runs": len(seconds)}  # fmt: skip
+        row[f"cold_{name}_peak_mib"] = round(peak / 1024, 1)
+    row["load"] = os.getloadavg()[0]
     print(json.dumps(row), flush=True)
     return row
+
+
+def run_cold(arguments: list[str]) -> tuple[float, int]:
+    """(seconds, peak resident KiB) of one `clipsearch` command in a fresh process, as a user runs it."""
+    import subprocess
+
+    command = [sys.executable, "-c", "from retrieval.cli import main; main()", *arguments]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"{' '.join(arguments)} failed: {process.stderr.read().decode()}")
+    return elapsed, int(usage.ru_maxrss)
+
+
+def warm_engine_query(index_dir: Path, repeats: int = 200) -> dict:
+    """Warm text queries through the engine as `clipsearch serve` runs them: exported tower + flat scan + rows."""
+    from indexer.text_export import probe_captions
+    from retrieval.search.engine import SearchEngine
+
+    captions = probe_captions()
+    with SearchEngine(index_dir, device="cpu") as engine:
+        for caption in captions[:5]:
+            engine.search_text(caption, k=10)
+        times = []
+        for i in range(repeats):
+            started = time.perf_counter()
+            engine.search_text(captions[i % len(captions)], k=10)
+            times.append(time.perf_counter() - started)
+    return {"warm_text_query_p50_ms": percentile_ms(times, 50), "warm_text_query_p99_ms": percentile_ms(times, 99)}
 
 
 def main() -> None:
@@ -263,6 +316,9 @@ def main() -> None:
     parser.add_argument("--big-size", type=parse_size, default=10_000_000, help="the size --with-10m uses")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the 10M float16 file (10 GB)")
     parser.add_argument("--cold", type=parse_size, default=0, help="also time `clipsearch search` cold at this size")
+    parser.add_argument("--cold-runs", type=int, default=10, help="fresh processes per cold command")
+    parser.add_argument("--no-export", action="store_true", help="cold runs without the ONNX text tower (torch)")
+    parser.add_argument("--text-precision", default="auto", help="exported text tower: auto, int8 or float32")
     parser.add_argument("--threads", type=int, default=None, help="torch/FAISS threads (default: all cores)")
     parser.add_argument("--json", type=Path, default=None, help="write all rows here")
     parser.add_argument("--bf16-text", action="store_true", help="encode queries with the bfloat16 text tower")
@@ -300,7 +356,12 @@ def main() -> None:
             f"{r['recall_at_10']:.3f}{verdict}"
         )
     if cold:
-        print(f"clipsearch search, cold, {cold['vectors']:,} images: {cold['cold_search_s']} s")
+        for name in ("search", "similar", "info"):
+            print(f"clipsearch {name}, cold, {cold['vectors']:,} images (text tower: {cold['text_tower'] or 'torch'}): "
+                  f"{cold[f'cold_{name}_s']} s, peak {cold[f'cold_{name}_peak_mib']} MiB")  # fmt: skip
+        if "warm_text_query_p50_ms" in cold:
+            print(f"warm text query through the engine, p50/p99: {cold['warm_text_query_p50_ms']}/"
+                  f"{cold['warm_text_query_p99_ms']} ms")  # fmt: skip
     print(f"load after: {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "cold": cold}, indent=2) + "\n")
