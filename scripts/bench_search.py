@@ -206,8 +206,46 @@ def bench_10m(space: EmbeddingSpace, args, encoder, captions) -> list[dict]:
 def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
     """The commands from process start to printed results on an index of ``n`` images: a catalog filled with
     synthetic embeddings under the bench model's identity (no encoding), its text tower exported to ONNX (unless
-    --no-export: the torch path), then each command ``--cold-runs`` times in a fresh process. Peak memory is the
-    largest resident size of those processes."""
+    --no-export: the torch path), then each command ``--cold-runs`` times in a fresh process, with its CPU time
+    and peak resident memory. ``--reuse-index`` times an index built by an earlier run instead."""
+    if args.reuse_index:
+        index_dir, photos = args.reuse_index, args.reuse_index.parent / "photos"
+    else:
+        index_dir, photos = build_cold_index(n, space, model, args)
+    row = {"vectors": n, "index_dir": str(index_dir), "text_tower": None}
+    if not args.no_export:
+        from indexer.text_export import export_text_tower
+
+        started = time.perf_counter()
+        report = export_text_tower(index_dir, precision=args.text_precision)
+        print(f"{report.line()} in {time.perf_counter() - started:.0f} s", flush=True)
+        row["text_tower"] = report.record.precision
+        row["int8_overlap"] = report.record.int8_overlap
+        row |= warm_engine_query(index_dir)
+    commands = {
+        "search": ["search", "a dog on a beach at sunset"],
+        "similar": ["similar", str(photos / f"{0:08d}.jpg")],
+        "info": ["info"],
+    }
+    for name, command in commands.items():
+        seconds, cpu, peak = [], [], 0
+        for _ in range(args.cold_runs):
+            elapsed, used, rss = run_cold([*command, "--index", str(index_dir)])
+            seconds.append(elapsed)
+            cpu.append(used)
+            peak = max(peak, rss)
+        row[f"cold_{name}_s"] = {"median": round(float(np.median(seconds)), 3), "min": round(min(seconds), 3),
+                                 "max": round(max(seconds), 3), "cpu_median": round(float(np.median(cpu)), 3),
+                                 "runs": len(seconds)}  # fmt: skip
+        row[f"cold_{name}_peak_mib"] = round(peak / 1024, 1)
+    row["load"] = os.getloadavg()[0]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def build_cold_index(n: int, space: EmbeddingSpace, model: str | None, args) -> tuple[Path, Path]:
+    """An index folder of ``n`` synthetic images (no encoding) and its photos folder, where only the first
+    image's file exists (`similar` takes it by path)."""
     import tempfile
 
     from sqlalchemy import insert
@@ -223,7 +261,7 @@ def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="bench-cold-", dir=args.scratch))
     index_dir, photos = scratch / "index", scratch / "photos"
     photos.mkdir()
-    (photos / f"{0:08d}.jpg").write_bytes(b"\xff\xd8")  # the first row's file exists: `similar` takes it by path
+    (photos / f"{0:08d}.jpg").write_bytes(b"\xff\xd8")
     layout = IndexLayout(index_dir)
     catalog = Catalog(layout.catalog, create=True)
     started = time.perf_counter()
@@ -244,47 +282,36 @@ def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
     save_vectors(catalog, layout, vectors, catalog.vectors_generation())
     catalog.close()
     print(f"cold-start index of {n:,} images built in {time.perf_counter() - started:.0f} s", flush=True)
-    row = {"vectors": n, "index_dir": str(index_dir), "text_tower": None}
-    if not args.no_export:
-        from indexer.text_export import export_text_tower
-
-        started = time.perf_counter()
-        report = export_text_tower(index_dir, precision=args.text_precision)
-        print(f"{report.line()} in {time.perf_counter() - started:.0f} s", flush=True)
-        row["text_tower"] = report.record.precision
-        row["int8_overlap"] = report.record.int8_overlap
-        row |= warm_engine_query(index_dir)
-    commands = {
-        "search": ["search", "a dog on a beach at sunset"],
-        "similar": ["similar", str(photos / f"{0:08d}.jpg")],
-        "info": ["info"],
-    }
-    for name, command in commands.items():
-        seconds, peak = [], 0
-        for _ in range(args.cold_runs):
-            elapsed, rss = run_cold([*command, "--index", str(index_dir)])
-            seconds.append(elapsed)
-            peak = max(peak, rss)
-        row[f"cold_{name}_s"] = {"median": round(float(np.median(seconds)), 3), "min": round(min(seconds), 3),
-                                 "max": round(max(seconds), 3), "runs": len(seconds)}  # fmt: skip
-        row[f"cold_{name}_peak_mib"] = round(peak / 1024, 1)
-    row["load"] = os.getloadavg()[0]
-    print(json.dumps(row), flush=True)
-    return row
+    return index_dir, photos
 
 
-def run_cold(arguments: list[str]) -> tuple[float, int]:
-    """(seconds, peak resident KiB) of one `clipsearch` command in a fresh process, as a user runs it."""
+COLD_CHILD = """
+import atexit, os, sys
+def peak():  # VmHWM: this process's own high-water mark (ru_maxrss would include the forked bench process)
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM"))
+    os.write(2, f"\\nPEAK_KIB {line.split()[1]}\\n".encode())
+atexit.register(peak)
+from retrieval.cli import main
+main()
+"""
+
+
+def run_cold(arguments: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak resident KiB) of one `clipsearch` command in a fresh process. CPU time
+    moves far less with the machine's load than wall time does."""
     import subprocess
 
-    command = [sys.executable, "-c", "from retrieval.cli import main; main()", *arguments]
+    command = [sys.executable, "-c", COLD_CHILD, *arguments]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
+    errors = process.stderr.read().decode()
     if status != 0:
-        raise SystemExit(f"{' '.join(arguments)} failed: {process.stderr.read().decode()}")
-    return elapsed, int(usage.ru_maxrss)
+        raise SystemExit(f"{' '.join(arguments)} failed: {errors}")
+    peak = int(errors.rsplit("PEAK_KIB", 1)[1].split()[0])
+    return elapsed, usage.ru_utime + usage.ru_stime, peak
 
 
 def warm_engine_query(index_dir: Path, repeats: int = 200) -> dict:
@@ -296,12 +323,17 @@ def warm_engine_query(index_dir: Path, repeats: int = 200) -> dict:
     with SearchEngine(index_dir, device="cpu") as engine:
         for caption in captions[:5]:
             engine.search_text(caption, k=10)
-        times = []
+        times, cpu = [], []
         for i in range(repeats):
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             engine.search_text(captions[i % len(captions)], k=10)
             times.append(time.perf_counter() - started)
-    return {"warm_text_query_p50_ms": percentile_ms(times, 50), "warm_text_query_p99_ms": percentile_ms(times, 99)}
+            cpu.append(time.process_time() - started_cpu)
+    return {
+        "warm_text_query_p50_ms": percentile_ms(times, 50),
+        "warm_text_query_p99_ms": percentile_ms(times, 99),
+        "warm_text_query_cpu_p50_ms": percentile_ms(cpu, 50),  # all threads: less moved by the load than wall time
+    }
 
 
 def main() -> None:
@@ -317,6 +349,7 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the 10M float16 file (10 GB)")
     parser.add_argument("--cold", type=parse_size, default=0, help="also time `clipsearch search` cold at this size")
     parser.add_argument("--cold-runs", type=int, default=10, help="fresh processes per cold command")
+    parser.add_argument("--reuse-index", type=Path, default=None, help="cold runs on an index --cold built before")
     parser.add_argument("--no-export", action="store_true", help="cold runs without the ONNX text tower (torch)")
     parser.add_argument("--text-precision", default="auto", help="exported text tower: auto, int8 or float32")
     parser.add_argument("--threads", type=int, default=None, help="torch/FAISS threads (default: all cores)")
@@ -361,7 +394,7 @@ def main() -> None:
                   f"{cold[f'cold_{name}_s']} s, peak {cold[f'cold_{name}_peak_mib']} MiB")  # fmt: skip
         if "warm_text_query_p50_ms" in cold:
             print(f"warm text query through the engine, p50/p99: {cold['warm_text_query_p50_ms']}/"
-                  f"{cold['warm_text_query_p99_ms']} ms")  # fmt: skip
+                  f"{cold['warm_text_query_p99_ms']} ms (CPU p50 {cold['warm_text_query_cpu_p50_ms']} ms)")  # fmt: skip
     print(f"load after: {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "cold": cold}, indent=2) + "\n")

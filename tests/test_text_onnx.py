@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from indexer.pipeline import index_paths
-from indexer.text_export import MIN_COSINE, export_text_tower, tower_current
+from indexer.text_export import MIN_COSINE, tower_current
 from retrieval.cli import app
 from retrieval.model.clip_tokenizer import ClipTokenizer, save_tokenizer
 from retrieval.model.encoder import Encoder
@@ -101,7 +101,9 @@ def test_export_matches_torch_and_is_recorded_with_its_digest(exported, tiny_spe
 
 
 @pytest.mark.slow
-def test_a_changed_or_foreign_export_falls_back_to_torch_until_exported_again(exported, tmp_path):
+def test_a_changed_or_foreign_export_falls_back_to_torch_until_exported_again(
+    exported, tmp_path, tiny_model_dir, monkeypatch
+):
     import shutil
 
     index_dir = tmp_path / "index"
@@ -124,9 +126,19 @@ def test_a_changed_or_foreign_export_falls_back_to_torch_until_exported_again(ex
     with SearchEngine(index_dir, device="cpu") as engine:
         assert isinstance(engine.text_encoder, Encoder)
 
-    report = export_text_tower(index_dir, precision="int8")  # stale: exported again, this time as int8
-    assert report.exported and report.record.precision == "int8" and report.record.int8_overlap >= 0.8
-    assert [p.name for p in index_dir.glob("text-tower-*")] == [report.record.folder]  # the old one is gone
+    # an index run that encodes something exports the stale tower again (auto precision: int8 when it agrees)
+    monkeypatch.setenv("CLIPSEARCH_EXPORT_TEXT", "1")
+    make_images(tmp_path / "more", 1, seed=7)
+    ran = CliRunner().invoke(
+        app, ["index", str(tmp_path / "more"), "--index", str(index_dir), "--model", f"local-dir:{tiny_model_dir}",
+              "--workers", "0", "-q"],
+    )  # fmt: skip
+    assert ran.exit_code == 0 and "text tower exported" in ran.output, ran.output
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    record = TextTowerRecord.from_json(catalog.get_meta(MetaKey.TEXT_TOWER))
+    catalog.close()
+    assert record.precision == "int8" and record.int8_overlap >= 0.9 and record.top10_same
+    assert [p.name for p in index_dir.glob("text-tower-*")] == [record.folder]  # the old one is gone
     with SearchEngine(index_dir, device="cpu") as engine:
         assert isinstance(engine.text_encoder, OnnxTextEncoder) and engine.text_encoder.record.precision == "int8"
 

