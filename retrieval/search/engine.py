@@ -69,7 +69,9 @@ class SearchEngine:
         self._tower: tuple[str | None, OnnxTextEncoder | None] | None = None  # (record it was opened from, tower)
 
     def close(self) -> None:
+        """Close the catalog and let go of the mapped FAISS file and the text tower (an unmount can follow)."""
         self.catalog.close()
+        self._vectors, self._tower = None, None
 
     def __enter__(self) -> SearchEngine:
         return self
