@@ -261,7 +261,9 @@ def build_cold_index(n: int, space: EmbeddingSpace, model: str | None, args) -> 
     scratch = Path(tempfile.mkdtemp(prefix="bench-cold-", dir=args.scratch))
     index_dir, photos = scratch / "index", scratch / "photos"
     photos.mkdir()
-    (photos / f"{0:08d}.jpg").write_bytes(b"\xff\xd8")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 120, 40)).save(photos / f"{0:08d}.jpg")
     layout = IndexLayout(index_dir)
     catalog = Catalog(layout.catalog, create=True)
     started = time.perf_counter()
