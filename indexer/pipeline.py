@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
+from indexer.ingest import insert_new_rows
 from indexer.overlap import EncodeOptions, encode_and_commit
 from indexer.plan import Plan, WorkItem, plan_changes
 from indexer.ray_runner import RaySettings, encode_on_ray
@@ -198,17 +199,16 @@ class _Writer:
 
     def commit(self, session_work) -> None:
         with self.catalog.session() as session, session.begin():
-            removed_ids, added = session_work(session)
+            removed_ids, added_ids, added_vectors = session_work(session)
             session.flush()
-            added_ids = np.array([row.id for row, _ in added], dtype=np.int64)
             generation = self.catalog.bump_generation(session)
             fault_point("commit_begin")
         self.generation = generation  # only once committed: a failed commit must not mark the FAISS file newer
         fault_point("commit_end")
         if self.vectors is not None:
             self.vectors.remove(removed_ids)
-            if added:
-                self.vectors.add(added_ids, unit_rows(np.stack([vector for _, vector in added])))
+            if len(added_ids):
+                self.vectors.add(added_ids, unit_rows(added_vectors))
         if time.monotonic() - self.last_save > self.save_every_s:
             self.save()
 
@@ -288,21 +288,25 @@ def _apply_moves_and_removals(session: Session, plan: Plan, summary: IndexSummar
             removed.append(row.id)
         row.status, row.error, row.embedding, row.indexed_at = STATUS_FAILED, reason, None, time.time()
         summary.failed += 1
-    return removed, []
+    return removed, np.zeros(0, dtype=np.int64), None
 
 
 def _apply_chunk(session: Session, chunk: list[tuple[WorkItem, DecodedItem, np.ndarray | None]], summary):
+    """Returns removed ids, then the ids and vectors (as stored, so a rebuilt FAISS index answers identically)
+    to add. New files take the executemany path (``indexer.ingest``); changed files are updated row by row."""
+    new_ids, new_vectors, new_failed = insert_new_rows(session, [entry for entry in chunk if entry[0].row_id is None])
+    summary.added += len(new_ids)
+    summary.encoded += len(new_ids)
+    summary.failed += new_failed
     removed: list[int] = []
     added: list[tuple[ImageRow, np.ndarray]] = []
     for item, decoded, vector in chunk:
         facts = item.facts
         if item.row_id is None:
-            row = ImageRow(path=facts.path)
-            session.add(row)
-        else:
-            row = session.get(ImageRow, item.row_id)
-            if row.status == STATUS_OK:
-                removed.append(row.id)
+            continue
+        row = session.get(ImageRow, item.row_id)
+        if row.status == STATUS_OK:
+            removed.append(row.id)
         row.size, row.mtime_ns, row.content_hash = facts.size, facts.mtime_ns, decoded.content_hash
         row.indexed_at = time.time()
         if vector is None:
@@ -313,13 +317,14 @@ def _apply_chunk(session: Session, chunk: list[tuple[WorkItem, DecodedItem, np.n
         row.status, row.error, row.embedding = STATUS_OK, None, encode_embedding(vector)
         row.width, row.height = decoded.width, decoded.height
         row.set_meta(read_image_meta(facts.path, facts.mtime_ns))  # header only: date, camera, GPS, type
-        added.append((row, row.vector()))  # as stored, so a rebuilt FAISS index answers identically
+        added.append((row, row.vector()))
         summary.encoded += 1
-        if item.row_id is None:
-            summary.added += 1
-        else:
-            summary.updated += 1
-    return removed, added
+        summary.updated += 1
+    if not added:
+        return removed, new_ids, new_vectors
+    ids = np.concatenate([new_ids, np.array([row.id for row, _ in added], dtype=np.int64)])
+    vectors = np.stack([vector for _, vector in added])
+    return removed, ids, np.concatenate([new_vectors, vectors]) if len(new_ids) else vectors
 
 
 def default_batch_size(device: str) -> int:
