@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec, check_spec, spec_key
 from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding
 from retrieval.store.index_types import check_index_type
+from retrieval.store.keywords import fill_keywords
 from retrieval.store.layout import IndexLayout
 from retrieval.store.sync import open_vectors, save_vectors
 from retrieval.store.vectors import VectorIndex
@@ -219,6 +220,26 @@ class _Writer:
             self.last_save = time.monotonic()
 
 
+def ingest_encoded(
+    catalog: Catalog,
+    layout: IndexLayout,
+    chunks: Iterable[list[tuple[WorkItem, DecodedItem, np.ndarray | None]]],
+    vectors: VectorIndex | None,
+    save_every_s: float = 120.0,
+) -> IndexSummary:
+    """Commit chunks of rows that arrive already encoded, through the writer a run uses (``scripts/bench_ingest.py``
+    measures it). The caller holds the write lock and has recorded the model; ``vectors``: the index to keep in
+    step with the catalog (``open_vectors``), None for the catalog alone."""
+    summary = IndexSummary()
+    writer = _Writer(catalog, layout, vectors, save_every_s)
+    try:
+        for chunk in chunks:
+            writer.commit(lambda session, chunk=chunk: _apply_chunk(session, chunk, summary))
+    finally:
+        writer.save()
+    return summary
+
+
 def _run_plan(
     catalog: Catalog,
     layout: IndexLayout,
@@ -284,6 +305,8 @@ def _apply_moves_and_removals(session: Session, plan: Plan, summary: IndexSummar
         if row is None:
             row = ImageRow(path=path, size=-1, mtime_ns=-1, status=STATUS_FAILED)
             session.add(row)
+            session.flush()
+            fill_keywords(session, row.id, row.id)
         elif row.status == STATUS_OK:
             removed.append(row.id)
         row.status, row.error, row.embedding, row.indexed_at = STATUS_FAILED, reason, None, time.time()
@@ -316,7 +339,7 @@ def _apply_chunk(session: Session, chunk: list[tuple[WorkItem, DecodedItem, np.n
             continue
         row.status, row.error, row.embedding = STATUS_OK, None, encode_embedding(vector)
         row.width, row.height = decoded.width, decoded.height
-        row.set_meta(read_image_meta(facts.path, facts.mtime_ns))  # header only: date, camera, GPS, type
+        row.set_meta(decoded.meta or read_image_meta(facts.path, facts.mtime_ns))  # header: date, camera, GPS, type
         added.append((row, row.vector()))
         summary.encoded += 1
         summary.updated += 1
@@ -324,7 +347,7 @@ def _apply_chunk(session: Session, chunk: list[tuple[WorkItem, DecodedItem, np.n
         return removed, new_ids, new_vectors
     ids = np.concatenate([new_ids, np.array([row.id for row, _ in added], dtype=np.int64)])
     vectors = np.stack([vector for _, vector in added])
-    return removed, ids, np.concatenate([new_vectors, vectors]) if len(new_ids) else vectors
+    return removed, ids, np.concatenate([new_vectors.astype(np.float32), vectors]) if len(new_ids) else vectors
 
 
 def default_batch_size(device: str) -> int:

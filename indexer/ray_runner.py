@@ -4,7 +4,7 @@ The driver (``indexer.pipeline``) scans, plans, diffs and commits exactly as a l
 middle moves to the cluster, as one streaming Ray Data job:
 
     positions + paths ─CPU tasks: read, hash, decode, preprocess─▶ pixels ─actor pool: one model per actor─▶
-    rows (position, content hash, size in pixels, float16 embedding, error) ─streamed back, in order─▶ driver
+    rows (position, content hash, size in pixels, header facts, float16 embedding, error) ─in order─▶ driver
 
 Decoding runs the very code a local run runs (``ImageFileDataset``), so failures carry the same reasons. Ray
 retries a task or restarts an actor that dies; rows come back in work order (``preserve_order``), each position
@@ -14,17 +14,19 @@ run. Every node must see the files under the same path (a shared file system).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrieval.errors import ClipsearchError, UsageError
 from retrieval.faults import FAULT_ENV, fault_point
+from retrieval.image_meta import ImageMeta, read_image_meta
 from retrieval.images import DecodedItem, ImageFileDataset
 from retrieval.model.spec import ModelSpec
 
@@ -128,10 +130,11 @@ def _dataset(ray, work, encoder, spec, ray_settings: RaySettings, batch_size: in
     context.execution_options.preserve_order = True  # rows come back in work order: ids as a local run gives
     context.enable_progress_bars = False
     paths = [item.facts.path for item in work]
+    mtimes = np.array([item.facts.mtime_ns for item in work], dtype=np.int64)
     step = max(1, ray_settings.block_rows)
     blocks = [
         pa.table({"position": np.arange(start, min(start + step, len(paths)), dtype=np.int64),
-                  "path": paths[start : start + step]})
+                  "path": paths[start : start + step], "mtime_ns": mtimes[start : start + step]})
         for start in range(0, len(paths), step)
     ]  # fmt: skip
     size = encoder.identity.image_size
@@ -174,10 +177,15 @@ def _decode_block(batch: dict[str, np.ndarray], preprocess, min_side: int) -> di
         if item.pixels is not None:
             pixels[i] = item.pixels.numpy()
     node = socket.gethostname()
+    meta = [  # header facts read here, beside the file, not by the single writer
+        json.dumps(asdict(read_image_meta(path, int(mtime)))) if item.pixels is not None else ""
+        for path, mtime, item in zip(paths, batch["mtime_ns"], items)
+    ]
     return {
         "position": batch["position"],
         "pixels": pixels,
         "ok": np.array([item.pixels is not None for item in items]),
+        "meta": np.array(meta, dtype=object),
         **_facts(items, node),
     }
 
@@ -228,6 +236,7 @@ def _rows(batch: dict[str, np.ndarray]) -> Iterator[tuple[int, DecodedItem, np.n
             width=int(batch["width"][i]) if ok else None,
             height=int(batch["height"][i]) if ok else None,
             error=batch["error"][i] or None,
+            meta=ImageMeta(**json.loads(batch["meta"][i])) if ok else None,
         )
         vector = batch["embedding"][i].astype(np.float32) if ok else None
         yield int(position), decoded, vector, str(batch["node"][i])

@@ -176,6 +176,7 @@ class DecodedItem:
     width: int | None
     height: int | None
     error: str | None
+    meta: Any = None  # header facts (retrieval.image_meta.ImageMeta) when the decoding side read them, else None
 
 
 class ImageFileDataset:

@@ -36,7 +36,8 @@ from retrieval.unit import unit_rows
 
 # 2: image ids are never reused (AUTOINCREMENT); paths may hold escaped non-UTF-8 bytes (retrieval/store/paths.py).
 # 3: header facts for filters and date order (retrieval/image_meta.py); FTS5 keyword table over paths.
-SCHEMA_VERSION = 3
+# 4: no per-row insert trigger on the keyword table; writers fill it per chunk (retrieval/store/keywords.py).
+SCHEMA_VERSION = 4
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 EMBEDDING_DTYPE = np.float16
@@ -141,6 +142,7 @@ def decode_embedding(blob: bytes | None) -> np.ndarray:
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA page_size=16384")  # new catalogs only: 1 KB embedding rows pack 15 a page, not 3
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")

@@ -124,8 +124,13 @@ def _v2_to_v3(connection: sqlite3.Connection, facts: HeaderFacts) -> None:
     )
 
 
+def _v3_to_v4(connection: sqlite3.Connection) -> None:
+    """The writer fills the keyword table per chunk in one statement: the per-row insert trigger goes."""
+    connection.execute("DROP TRIGGER IF EXISTS images_fts_insert")
+
+
 # From version N to N + 1: the step, and what it reads before taking the write lock (None: nothing).
-STEPS: dict[int, Callable[..., None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+STEPS: dict[int, Callable[..., None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 PREPARE: dict[int, Callable[[sqlite3.Connection], Any]] = {2: _read_headers_v2}
 
 
