@@ -20,7 +20,7 @@ from indexer.ingest import insert_new_rows
 from indexer.overlap import EncodeOptions, encode_and_commit
 from indexer.plan import Plan, WorkItem, plan_changes
 from indexer.ray_runner import RaySettings, encode_on_ray
-from indexer.reindex import apply_index_type
+from indexer.reindex import apply_index_type, builds_at_end, rebuild_as
 from indexer.scan import resolve_folder, scan_folder
 from retrieval.errors import DiskFullError, Interrupted, ModelLoadError, UsageError
 from retrieval.faults import fault_point
@@ -33,7 +33,7 @@ from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow,
 from retrieval.store.index_types import check_index_type
 from retrieval.store.keywords import fill_keywords
 from retrieval.store.layout import IndexLayout
-from retrieval.store.sync import open_vectors, save_vectors
+from retrieval.store.sync import faiss_file_current, open_vectors, recorded_type, save_vectors
 from retrieval.store.vectors import VectorIndex
 from retrieval.store.write_lock import write_lock
 from retrieval.unit import unit_rows
@@ -173,6 +173,8 @@ def _plan_and_run(catalog: Catalog, layout: IndexLayout, folders, settings: Inde
     catalog.add_roots(present)
     _run_plan(catalog, layout, plan, settings, summary, progress)
     rebuilt = apply_index_type(catalog, layout, settings.index_type, settings.max_memory, settings.device)
+    if rebuilt is None and catalog.model_identity() and not faiss_file_current(catalog, layout):
+        rebuilt = rebuild_as(catalog, layout, recorded_type(catalog), settings.device)  # built at the end after all
     summary.vectors_note = rebuilt.line() if rebuilt else None
 
 
@@ -251,7 +253,11 @@ def _run_plan(
     summary.unchanged = plan.unchanged
     summary.unchanged_failed = plan.unchanged_failed
     identity = catalog.model_identity()
-    vectors = open_vectors(catalog, layout, identity.embed_dim, persist=True) if identity else None
+
+    def at_end() -> bool:  # another type after this run: built from the stored embeddings at the end instead
+        return builds_at_end(catalog, len(plan.work), settings.index_type, settings.max_memory)
+
+    vectors = open_vectors(catalog, layout, identity.embed_dim, persist=True) if identity and not at_end() else None
     writer = _Writer(catalog, layout, vectors, settings.save_every_s)
     try:
         if plan.moved or plan.gone or plan.unreadable:
@@ -266,7 +272,7 @@ def _run_plan(
             def on_encoder(encoder: Encoder) -> None:
                 if catalog.model_identity() is None:
                     catalog.set_model_identity(encoder.identity)
-                if writer.vectors is None:
+                if writer.vectors is None and not at_end():
                     writer.vectors = open_vectors(catalog, layout, encoder.dim, persist=False)
 
             def commit(chunk: list[tuple[WorkItem, DecodedItem, np.ndarray | None]]) -> None:

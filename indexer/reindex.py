@@ -95,6 +95,22 @@ def apply_index_type(
     return rebuild_as(catalog, layout, wanted, device)
 
 
+def builds_at_end(catalog: Catalog, incoming: int, index_type: str | None, max_memory: int | None) -> bool:
+    """Whether a run about to encode ``incoming`` files should leave the vector index alone and build it from the
+    stored embeddings once they are committed: when the type in force after the run will differ from the type held
+    now. A first run of 100M images under auto would otherwise grow an exact index of ~100 GB only to replace it;
+    the build at the end streams the catalog (``VectorIndex.build``), so memory stays the final index's own plus a
+    training sample."""
+    identity = catalog.model_identity()
+    if identity is None:  # no model recorded yet: asked again once the encoder is loaded
+        return False
+    requested = index_type or requested_type(catalog)
+    budget = recorded_budget(catalog) if max_memory is None else max_memory
+    count = catalog.count(STATUS_OK) + incoming
+    wanted = requested if requested != "auto" else choose_index_type(count, identity.embed_dim, budget)
+    return wanted != recorded_type(catalog)
+
+
 def planned_type(catalog: Catalog, dim: int) -> str:
     """The type in force: the one asked for, or auto's pick for today's size and the recorded budget."""
     requested = requested_type(catalog)

@@ -234,12 +234,13 @@ def test_injected_disk_full_is_a_clear_error_and_the_index_stays_whole(
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 1 MB tmpfs; skipped where mounting is not allowed (not root, containers without CAP_SYS_ADMIN)."""
+    """A real 4 MB tmpfs (room for a small index in 16 KB pages and its WAL); skipped where mounting is not allowed
+    (not root, containers without CAP_SYS_ADMIN)."""
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("mounting a tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
     yield mount_point
