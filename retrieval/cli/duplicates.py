@@ -39,7 +39,7 @@ def duplicates(index_dir: IndexOption = None, threshold: ThresholdOption = 0.95,
             size = f"{member.width}x{member.height}" if member.width and member.height else "?"
             mark = "keep" if position == 0 else "    "
             typer.echo(
-                f"  {mark}  {member.score:.3f}  {size:>11}  {member.size / 1e6:7.2f} MB  {member.to_dict()['path']}"
+                f"  {mark}  {member.score:.3f}  {size:>11}  {_bytes(member.size):>8}  {member.to_dict()['path']}"
             )
     extra = sum(len(group.members) - 1 for group in groups)
     typer.echo(f"{len(groups)} groups; {extra} images besides the best of each")
