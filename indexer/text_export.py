@@ -25,11 +25,11 @@ from retrieval.model.text_onnx import (
     TOWER_FILE,
     OnnxTextEncoder,
     TextTowerRecord,
-    files_match,
     stamp_files,
 )
 from retrieval.store.catalog import Catalog, MetaKey
 from retrieval.store.layout import IndexLayout
+from retrieval.store.text_tower import current_text_tower
 from retrieval.store.tuning import exact_top_k, probe_texts
 from retrieval.store.write_lock import write_lock
 
@@ -82,15 +82,7 @@ def probe_captions() -> list[str]:
 
 def tower_current(catalog: Catalog, layout: IndexLayout) -> bool:
     """Whether the catalog records an export of its own model whose files are all in place."""
-    identity = catalog.model_identity()
-    text = catalog.get_meta(MetaKey.TEXT_TOWER)
-    if identity is None or not text:
-        return False
-    try:
-        record = TextTowerRecord.from_json(text)
-    except (ValueError, TypeError):
-        return False
-    return record.model_key == identity.key() and files_match(layout.root / record.folder, record)
+    return current_text_tower(catalog, layout) is not None
 
 
 def export_text_tower(

@@ -175,4 +175,4 @@ def test_query_commands_never_import_torch(exported):
         ):
             printed = json.loads(outputs[command])["results"]
             assert [item["image_id"] for item in printed] == [r.image_id for r in results]
-    assert "12 indexed" in outputs["info"]
+    assert "12 indexed" in outputs["info"] and "text:    ONNX float32" in outputs["info"]

@@ -270,6 +270,10 @@ def info(
             f"recall:  {details.recall_at_10:.3f} recall@10 against exact search "
             f"({details.recall_queries} {details.recall_query_kind} queries, measured when built)"
         )
+    tower = (
+        f"ONNX {details.text_tower} (no torch)" if details.text_tower else "torch (`clipsearch export-text` for faster)"
+    )
+    typer.echo(f"text:    {tower}")
     typer.echo(f"size:    {details.size_bytes / 1e6:.1f} MB")
     typer.echo("folders: " + (", ".join(map(printable, details.roots)) or "(none)"))
     for path, reason in details.failures:

@@ -10,6 +10,7 @@ from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import display_path
 from retrieval.store.sync import faiss_file_current, recorded_recall, recorded_type, requested_type
+from retrieval.store.text_tower import current_text_tower
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class IndexInfo:
     recall_at_10: float | None = None  # approximate types: measured against exact search when built
     recall_queries: int = 0
     recall_query_kind: str | None = None  # "text" (or "image" when the model could not be loaded)
+    text_tower: str | None = None  # the exported ONNX text tower's precision when current (None: queries use torch)
 
     def to_dict(self) -> dict:
         """JSON-ready: folder and file names that are not valid UTF-8 show their odd bytes as ``\\xNN``."""
@@ -59,6 +61,7 @@ def index_info(index_dir: Path, with_failures: bool = False) -> IndexInfo:
             recall_at_10=recall.recall if recall else None,
             recall_queries=recall.queries if recall else 0,
             recall_query_kind=recall.kind if recall else None,
+            text_tower=tower.precision if (tower := current_text_tower(catalog, layout)) else None,
         )
     finally:
         catalog.close()
