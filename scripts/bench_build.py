@@ -8,9 +8,10 @@ them; the queries are text-like (another modality, as real searches are). clipse
 ``clipsearch reindex --index-type ivfpq`` does: ``VectorIndex.build`` streams (ids, vectors) batches, trains on a
 sample, adds the rest, then ``tune`` picks the search effort and the rescoring depth for recall@10 >= 0.95 on half
 the probes and measures recall on the other half; rescoring reads the exact vectors (here a memory-mapped float16
-file, in a real index the catalog). autofaiss runs in its own interpreter (it pins numpy < 2, which this project's
-environment does not) on the same .npy files, with a memory budget equal to clipsearch's index size, and is scored
-on the same queries and ground truth. Reported: build seconds, index bytes, recall@10, and peak RSS of each side.
+file, in a real index the catalog). autofaiss runs in its own interpreter (it pins numpy < 2, which this
+project's environment does not; there it also needs faiss-cpu 1.7.x and pyarrow < 16) on the same .npy files, with
+a memory budget equal to clipsearch's index size, and is scored on the same queries and ground truth. Reported:
+build seconds, index bytes, recall@10, and peak RSS of each side.
 """
 
 from __future__ import annotations
