@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ from indexer.scan import FileFacts
 from retrieval.image_meta import ImageMeta
 from retrieval.images import DecodedItem
 from retrieval.model.spec import ModelIdentity
-from retrieval.store.catalog import SCHEMA_VERSION, STATUS_OK, Catalog
+from retrieval.store.catalog import SCHEMA_VERSION, STATUS_OK, Catalog, MetaKey
 from retrieval.store.layout import IndexLayout
 from retrieval.store.vectors import VectorIndex
 from tests.conftest import make_images
+from tests.crash_harness import KILLED, assert_index_whole, run_in_child
 
 
 def raw(path: Path, sql: str, *args) -> list[tuple]:
@@ -91,3 +93,18 @@ def test_a_schema_3_catalog_loses_its_per_row_trigger_and_keeps_its_keywords(tmp
     make_images(photo_folder, 2, seed=9)
     index_paths(index_dir, [photo_folder], settings, progress=False)
     assert raw(catalog_file, "SELECT count(*) FROM images_fts") == raw(catalog_file, "SELECT count(*) FROM images")
+
+
+def test_a_run_that_ends_as_another_type_builds_it_once_at_the_end_even_after_a_kill(tmp_path, settings, photo_folder):
+    index_dir = tmp_path / "index"
+    wanted = replace(settings, index_type="ivf")  # a new index starts exact: this run ends as another type
+    killed = run_in_child(lambda: index_paths(index_dir, [photo_folder], wanted, progress=False), after_commits=1)
+    assert killed == KILLED
+    summary = index_paths(index_dir, [photo_folder], wanted, progress=False)
+    assert summary.vectors_note and "-> ivf" in summary.vectors_note
+    assert_index_whole(index_dir)  # every ok row in FAISS once, search answers
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    try:
+        assert catalog.get_meta(MetaKey.INDEX_TYPE) == "ivf" and catalog.count(STATUS_OK) == 16
+    finally:
+        catalog.close()
