@@ -138,6 +138,34 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, fill) -> None:
+    """One filled shape of radius ``r`` centred at (cx, cy); shared with the multi-shape scene generator."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.polygon(_polygon(4, cx, cy, r * 1.2, angle + math.pi / 4), fill=fill)
+    elif shape == "diamond":
+        draw.polygon(_polygon(4, cx, cy, r * 1.05, angle), fill=fill)
+    elif shape == "triangle":
+        draw.polygon(_polygon(3, cx, cy + r * 0.15, r * 1.1, angle), fill=fill)
+    elif shape == "star":
+        draw.polygon(_polygon(5, cx, cy, r * 1.1, angle, inner=0.45), fill=fill)
+    elif shape == "hexagon":
+        draw.polygon(_polygon(6, cx, cy, r, angle), fill=fill)
+    elif shape == "cross":
+        draw.polygon(_cross(cx, cy, r, angle), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _cross(cx: float, cy: float, r: float, angle: float, arm: float = 0.36) -> list[tuple]:
+    """A plus sign: twelve corners, arms ``arm * r`` wide each side of the centre lines."""
+    outline = [(arm, 1), (arm, arm), (1, arm), (1, -arm), (arm, -arm), (arm, -1)]
+    outline += [(-x, -y) for x, y in outline]
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in outline]
+
+
 def render_scene(scene: ShapeScene, size_px: int, rng: random.Random) -> Image.Image:
     """Draw the scene anti-aliased (supersampled), with small jitter in place, size, angle and colour."""
     side = size_px * SUPERSAMPLE
@@ -150,20 +178,7 @@ def render_scene(scene: ShapeScene, size_px: int, rng: random.Random) -> Image.I
     cx, cy = min(max(cx, r), side - r), min(max(cy, r), side - r)
     fill = _jitter(COLOURS[scene.colour], rng, 15)
     angle = math.radians(rng.uniform(-12, 12))
-    if scene.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif scene.shape == "square":
-        draw.polygon(_polygon(4, cx, cy, r * 1.2, angle + math.pi / 4), fill=fill)
-    elif scene.shape == "diamond":
-        draw.polygon(_polygon(4, cx, cy, r * 1.05, angle), fill=fill)
-    elif scene.shape == "triangle":
-        draw.polygon(_polygon(3, cx, cy + r * 0.15, r * 1.1, angle), fill=fill)
-    elif scene.shape == "star":
-        draw.polygon(_polygon(5, cx, cy, r * 1.1, angle, inner=0.45), fill=fill)
-    elif scene.shape == "hexagon":
-        draw.polygon(_polygon(6, cx, cy, r, angle), fill=fill)
-    else:
-        raise ValueError(f"unknown shape {scene.shape!r}")
+    draw_shape(draw, scene.shape, cx, cy, r, angle, fill)
     return image.resize((size_px, size_px), Image.Resampling.LANCZOS)
 
 
