@@ -5,6 +5,7 @@ from retrieval.cli import commands  # noqa: F401  (registers index, search, simi
 from retrieval.cli import duplicates as duplicates_command  # noqa: F401  (registers duplicates)
 from retrieval.cli import eval as eval_commands  # noqa: F401  (registers eval flickr30k, eval captions)
 from retrieval.cli import export_text as export_text_command  # noqa: F401  (registers export-text)
+from retrieval.cli import itm as itm_command  # noqa: F401  (registers train-itm)
 from retrieval.cli import reindex as reindex_command  # noqa: F401  (registers reindex)
 from retrieval.cli import serve as serve_command  # noqa: F401  (registers serve)
 from retrieval.cli import train as train_command  # noqa: F401  (registers train)

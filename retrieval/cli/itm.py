@@ -1,0 +1,63 @@
+"""`clipsearch train-itm`: train a fusion re-ranker (ITM) on a trained CLIP model, written as a model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from retrieval.cli.app import app, quiet_libraries, user_errors
+
+
+@app.command("train-itm")
+@user_errors
+def train_itm(
+    images: Annotated[Path, typer.Option("--images", help="Folder holding the image files.")],
+    annotations: Annotated[
+        Path,
+        typer.Option(
+            "--annotations",
+            help="Captions as `clipsearch train` reads them; a Karpathy JSON may add binding hard negatives "
+            "(sentences[].negatives, as scripts/make_scenes_dataset.py writes).",
+        ),
+    ],
+    clip: Annotated[str, typer.Option("--clip", help="The CLIP model it re-ranks for, e.g. local-dir:FOLDER.")],
+    out: Annotated[Path, typer.Option("--out", help="Re-ranker folder to write (use it as --rerank-model OUT).")],
+    pretrained: Annotated[str, typer.Option("--pretrained", help="Pretrained tag of --clip, if any.")] = "",
+    epochs: Annotated[int, typer.Option("--epochs")] = 6,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="True pairs per step (each adds 3 negatives).")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (one-cycle schedule).")] = 5e-4,
+    width: Annotated[int, typer.Option("--width", help="Fusion transformer width.")] = 128,
+    layers: Annotated[int, typer.Option("--layers", help="Fusion layers (self- and cross-attention each).")] = 2,
+    mine_top: Annotated[int, typer.Option("--mine-top", help="Mine negatives among the dual encoder's top M.")] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
+    val_split: Annotated[str, typer.Option("--val-split", help="Split to validate on after each epoch.")] = "val",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a re-ranker already in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train an ALBEF-style image-text matching re-ranker on frozen CLIP tokens; the best epoch is kept."""
+    quiet_libraries()
+    from retrieval.lab.itm_training import REPORT_FILE, ItmTrainSettings
+    from retrieval.lab.itm_training import train_itm as run
+    from retrieval.model import ModelSpec
+
+    settings = ItmTrainSettings(
+        clip=ModelSpec(clip, pretrained or None),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        width=width,
+        layers=layers,
+        mine_top=mine_top,
+        seed=seed,
+        threads=threads,
+        workers=workers,
+        val_split=val_split,
+        overwrite=overwrite,
+    )
+    report = run(images, annotations, out, settings, progress=not quiet)
+    typer.echo(f"best epoch {report.best_epoch} of {len(report.epochs)}; {report.seconds:.0f} s")
+    typer.echo(f"wrote {out}; report in {out / REPORT_FILE}")

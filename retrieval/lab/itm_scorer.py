@@ -1,0 +1,61 @@
+"""Score image-text pairs with a fusion ITM model on top of the CLIP model it was trained for."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrieval.errors import UsageError
+from retrieval.lab.itm import FusionItm, load_itm
+from retrieval.lab.itm_tokens import ImageTokens, image_tokens, text_tokens
+
+
+class ItmScorer:
+    """A loaded re-ranker: CLIP tokens in, match probabilities out. ``clip`` is the open_clip model (frozen)."""
+
+    def __init__(self, itm: FusionItm, clip: Any, tokenizer: Any, preprocess: Any, device: str = "cpu"):
+        self.itm = itm.to(device).eval()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.device = device
+
+    @classmethod
+    def load(cls, folder: Path | str, encoder: Any, clip_key: str) -> ItmScorer:
+        """The re-ranker in ``folder`` on ``encoder``'s model; refused when it was trained for another CLIP."""
+        itm = load_itm(folder)
+        if itm.config.clip_key != clip_key:
+            raise UsageError(
+                f"the re-ranker in {folder} was trained on another CLIP model ({itm.config.clip_model or '?'}) "
+                "than this index uses"
+            )
+        if getattr(encoder, "text_only", False):
+            raise UsageError("re-ranking needs the full CLIP model, not a text-only encoder")
+        return cls(itm, encoder.model, encoder.tokenizer, encoder.preprocess, encoder.device)
+
+    @torch.inference_mode()
+    def image_tokens(self, pixels: torch.Tensor, batch_size: int = 128) -> ImageTokens:
+        dtype = next(self.clip.parameters()).dtype
+        parts = [
+            image_tokens(self.clip, pixels[i : i + batch_size].to(self.device, dtype=dtype))
+            for i in range(0, len(pixels), batch_size)
+        ]
+        return ImageTokens(torch.cat([p.grid for p in parts]), torch.cat([p.pooled for p in parts]))
+
+    @torch.inference_mode()
+    def score(self, images: ImageTokens, texts: Sequence[str], batch_size: int = 512) -> np.ndarray:
+        """Match probability of image i with text i (one text is paired with every image)."""
+        if len(texts) == 1 and len(images.grid) > 1:
+            texts = list(texts) * len(images.grid)
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
+            text = text_tokens(self.clip, self.tokenizer(chunk).to(self.device))
+            grid = images.grid[start : start + batch_size].float()
+            pooled = images.pooled[start : start + batch_size].float()
+            out.append(self.itm.match_probability(grid, pooled, text.states, text.mask).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,326 @@
+"""Train a fusion ITM re-ranker on a frozen CLIP model, ALBEF-style.
+
+Each step takes a batch of true (image, caption) pairs and adds, for each:
+- a negative image mined from the dual encoder's own similarities (one of the caption's top images that is
+  not its own), and a negative caption mined the same way for the image;
+- a binding hard negative from the annotations (colours, shapes or objects swapped, relation reversed) when
+  the caption has any, so the model learns what a bag of words cannot tell apart.
+The loss is cross-entropy on match / no match. The CLIP towers stay frozen, so the image tokens and the
+mining are computed once; only the small fusion model trains. After each epoch, validation measures recall@1
+after re-ranking the dual encoder's top ``rerank_depth`` and hard-negative accuracy; the best epoch is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retrieval.errors import UsageError
+from retrieval.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
+from retrieval.lab.itm import ITM_CONFIG_FILE, FusionItm, ItmConfig, save_itm
+from retrieval.lab.itm_tokens import ImageTokens, image_token_dims, image_tokens, text_tokens
+from retrieval.model import ModelSpec
+
+REPORT_FILE = "train_report.json"
+
+
+@dataclass(frozen=True)
+class ItmTrainSettings:
+    """How to train the re-ranker; ``clip`` is the (trained) CLIP model whose tokens it reads."""
+
+    clip: ModelSpec
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    mine_top: int = 32
+    rerank_depth: int = 20
+    seed: int = 0
+    threads: int | None = None
+    workers: int = 0
+    val_split: str = "val"
+    save_fp16: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class ItmTrainReport:
+    out_dir: str
+    clip_model: str
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    prepare_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Frozen CLIP outputs for one split: image tokens, caption vectors, and which image each caption is of."""
+
+    images: ImageTokens
+    texts: list[str]
+    owners: np.ndarray
+    text_vectors: torch.Tensor
+
+
+def train_itm(
+    images_dir: Path, annotations: Path, out_dir: Path, settings: ItmTrainSettings, progress: bool = True
+) -> ItmTrainReport:
+    """Train the fusion model on the train split, validate on ``val_split``, write the best epoch to ``out_dir``."""
+    from tqdm import tqdm
+
+    from retrieval.datasets import load_captioned_set
+    from retrieval.model import Encoder, spec_key
+    from retrieval.train_data import split_train_val
+
+    out_dir = Path(out_dir).expanduser()
+    if (out_dir / ITM_CONFIG_FILE).exists() and not settings.overwrite:
+        raise UsageError(f"{out_dir} already holds a re-ranker: pass --overwrite to replace it")
+    if settings.epochs < 1 or settings.batch_size < 2:
+        raise UsageError("--epochs must be at least 1 and --batch-size at least 2")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    began = time.perf_counter()
+    captioned = load_captioned_set(Path(annotations), Path(images_dir))
+    data = split_train_val(captioned, settings.val_split, settings.seed)
+    table = read_hard_negatives(annotations)
+    encoder = Encoder.load(settings.clip, "cpu")
+    clip, tokenizer = encoder.model.eval(), encoder.tokenizer
+    for param in clip.parameters():
+        param.requires_grad_(False)
+    train = _encode_split(encoder, data.train, settings)
+    val = _encode_split(encoder, data.val, settings)
+    val_trials = negative_trials(data.val, table) if data.val else []
+
+    cells, channels, embed = image_token_dims(clip, encoder.identity.image_size)
+    config = ItmConfig(
+        image_cells=cells,
+        image_channels=channels,
+        image_embed=embed,
+        text_width=int(clip.ln_final.normalized_shape[0]),
+        clip_key=spec_key(settings.clip),
+        clip_model=settings.clip.name,
+        width=settings.width,
+        layers=settings.layers,
+        heads=settings.heads,
+    )
+    torch.manual_seed(settings.seed)
+    model = FusionItm(config)
+    rng = random.Random(settings.seed)
+    neg_images = _mine(train.text_vectors, train.images.pooled, train.owners, settings.mine_top, by="text")
+    neg_texts = _mine(
+        train.text_vectors, train.images.pooled, train.owners, settings.mine_top, by="image", texts=train.texts
+    )
+    binding_texts = [
+        [n.text for n in table.get((data.train[owner].path.name, text), ())]
+        for text, owner in zip(train.texts, train.owners)
+    ]
+    bank = _TextBank(clip, tokenizer, train.texts + [t for texts in binding_texts for t in texts])
+    binding = [[bank.index[t] for t in texts] for texts in binding_texts]
+    steps_per_epoch = max(1, len(train.texts) // settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=total, pct_start=0.05)
+    report = ItmTrainReport(
+        out_dir=str(out_dir),
+        clip_model=settings.clip.describe(),
+        data={
+            "annotations": str(annotations),
+            "train_images": len(data.train),
+            "train_captions": len(train.texts),
+            "train_captions_with_binding_negatives": sum(1 for b in binding if b),
+            "val_images": len(data.val),
+            "val_source": data.val_source,
+            "val_negative_trials": len(val_trials),
+        },
+        settings={**asdict(replace(settings, clip=None)), "clip": settings.clip.describe(), "total_steps": total},
+    )
+    report.prepare_seconds = time.perf_counter() - began
+    best_state, best_score = None, float("-inf")
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        order = list(range(len(train.texts)))
+        rng.shuffle(order)
+        losses, epoch_began = [], time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{settings.epochs}", unit="step", disable=not progress)
+        for step in range(steps_per_epoch):
+            batch = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            loss = _step_loss(model, train, bank, batch, neg_images, neg_texts, binding, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            bar.update()
+        bar.close()
+        model.eval()
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - epoch_began}
+        if data.val:
+            record["val"] = _validate(model, clip, tokenizer, val, val_trials, settings.rerank_depth)
+        report.epochs.append(record)
+        if progress:
+            print(_epoch_line(record), flush=True)
+        score = record.get("val", {}).get("rerank_r1", 0.0) + record.get("val", {}).get("hard_negatives", 0.0)
+        if best_state is None or score > best_score:
+            best_score, report.best_epoch = score, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    report.seconds = time.perf_counter() - began
+    save_itm(model.eval(), out_dir, half=settings.save_fp16)
+    report.write(out_dir / REPORT_FILE)
+    return report
+
+
+def _encode_split(encoder: Any, items, settings: ItmTrainSettings) -> _Split:
+    """Image tokens of every image and the CLIP vector of every caption, computed once (the towers are frozen)."""
+    from retrieval.train_data import image_loader
+
+    grids, pooled, order = [], [], []
+    with torch.inference_mode():
+        for indices, pixels in image_loader([i.path for i in items], encoder.preprocess, 256, settings.workers):
+            if pixels is None:
+                continue
+            tokens = image_tokens(encoder.model, pixels)
+            grids.append(tokens.grid.half())
+            pooled.append(tokens.pooled)
+            order.extend(indices)
+    if len(order) != len(items):
+        raise UsageError(f"{len(items) - len(order)} training image(s) could not be decoded")
+    texts = [c for item in items for c in item.captions]
+    owners = np.array([i for i, item in enumerate(items) for _ in item.captions], dtype=np.int64)
+    images = ImageTokens(torch.cat(grids), torch.cat(pooled)) if grids else ImageTokens(torch.zeros(0), torch.zeros(0))
+    text_vectors = torch.from_numpy(encoder.encode_texts(texts)) if texts else torch.zeros(0)
+    return _Split(images, texts, owners, text_vectors)
+
+
+def _mine(
+    text_vectors: torch.Tensor, image_vectors: torch.Tensor, owners: np.ndarray, top: int, by: str, texts=None
+) -> list[np.ndarray]:
+    """Hard negatives by dual-encoder similarity: for each caption its ``top`` most similar other images
+    (``by="text"``), or for each image its ``top`` most similar captions of other images (``by="image"``),
+    skipping captions whose words equal one of the image's own."""
+    owners_t = torch.from_numpy(owners)
+    out = []
+    if by == "text":
+        for start in range(0, len(text_vectors), 1024):
+            sims = text_vectors[start : start + 1024] @ image_vectors.T
+            sims[torch.arange(len(sims)), owners_t[start : start + 1024]] = -2
+            out.extend(sims.topk(min(top, sims.shape[1] - 1), dim=1).indices.numpy())
+        return out
+    own_texts: dict[int, set[str]] = {}
+    for text, owner in zip(texts, owners):
+        own_texts.setdefault(int(owner), set()).add(text)
+    text_array = np.array(texts, dtype=object)
+    for start in range(0, len(image_vectors), 1024):
+        sims = image_vectors[start : start + 1024] @ text_vectors.T
+        for row, image in enumerate(range(start, min(start + 1024, len(image_vectors)))):
+            sims[row, owners_t == image] = -2
+        for row, candidates in enumerate(sims.topk(top * 2, dim=1).indices.numpy()):
+            mine = own_texts.get(start + row, set())
+            out.append(np.array([c for c in candidates if text_array[c] not in mine][:top]))
+    return out
+
+
+class _TextBank:
+    """Token states of every caption and binding negative, computed once (the text tower is frozen):
+    a step then costs only the fusion layers."""
+
+    def __init__(self, clip: Any, tokenizer: Any, texts: list[str], batch_size: int = 1024):
+        self.index = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        unique = list(self.index)
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(unique), batch_size):
+                parts.append(text_tokens(clip, tokenizer(unique[start : start + batch_size])))
+        width = max(p.states.shape[1] for p in parts)
+        self.states = torch.cat([F.pad(p.states, (0, 0, 0, width - p.states.shape[1])).half() for p in parts])
+        self.mask = torch.cat([F.pad(p.mask, (0, width - p.mask.shape[1]), value=True) for p in parts])
+        self.lengths = (~self.mask).sum(dim=1)
+
+    def batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(ids)
+        length = int(self.lengths[index].max())
+        return self.states[index, :length].float(), self.mask[index, :length]
+
+
+def _step_loss(model, train: _Split, bank: _TextBank, batch, neg_images, neg_texts, binding, rng) -> torch.Tensor:
+    """ITM cross-entropy on positives, negative images and captions (mined from the dual encoder's top M half
+    the time, at random otherwise: ALBEF samples in-batch, which is mostly easy), and binding negatives."""
+    n_images, n_texts = len(train.images.grid), len(train.texts)
+    pos_images = [int(train.owners[t]) for t in batch]
+    wrong_images = [
+        int(rng.choice(neg_images[t])) if rng.random() < 0.5 else _other(rng, n_images, i)
+        for t, i in zip(batch, pos_images)
+    ]
+    wrong_texts = [int(rng.choice(neg_texts[i])) if rng.random() < 0.5 else rng.randrange(n_texts) for i in pos_images]
+    texts = [bank.index[train.texts[t]] for t in batch]
+    wrong = [bank.index[train.texts[t]] for t in wrong_texts]
+    swapped = [rng.choice(binding[t]) if binding[t] else w for t, w in zip(batch, wrong)]
+    image_index = torch.tensor(pos_images + wrong_images + pos_images + pos_images)
+    states, mask = bank.batch(texts + texts + wrong + swapped)
+    labels = torch.tensor([1] * len(batch) + [0] * 3 * len(batch))
+    logits = model(train.images.grid[image_index].float(), train.images.pooled[image_index], states, mask)
+    return F.cross_entropy(logits, labels)
+
+
+def _other(rng: random.Random, n: int, not_this: int) -> int:
+    pick = rng.randrange(n - 1)
+    return pick + (pick >= not_this)
+
+
+@torch.inference_mode()
+def _validate(model, clip, tokenizer, val: _Split, trials, depth: int) -> dict[str, float]:
+    """Recall@1 of the dual encoder alone and after re-ranking its top ``depth``; hard-negative accuracy."""
+    sims = val.text_vectors @ val.images.pooled.T
+    top = sims.topk(min(depth, sims.shape[1]), dim=1).indices
+    hits_dual, hits_rerank = 0, 0
+    for caption, candidates in enumerate(top):
+        owner = int(val.owners[caption])
+        scores = _itm(model, clip, tokenizer, val.images, candidates, [val.texts[caption]] * len(candidates))
+        hits_dual += int(candidates[0]) == owner
+        hits_rerank += int(candidates[int(np.argmax(scores))]) == owner
+    result = {"dual_r1": hits_dual / len(top), "rerank_r1": hits_rerank / len(top)}
+    if trials:
+
+        def score(images, texts):
+            return _itm(model, clip, tokenizer, val.images, torch.tensor(images), texts)
+
+        result["hard_negatives"] = hard_negative_accuracy(trials, score)["all"]
+    return result
+
+
+def _itm(model, clip, tokenizer, images: ImageTokens, index: torch.Tensor, texts: list[str]) -> np.ndarray:
+    out = []
+    for start in range(0, len(texts), 512):
+        part = index[start : start + 512]
+        text = text_tokens(clip, tokenizer(texts[start : start + 512]))
+        out.append(model.match_probability(images.grid[part].float(), images.pooled[part], text.states, text.mask))
+    return torch.cat(out).numpy()
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    line = f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['seconds']:.0f} s"
+    val = record.get("val")
+    if val:
+        line += f"; val R@1 dual {100 * val['dual_r1']:.1f} → re-ranked {100 * val['rerank_r1']:.1f}"
+        if "hard_negatives" in val:
+            line += f", hard negatives {100 * val['hard_negatives']:.1f}"
+    return line
