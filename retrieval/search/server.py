@@ -79,6 +79,8 @@ class ResultOut(BaseModel):
     thumbnail_url: str
     preview_url: str
     file_url: str
+    stage: str = "clip"  # "itm" when the re-ranker produced score (then clip_score is the cosine)
+    clip_score: float | None = None
 
 
 class SearchOut(BaseModel):
@@ -330,13 +332,19 @@ def _add_search_routes(app: FastAPI, service: SearchService, settings: ServerSet
         offset: OffsetQuery = 0,
         min_score: MinScoreQuery = None,
         under: UnderQuery = None,
+        rerank: Annotated[
+            int | None, Query(ge=1, le=1000, description="Re-rank the dual encoder's top N with the ITM re-ranker.")
+        ] = None,
     ) -> SearchOut:
-        """Images matching a text description, best first."""
+        """Images matching a text description, best first; with ``rerank`` only the top N, in the re-ranker's
+        order (pages end at N)."""
         return page(
-            {"text": q},
+            {"text": q} | ({"rerank": rerank} if rerank else {}),
             k,
             offset,
-            lambda depth, folder: service.engine.search_text(q, depth, min_score, folder),
+            lambda depth, folder: service.engine.search_text(
+                q, min(depth, rerank) if rerank else depth, min_score, folder, rerank=rerank
+            ),
             under,
         )
 
