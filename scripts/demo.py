@@ -22,6 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 SAMPLES = ROOT / "data" / "samples"
 MODEL_DIR = ROOT / "data" / "models" / "shapes-clip"
+SCENES_CLIP = ROOT / "data" / "models" / "scenes-clip"  # its re-ranker: scenes-clip-itm beside it
+SCENES_DATA = {"n_train": 6000, "n_val": 300, "n_test": 1000, "seed": 3}  # what both were trained on
+SCENES_SHOWN = 200  # held-out scenes indexed for the re-ranking section
 KEY = ("shape", "colour", "size", "position")
 TEXT_QUERIES = 3
 
@@ -91,6 +94,48 @@ def evaluate_models(work: Path, test_entries) -> None:
     print("   Each test image has its own shape-colour-size-position, so every caption has exactly one right image.")
 
 
+def rerank_section(work: Path) -> None:
+    """A caption about two of four shapes: the dual encoder ranks a scene with the right words but the wrong
+    binding first; the ITM re-ranker, reading the dual encoder's top 20, puts the described scene first."""
+    import importlib.util
+
+    from indexer.pipeline import IndexSettings, index_paths
+    from retrieval.model.spec import ModelSpec
+    from retrieval.search.engine import SearchEngine
+
+    spec = importlib.util.spec_from_file_location("make_scenes_dataset", ROOT / "scripts" / "make_scenes_dataset.py")
+    scenes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scenes)
+    folder = work / "scenes"
+    annotations = folder / "dataset.json"
+    if not annotations.is_file():
+        scenes.generate_scenes_dataset(folder, **SCENES_DATA, only_split="test", limit=SCENES_SHOWN)
+    entries = json.loads(annotations.read_text())["images"]
+    cells = {e["filename"]: ", ".join(e["attributes"]["cells"]) for e in entries}
+    model = ModelSpec(f"local-dir:{SCENES_CLIP}", None)
+    print(f"\n== Re-ranking: {SCENES_SHOWN} held-out scenes of four shapes (2x2), indexed with {SCENES_CLIP.name}")
+    index_paths(work / "scenes-index", [folder / "images"], IndexSettings(model=model, workers=0), progress=False)
+    with SearchEngine(work / "scenes-index", model=model) as engine:
+        for entry in entries:
+            query, wanted = entry["sentences"][0]["raw"], entry["filename"]
+            dual = engine.search_text(query, k=3)
+            if Path(dual[0].path).name == wanted:
+                continue
+            reranked = engine.search_text(query, k=3, rerank=20)
+            if Path(reranked[0].path).name != wanted:
+                continue
+            print(f'   "{query}"  (cells: top left, top right, bottom left, bottom right; ✓ = the described scene)')
+            for title, hits in (("dual encoder (cosine)", dual), ("--rerank 20 (ITM match probability)", reranked)):
+                print(f"   {title}")
+                for hit in hits:
+                    name = Path(hit.path).name
+                    mark = "✓" if name == wanted else " "
+                    print(f"     {hit.rank}  {hit.score:6.3f}  {mark} {name}  {cells[name]}")
+            print(f'   Try it: clipsearch search "{query}" --index {work / "scenes-index"} --rerank 20')
+            return
+    print("   (no caption among these where re-ranking fixed the first result)")
+
+
 def prepare_work_folder(work: Path, fresh: bool) -> None:
     """Start over when asked, or when the bundled model changed since the last run (an index keeps its model)."""
     from retrieval.model.spec import WEIGHTS_FILE, file_digest
@@ -130,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         text_searches(engine, attributes, test_entries)
         image_search(engine, attributes, test_entries)
     evaluate_models(work, test_entries)
+    rerank_section(work)
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Work folder: {work}")
     index = work / "index"
     print(f"Browse the demo index:  . .venv/bin/activate && clipsearch serve --index {index}")

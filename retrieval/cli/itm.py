@@ -42,7 +42,7 @@ def train_itm(
     quiet_libraries()
     from retrieval.lab.itm_training import REPORT_FILE, ItmTrainSettings
     from retrieval.lab.itm_training import train_itm as run
-    from retrieval.model import ModelSpec
+    from retrieval.model.spec import ModelSpec
 
     settings = ItmTrainSettings(
         clip=ModelSpec(clip, pretrained or None),

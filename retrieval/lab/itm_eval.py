@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from retrieval.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
-from retrieval.lab.itm_tokens import ImageTokens
-from retrieval.metrics import recall_from_ranks
+from retrieval.lab.metrics import recall_from_ranks
+from retrieval.model.itm_tokens import ImageTokens
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def evaluate_itm(
 
 
 def _image_tokens(scorer: Any, staged: list[Path], image_size: int) -> ImageTokens:
-    from indexer.images import load_image
+    from retrieval.images import load_image
 
     pixels = [scorer.preprocess(load_image(path, image_size)) for path in staged]
     return scorer.image_tokens(torch.stack(pixels))

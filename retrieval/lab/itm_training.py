@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from retrieval.errors import UsageError
 from retrieval.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
-from retrieval.lab.itm import ITM_CONFIG_FILE, FusionItm, ItmConfig, save_itm
-from retrieval.lab.itm_tokens import ImageTokens, image_token_dims, image_tokens, text_tokens
-from retrieval.model import ModelSpec
+from retrieval.model.itm import ITM_CONFIG_FILE, FusionItm, ItmConfig, save_itm
+from retrieval.model.itm_tokens import ImageTokens, image_token_dims, image_tokens, text_tokens
+from retrieval.model.spec import ModelSpec
 
 REPORT_FILE = "train_report.json"
 
@@ -86,9 +86,10 @@ def train_itm(
     """Train the fusion model on the train split, validate on ``val_split``, write the best epoch to ``out_dir``."""
     from tqdm import tqdm
 
-    from retrieval.datasets import load_captioned_set
-    from retrieval.model import Encoder, spec_key
-    from retrieval.train_data import split_train_val
+    from retrieval.lab.datasets import load_captioned_set
+    from retrieval.lab.train_data import split_train_val
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import spec_key
 
     out_dir = Path(out_dir).expanduser()
     if (out_dir / ITM_CONFIG_FILE).exists() and not settings.overwrite:
@@ -193,7 +194,7 @@ def train_itm(
 
 def _encode_split(encoder: Any, items, settings: ItmTrainSettings) -> _Split:
     """Image tokens of every image and the CLIP vector of every caption, computed once (the towers are frozen)."""
-    from retrieval.train_data import image_loader
+    from retrieval.lab.train_data import image_loader
 
     grids, pooled, order = [], [], []
     with torch.inference_mode():

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 from retrieval.errors import UsageError
 
 if TYPE_CHECKING:
-    from retrieval.engine import SearchResult
-    from retrieval.lab.itm_scorer import ItmScorer
+    from retrieval.model.itm_scorer import ItmScorer
 
 DEFAULT_FOLDER_SUFFIX = "-itm"
 MAX_RERANK = 1000
@@ -37,13 +36,13 @@ def check_depth(depth: int, k: int) -> None:
         raise UsageError(f"--rerank {depth} is smaller than -k {k}: re-ranking cannot return more than it scores")
 
 
-def rerank_results(text: str, candidates: list[SearchResult], scorer: ItmScorer, image_size: int) -> list[SearchResult]:
-    """``candidates`` (the dual encoder's top N) ordered by ITM match probability; ``score`` becomes that
-    probability, ``clip_score`` keeps the cosine, ``stage`` says "itm". Undecodable files keep their place
-    after every scored one."""
+def rerank_results(text: str, candidates: list, scorer: ItmScorer, image_size: int) -> list:
+    """``candidates`` (the dual encoder's top N, ``SearchResult``s) ordered by ITM match probability: ``score``
+    becomes that probability, ``clip_score`` keeps the cosine, ``stage`` says "itm". Undecodable files keep
+    their place after every scored one."""
     import torch
 
-    from indexer.images import DecodeError, load_image
+    from retrieval.images import DecodeError, load_image
 
     pixels, scored, unscored = [], [], []
     for result in candidates:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from retrieval.errors import UsageError
-from retrieval.lab.itm import FusionItm, load_itm
-from retrieval.lab.itm_tokens import ImageTokens, image_tokens, text_tokens
+from retrieval.model.itm import FusionItm, load_itm
+from retrieval.model.itm_tokens import ImageTokens, image_tokens, text_tokens
 
 
 class ItmScorer:
