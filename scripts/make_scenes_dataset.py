@@ -171,8 +171,21 @@ def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def _plan(n_train: int, n_val: int, n_test: int, seed: int) -> list[tuple[GridScene, str, list[tuple]]]:
-    """(scene, split, [(fact, negatives)]) for every image, in file order."""
+def _train_negatives(scene: GridScene, fact: Fact) -> list[dict[str, str]]:
+    """The fact's binding negatives that are false for the scene, each once."""
+    negatives, seen = [], set()
+    for kind, negative in binding_negatives(fact).items():
+        if negative not in scene.facts() and negative not in seen:
+            seen.add(negative)
+            negatives.append({"kind": kind, "raw": phrase(negative)})
+    return negatives
+
+
+def _plan(
+    n_train: int, n_val: int, n_test: int, seed: int, all_statements: bool = False
+) -> list[tuple[GridScene, str, list[tuple]]]:
+    """(scene, split, [(fact, negatives)]) for every image, in file order. ``all_statements`` changes only the
+    training captions (both directions of each neighbour pair), never the scenes."""
     rng = random.Random(seed)
     held_out = held_out_pairs(seed)
     pools = {
@@ -187,14 +200,12 @@ def _plan(n_train: int, n_val: int, n_test: int, seed: int) -> list[tuple[GridSc
         captions = []
         for a, b, relation in NEIGHBOURS:
             fact = (scene.cells[a], relation, scene.cells[b])
+            reverse = (scene.cells[b], REVERSE[relation], scene.cells[a])
             if rng.random() < 0.5:
-                fact = (scene.cells[b], REVERSE[relation], scene.cells[a])
-            negatives, seen = [], set()
-            for kind, negative in binding_negatives(fact).items():
-                if negative not in scene.facts() and negative not in seen:
-                    seen.add(negative)
-                    negatives.append({"kind": kind, "raw": phrase(negative)})
-            captions.append((fact, negatives))
+                fact, reverse = reverse, fact
+            captions.append((fact, _train_negatives(scene, fact)))
+            if all_statements:
+                captions.append((reverse, _train_negatives(scene, reverse)))
         planned.append((scene, "train", captions))
     for split, count in (("val", n_val), ("test", n_test)):
         used_facts: set[Fact] = set()  # every true statement of the split's scenes so far
@@ -216,17 +227,21 @@ def generate_scenes_dataset(
     size: int = 64,
     only_split: str | None = None,
     limit: int | None = None,
+    all_statements: bool = False,
 ) -> Path:
     """Write ``out_dir/images/*.png`` and ``out_dir/dataset.json`` (Karpathy layout); return the JSON path.
 
     The same arguments give the same files. ``only_split`` / ``limit`` write only the first ``limit`` images of
     one split (the same files as the full run writes for them): a quick held-out subset for tests.
+    ``all_statements``: each training image lists all 8 true statements (both directions of its 4 neighbour
+    pairs) instead of 4, so that a trainer can tell a mined negative caption from one that is true for the
+    image by its text alone (the ITM trainer does); the images and the held-out splits are the same.
     """
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     entries, sentid, written = [], 0, 0
-    for imgid, (scene, split, captions) in enumerate(_plan(n_train, n_val, n_test, seed)):
+    for imgid, (scene, split, captions) in enumerate(_plan(n_train, n_val, n_test, seed, all_statements)):
         if only_split is not None and split != only_split:
             sentid += len(captions)
             continue
@@ -267,9 +282,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--only-split", default=None, help="write only this split's images (train, val or test)")
     parser.add_argument("--limit", type=int, default=None, help="write at most this many images")
+    parser.add_argument(
+        "--all-statements", action="store_true", help="training images list all 8 true statements (for train-itm)"
+    )
     args = parser.parse_args(argv)
     path = generate_scenes_dataset(
-        args.out, args.train, args.val, args.test, args.seed, args.size, args.only_split, args.limit
+        args.out,
+        args.train,
+        args.val,
+        args.test,
+        args.seed,
+        args.size,
+        args.only_split,
+        args.limit,
+        args.all_statements,
     )
     print(f"wrote {len(json.loads(path.read_text())['images'])} images and {path}")
 

@@ -125,10 +125,7 @@ def train_itm(
     torch.manual_seed(settings.seed)
     model = FusionItm(config)
     rng = random.Random(settings.seed)
-    neg_images = _mine(train.text_vectors, train.images.pooled, train.owners, settings.mine_top, by="text")
-    neg_texts = _mine(
-        train.text_vectors, train.images.pooled, train.owners, settings.mine_top, by="image", texts=train.texts
-    )
+    neg_images, neg_texts = _mine(train.text_vectors, train.images.pooled, train.owners, train.texts, settings.mine_top)
     binding_texts = [
         [n.text for n in table.get((data.train[owner].path.name, text), ())]
         for text, owner in zip(train.texts, train.owners)
@@ -154,7 +151,7 @@ def train_itm(
         settings={**asdict(replace(settings, clip=None)), "clip": settings.clip.describe(), "total_steps": total},
     )
     report.prepare_seconds = time.perf_counter() - began
-    best_state, best_score = None, float("-inf")
+    best_score = float("-inf")
     for epoch in range(1, settings.epochs + 1):
         model.train()
         order = list(range(len(train.texts)))
@@ -181,14 +178,12 @@ def train_itm(
         if progress:
             print(_epoch_line(record), flush=True)
         score = record.get("val", {}).get("rerank_r1", 0.0) + record.get("val", {}).get("hard_negatives", 0.0)
-        if best_state is None or score > best_score:
+        report.seconds = time.perf_counter() - began
+        report.cpu_seconds = time.process_time() - cpu_began
+        if report.best_epoch is None or score > best_score:
             best_score, report.best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    report.seconds = time.perf_counter() - began
-    report.cpu_seconds = time.process_time() - cpu_began
-    save_itm(model.eval(), out_dir, half=settings.save_fp16)
-    report.write(out_dir / REPORT_FILE)
+            save_itm(model, out_dir, half=settings.save_fp16)  # written at once: an interrupted run keeps it
+        report.write(out_dir / REPORT_FILE)
     return report
 
 
@@ -215,31 +210,32 @@ def _encode_split(encoder: Any, items, settings: ItmTrainSettings) -> _Split:
 
 
 def _mine(
-    text_vectors: torch.Tensor, image_vectors: torch.Tensor, owners: np.ndarray, top: int, by: str, texts=None
-) -> list[np.ndarray]:
-    """Hard negatives by dual-encoder similarity: for each caption its ``top`` most similar other images
-    (``by="text"``), or for each image its ``top`` most similar captions of other images (``by="image"``),
-    skipping captions whose words equal one of the image's own."""
-    owners_t = torch.from_numpy(owners)
-    out = []
-    if by == "text":
-        for start in range(0, len(text_vectors), 1024):
-            sims = text_vectors[start : start + 1024] @ image_vectors.T
-            sims[torch.arange(len(sims)), owners_t[start : start + 1024]] = -2
-            out.extend(sims.topk(min(top, sims.shape[1] - 1), dim=1).indices.numpy())
-        return out
+    text_vectors: torch.Tensor, image_vectors: torch.Tensor, owners: np.ndarray, texts: list[str], top: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Hard negatives by dual-encoder similarity: for each caption its ``top`` most similar images, and for each
+    image its ``top`` most similar captions, leaving out pairs that are known to match: an image and any
+    caption with the text of one of its own captions (ALBEF leaves out the same image id; with captions that
+    name part of a scene, other images often make the same caption true)."""
+    owners_of: dict[str, set[int]] = {}
+    for text, owner in zip(texts, owners):
+        owners_of.setdefault(text, set()).add(int(owner))
+    matches = [owners_of[text] for text in texts]
     own_texts: dict[int, set[str]] = {}
     for text, owner in zip(texts, owners):
         own_texts.setdefault(int(owner), set()).add(text)
-    text_array = np.array(texts, dtype=object)
+    neg_images = []
+    for start in range(0, len(text_vectors), 1024):
+        sims = text_vectors[start : start + 1024] @ image_vectors.T
+        for row, candidates in enumerate(sims.topk(min(top * 2, sims.shape[1]), dim=1).indices.numpy()):
+            known = matches[start + row]
+            neg_images.append(np.array([c for c in candidates if int(c) not in known][:top]))
+    neg_texts = []
     for start in range(0, len(image_vectors), 1024):
         sims = image_vectors[start : start + 1024] @ text_vectors.T
-        for row, image in enumerate(range(start, min(start + 1024, len(image_vectors)))):
-            sims[row, owners_t == image] = -2
-        for row, candidates in enumerate(sims.topk(top * 2, dim=1).indices.numpy()):
+        for row, candidates in enumerate(sims.topk(min(top * 4, sims.shape[1]), dim=1).indices.numpy()):
             mine = own_texts.get(start + row, set())
-            out.append(np.array([c for c in candidates if text_array[c] not in mine][:top]))
-    return out
+            neg_texts.append(np.array([c for c in candidates if texts[c] not in mine][:top]))
+    return neg_images, neg_texts
 
 
 class _TextBank:
@@ -270,7 +266,7 @@ def _step_loss(model, train: _Split, bank: _TextBank, batch, neg_images, neg_tex
     n_images, n_texts = len(train.images.grid), len(train.texts)
     pos_images = [int(train.owners[t]) for t in batch]
     wrong_images = [
-        int(rng.choice(neg_images[t])) if rng.random() < 0.5 else _other(rng, n_images, i)
+        int(rng.choice(neg_images[t])) if rng.random() < 0.5 and len(neg_images[t]) else _other(rng, n_images, i)
         for t, i in zip(batch, pos_images)
     ]
     wrong_texts = [int(rng.choice(neg_texts[i])) if rng.random() < 0.5 else rng.randrange(n_texts) for i in pos_images]
