@@ -63,26 +63,34 @@ class FusionLayer(nn.Module):
 
 
 class FusionItm(nn.Module):
-    """Logits (no match, match) for image/text token pairs; the head reads the first text token."""
+    """Logits (no match, match) for image/text token pairs; the head reads the first text token.
+
+    Image tokens are normalised before their projection and get a position embedding of the same scale: with
+    a small one (ViT's 0.02) the cell a token comes from was lost in the feature's magnitude, and the model
+    learned which colour goes with which shape but not where ("above" vs "below" stayed at chance)."""
 
     def __init__(self, config: ItmConfig):
         super().__init__()
         width = config.width
         self.config = config
+        self.ln_grid = nn.LayerNorm(config.image_channels)
+        self.ln_pooled = nn.LayerNorm(config.image_embed)
         self.image_proj = nn.Linear(config.image_channels, width)
         self.pooled_proj = nn.Linear(config.image_embed, width)
-        self.image_position = nn.Parameter(torch.zeros(config.image_cells + 1, width))
+        self.image_position = nn.Parameter(torch.randn(config.image_cells + 1, width) * 0.5)
         self.text_proj = nn.Linear(config.text_width, width)
         self.layers = nn.ModuleList(FusionLayer(width, config.heads, config.mlp_ratio) for _ in range(config.layers))
         self.ln_final = nn.LayerNorm(width)
         self.head = nn.Linear(width, 2)
-        nn.init.normal_(self.image_position, std=0.02)
 
     def forward(
         self, grid: torch.Tensor, pooled: torch.Tensor, text_states: torch.Tensor, text_pad: torch.Tensor
     ) -> torch.Tensor:
         """``grid`` (B, cells, C), ``pooled`` (B, E), ``text_states`` (B, L, W), ``text_pad`` (B, L) → (B, 2)."""
-        image = torch.cat([self.pooled_proj(pooled)[:, None], self.image_proj(grid)], dim=1) + self.image_position
+        image = torch.cat(
+            [self.pooled_proj(self.ln_pooled(pooled))[:, None], self.image_proj(self.ln_grid(grid))], dim=1
+        )
+        image = image + self.image_position
         text = self.text_proj(text_states)
         for layer in self.layers:
             text = layer(text, text_pad, image)
