@@ -58,8 +58,9 @@ def evaluate_itm(
     depth: int | None,
     negatives_file: Path | None,
 ) -> ItmEvalReport:
-    """Re-ranked recall (when ``depth``) and hard-negative accuracy (when ``negatives_file``) on one set."""
-    scorer = engine.reranker if depth or negatives_file else None
+    """Re-ranked recall (when ``depth``) and hard-negative accuracy (when ``negatives_file``) on one set; the
+    hard negatives alone need no re-ranker (then only the dual encoder is reported)."""
+    scorer = engine.reranker if depth or _has_reranker(engine) else None
     tokens = _image_tokens(scorer, staged, engine.encoder.identity.image_size) if scorer is not None else None
     rerank_t2i, ceiling, began = None, None, time.perf_counter()
     if depth:
@@ -78,9 +79,18 @@ def evaluate_itm(
             index = torch.tensor(images)
             return scorer.score(ImageTokens(tokens.grid[index], tokens.pooled[index]), texts)
 
-        hard = {"clip": hard_negative_accuracy(trials, clip_score), "itm": hard_negative_accuracy(trials, itm_score)}
-    folder = str(engine.rerank_model or "") if scorer is not None else None
+        hard = {"clip": hard_negative_accuracy(trials, clip_score)}
+        if scorer is not None:
+            hard["itm"] = hard_negative_accuracy(trials, itm_score)
+    folder = str(scorer.folder) if scorer is not None else None
     return ItmEvalReport(depth, rerank_t2i, ceiling, seconds, hard, n_trials, folder)
+
+
+def _has_reranker(engine: Any) -> bool:
+    from retrieval.search.rerank import default_rerank_folder
+
+    folder = engine.rerank_model or default_rerank_folder(engine.model_spec.name)
+    return folder is not None and Path(folder).expanduser().is_dir()
 
 
 def _image_tokens(scorer: Any, staged: list[Path], image_size: int) -> ImageTokens:

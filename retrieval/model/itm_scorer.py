@@ -23,6 +23,7 @@ class ItmScorer:
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.device = device
+        self.folder: Path | None = None  # where it was loaded from
 
     @classmethod
     def load(cls, folder: Path | str, encoder: Any, clip_key: str) -> ItmScorer:
@@ -35,7 +36,9 @@ class ItmScorer:
             )
         if getattr(encoder, "text_only", False):
             raise UsageError("re-ranking needs the full CLIP model, not a text-only encoder")
-        return cls(itm, encoder.model, encoder.tokenizer, encoder.preprocess, encoder.device)
+        scorer = cls(itm, encoder.model, encoder.tokenizer, encoder.preprocess, encoder.device)
+        scorer.folder = Path(folder).expanduser()
+        return scorer
 
     @torch.inference_mode()
     def image_tokens(self, pixels: torch.Tensor, batch_size: int = 128) -> ImageTokens:
