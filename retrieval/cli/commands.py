@@ -194,6 +194,17 @@ def search(
     device: DeviceOption = "auto",
     server: ServerOption = None,
     bf16_text: BF16TextOption = False,
+    rerank: Annotated[
+        int | None,
+        typer.Option(
+            "--rerank",
+            help="Re-order the best N with the ITM re-ranker (one text query; score becomes its match probability).",
+        ),
+    ] = None,
+    rerank_model: Annotated[
+        Path | None,
+        typer.Option("--rerank-model", help="Re-ranker folder (default: FOLDER-itm beside a local-dir:FOLDER model)."),
+    ] = None,
 ) -> None:
     """Find images matching a text description (plus --add, minus --sub), within the filters."""
     check_output_mode(as_json, as_paths, null)
@@ -203,9 +214,12 @@ def search(
 
     filters = dict(under=under, after=after, before=before, camera=camera, types=types or ())
     query = _query(text, add, sub, sort, keywords, min_width=min_width, min_height=min_height, **filters)
-    with open_searcher(resolve_index_dir(index_dir), device, server, text_bf16=bf16_text) as searcher:
-        results = searcher.search(query, k=k, min_score=min_score)
-    print_results(results, as_json, as_paths, _echo({"text": text, "k": k}, query), null)
+    with open_searcher(
+        resolve_index_dir(index_dir), device, server, text_bf16=bf16_text, rerank_model=rerank_model
+    ) as searcher:
+        results = searcher.search(query, k=k, min_score=min_score, rerank=rerank)
+    echoed = {"text": text, "k": k} | ({"rerank": rerank} if rerank else {})
+    print_results(results, as_json, as_paths, _echo(echoed, query), null)
 
 
 @app.command()

@@ -106,6 +106,21 @@ def captions(
     quiet: QuietOption = False,
     as_indexed: AsIndexedOption = False,
     both: BothOption = False,
+    rerank: Annotated[
+        int | None,
+        typer.Option("--rerank", help="Also re-rank each caption's top N with the ITM re-ranker (as indexed)."),
+    ] = None,
+    rerank_model: Annotated[
+        Path | None,
+        typer.Option("--rerank-model", help="Re-ranker folder (default: FOLDER-itm beside --model local-dir:FOLDER)."),
+    ] = None,
+    hard_negatives: Annotated[
+        bool,
+        typer.Option(
+            "--hard-negatives",
+            help="Accuracy of each true caption over its binding variants (sentences[].negatives), per scorer.",
+        ),
+    ] = False,
 ) -> None:
     """Any captioned image set (your own domain): every caption against every image, recall@1/5/10."""
     _run(locals(), benchmark=None)
@@ -134,6 +149,9 @@ def _run(options: dict, benchmark: str | None) -> None:
         index_dir=options["index_dir"],
         allow_missing=options["allow_missing"],
         protocols=protocols_from(options),
+        rerank=options.get("rerank"),
+        rerank_model=options.get("rerank_model"),
+        hard_negatives=options["annotations"] if options.get("hard_negatives") else None,
     )
     report = evaluate_annotations(
         options["annotations"],
@@ -186,7 +204,34 @@ def report_table(report) -> str:
     for run in report.runs:
         if run.faiss is not None:
             lines.append(_faiss_line(run.faiss))
+    for run in report.runs:
+        if run.itm is not None:
+            lines += [""] + itm_lines(run.itm, ks, run.metrics.t2i)
     return "\n".join(lines)
+
+
+def itm_lines(itm, ks: list[int], dual_t2i: dict[int, float]) -> list[str]:
+    """Re-ranked recall next to the dual encoder's (as indexed), and hard-negative accuracy of both scorers."""
+    lines = []
+    if itm.rerank_t2i is not None:
+        lines += [
+            f"re-ranked    the top {itm.depth} by the ITM re-ranker ({100 * itm.ceiling:.1f}% of captions have their "
+            f"image there), {itm.rerank_seconds:.1f} s",
+            "text→image   scorer       " + "".join(f"{f'R@{k}':>8}" for k in ks),
+            "             dual encoder " + "".join(f"{100 * dual_t2i[k]:8.2f}" for k in ks),
+            f"             +rerank {itm.depth:<5}" + "".join(f"{100 * itm.rerank_t2i[k]:8.2f}" for k in ks),
+        ]
+    if itm.hard_negatives is not None:
+        kinds = [kind for kind in itm.hard_negatives["clip"] if kind != "all"]
+        lines += [
+            f"hard negatives: {itm.negative_trials:,} trials (true caption vs a binding variant), accuracy %",
+            "             scorer       " + f"{'all':>8}" + "".join(f"{kind:>19}" for kind in kinds),
+        ]
+        for scorer, accuracy in itm.hard_negatives.items():
+            label = "dual encoder" if scorer == "clip" else "ITM"
+            cells = f"{100 * accuracy['all']:8.2f}" + "".join(f"{100 * accuracy[k]:19.2f}" for k in kinds)
+            lines.append(f"             {label:<13}" + cells)
+    return lines
 
 
 def _encode_line(run) -> str:

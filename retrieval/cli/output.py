@@ -55,6 +55,10 @@ def print_results(results, as_json: bool, as_paths: bool, query: dict, null: boo
         sys.stdout.flush()
     elif not results:
         typer.echo("no results", err=True)
+    elif results[0].stage == "itm":  # re-ranked: the re-ranker's match probability, then the cosine
+        typer.echo(f"{'rank':>4}  {'itm':>6}  {'clip':>6}  path")
+        for result in results:
+            typer.echo(f"{result.rank:>4}  {result.score:6.3f}  {result.clip_score:6.3f}  {printable(result.path)}")
     else:
         typer.echo(f"{'rank':>4}  {'score':>6}  path")
         for result in results:

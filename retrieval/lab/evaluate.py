@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,9 @@ class EvalSettings:
     index_dir: Path | None = None
     allow_missing: bool = False
     protocols: tuple[str, ...] = (REFERENCE,)
+    rerank: int | None = None  # also re-rank each caption's top N with the ITM re-ranker (as-indexed runs)
+    rerank_model: Path | None = None  # its folder; None: FOLDER-itm beside a local-dir:FOLDER model
+    hard_negatives: Path | None = None  # annotations with binding hard negatives: both scorers' accuracy on them
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class ProtocolRun:
     text_seconds: float
     texts_cached: bool
     faiss: FaissCheck | None = None  # as-indexed only
+    itm: Any = None  # retrieval.lab.itm_eval.ItmEvalReport: as-indexed, when re-ranking or hard negatives are asked
 
     def as_dict(self) -> dict:
         out = {
@@ -118,6 +123,8 @@ class ProtocolRun:
         }
         if self.faiss is not None:
             out["faiss_check"] = self.faiss.as_dict()
+        if self.itm is not None:
+            out["itm"] = self.itm.as_dict()
         return out
 
 
@@ -197,6 +204,8 @@ def evaluate(captioned: CaptionedSet, settings: EvalSettings, progress: bool = T
         raise UsageError(f"unknown eval protocol {unknown[:1]}: use {' or '.join(PROTOCOLS)}")
     index_dir = (settings.index_dir or default_eval_dir(captioned, settings.model)).expanduser().resolve()
     settings = replace(settings, device=resolve_device(settings.device))
+    if (settings.rerank or settings.hard_negatives) and AS_INDEXED not in settings.protocols:
+        settings = replace(settings, protocols=settings.protocols + (AS_INDEXED,))  # re-ranking reads the index
     runs, problems, model = [], [], settings.model.describe()
     for protocol in settings.protocols:
         if protocol == REFERENCE:
@@ -269,7 +278,9 @@ def _as_indexed_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: 
         model=settings.model, batch_size=settings.batch_size, workers=settings.workers, device=settings.device
     )
     summary = index_paths(index_dir, [index_dir / STAGE_FOLDER], index_settings, progress=progress)
-    with SearchEngine(index_dir, device=settings.device, model=settings.model) as engine:
+    with SearchEngine(
+        index_dir, device=settings.device, model=settings.model, rerank_model=settings.rerank_model
+    ) as engine:
         captioned, staged, dropped = _drop_undecodable(engine, captioned, staged, settings.allow_missing)
         texts, owners = captioned.captions_and_owners(settings.prompt)
         image_emb = engine.vectors_for_paths(staged)
@@ -283,7 +294,15 @@ def _as_indexed_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: 
         image_ids = _ids_of(engine, staged)
         faiss = check_faiss_search(engine, text_emb, image_emb, owners_array, image_ids, settings.ks, texts)
         model = engine.identity.describe() if engine.identity else settings.model.describe()
-    run = ProtocolRun(AS_INDEXED, metrics, ties, summary.encoded, summary.seconds, text_seconds, cached, faiss)
+        itm = None
+        if settings.rerank or settings.hard_negatives:
+            from retrieval.lab.itm_eval import evaluate_itm
+
+            itm = evaluate_itm(
+                engine, captioned, staged, text_emb, image_emb, owners_array, settings.ks, settings.rerank,
+                settings.hard_negatives,
+            )  # fmt: skip
+    run = ProtocolRun(AS_INDEXED, metrics, ties, summary.encoded, summary.seconds, text_seconds, cached, faiss, itm)
     return run, model, dropped
 
 

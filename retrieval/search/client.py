@@ -22,6 +22,7 @@ from retrieval.search.query import Query, Term
 from retrieval.store.paths import catalog_path
 
 RESULT_FIELDS = ("rank", "score", "path", "image_id", "width", "height", "taken_at")
+RERANK_FIELDS = ("stage", "clip_score")  # on re-ranked results only
 
 
 class ServerClient:
@@ -41,10 +42,13 @@ class ServerClient:
     def __exit__(self, *exc) -> None:
         pass
 
-    def search_text(self, text: str, k: int = 10, min_score: float | None = None, under=None) -> list[SearchResult]:
+    def search_text(
+        self, text: str, k: int = 10, min_score: float | None = None, under=None, rerank: int | None = None
+    ) -> list[SearchResult]:
         if not text.strip():
             raise UsageError("the query text is empty")
-        return self._results(self._request("GET", "/api/search", {"q": text, **_filters(k, min_score, under)}))
+        params = {"q": text, **_filters(k, min_score, under)} | ({"rerank": rerank} if rerank else {})
+        return self._results(self._request("GET", "/api/search", params))
 
     def search_image(self, image: Path | str, k: int = 10, min_score: float | None = None, under=None):
         """Like ``SearchEngine.search_image``: an indexed image is searched by its id (and left out of its own
@@ -59,8 +63,17 @@ class ServerClient:
         body, content_type = _multipart("image", path.name, path.read_bytes())
         return self._results(self._request("POST", "/api/search/image", params, body, content_type))
 
-    def search(self, query: Query, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
-        """Like ``SearchEngine.search``: image files are sent by id when indexed, else as bytes."""
+    def search(
+        self, query: Query, k: int = 10, min_score: float | None = None, rerank: int | None = None
+    ) -> list[SearchResult]:
+        """Like ``SearchEngine.search``: image files are sent by id when indexed, else as bytes. ``rerank`` goes
+        through the text search route, so it takes one text and the folder filter only."""
+        if rerank:
+            from retrieval.search.rerank import rerank_text
+
+            if query.filters.to_dict().keys() - {"under"} or query.sort != "relevance":
+                raise UsageError("--rerank with --server takes a text and --under only")
+            return self.search_text(rerank_text(query), k, min_score, query.filters.under, rerank)
         params = _filters(k, min_score, query.filters.under)
         filters = query.filters.to_dict() | ({"under": params["under"]} if "under" in params else {})
         body = {
@@ -124,7 +137,12 @@ class ServerClient:
 
     @staticmethod
     def _results(page: dict) -> list[SearchResult]:
-        return [SearchResult(**{name: item.get(name) for name in RESULT_FIELDS}) for item in page["results"]]
+        return [
+            SearchResult(
+                **{name: item.get(name) for name in RESULT_FIELDS}, **{n: item[n] for n in RERANK_FIELDS if n in item}
+            )
+            for item in page["results"]
+        ]
 
 
 class _NotFound(Exception):
@@ -164,8 +182,16 @@ def _multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
 
 
 def open_searcher(
-    index_dir: Path, device: str = "auto", server: str | None = None, text_bf16: bool = False
+    index_dir: Path,
+    device: str = "auto",
+    server: str | None = None,
+    text_bf16: bool = False,
+    rerank_model: Path | None = None,
 ) -> SearchEngine | ServerClient:
     """The local engine, or a running server when ``server`` is given: both answer ``search`` (a ``Query``),
-    ``search_text`` and ``search_image`` with the same arguments and results."""
-    return ServerClient(server) if server else SearchEngine(index_dir, device=device, text_bf16=text_bf16)
+    ``search_text`` and ``search_image`` with the same arguments and results. A server re-ranks with its own."""
+    if server and rerank_model is not None:
+        raise UsageError("--rerank-model is for a local search: a server re-ranks with the model it was started with")
+    if server:
+        return ServerClient(server)
+    return SearchEngine(index_dir, device=device, text_bf16=text_bf16, rerank_model=rerank_model)

@@ -44,18 +44,28 @@ class SearchResult:
     width: int | None
     height: int | None
     taken_at: str | None = None  # date taken (EXIF, else the file's mtime), wall clock "YYYY-MM-DD HH:MM:SS"
+    stage: str = "clip"  # which scorer produced ``score``: "clip" (cosine) or "itm" (re-ranker's match probability)
+    clip_score: float | None = None  # the cosine, when the re-ranker produced ``score``
 
     def to_dict(self) -> dict:
         """JSON-ready: a file name that is not valid UTF-8 shows its odd bytes as ``\\xNN`` (``.path`` keeps
-        them exactly, for opening the file)."""
-        return asdict(self) | {"path": display_path(self.path)}
+        them exactly, for opening the file). ``stage`` and ``clip_score`` appear on re-ranked results only."""
+        out = asdict(self) | {"path": display_path(self.path)}
+        if self.stage == "clip":
+            del out["stage"], out["clip_score"]
+        return out
 
 
 class SearchEngine:
     """Read side of an index. The model loads on the first query that needs it; the index on the first search."""
 
     def __init__(
-        self, index_dir: Path | str, device: str = "auto", model: ModelSpec | None = None, text_bf16: bool = False
+        self,
+        index_dir: Path | str,
+        device: str = "auto",
+        model: ModelSpec | None = None,
+        text_bf16: bool = False,
+        rerank_model: Path | str | None = None,
     ):
         self.layout = IndexLayout(Path(index_dir).expanduser())
         self.catalog = Catalog(self.layout.catalog, create=False)
@@ -67,6 +77,8 @@ class SearchEngine:
         self._encoder: Encoder | None = None
         self._vectors: VectorIndex | None = None
         self._tower: tuple[str | None, OnnxTextEncoder | None] | None = None  # (record it was opened from, tower)
+        self.rerank_model = rerank_model  # ITM re-ranker folder; None: FOLDER-itm beside a local-dir:FOLDER model
+        self._reranker = None
 
     def close(self) -> None:
         """Close the catalog and let go of the mapped FAISS file and the text tower (an unmount can follow)."""
@@ -135,10 +147,22 @@ class SearchEngine:
 
     # --- queries --------------------------------------------------------------------------------------------
 
-    def search(self, query: Query, k: int = 10, min_score: float | None = None) -> list[SearchResult]:
+    def search(
+        self, query: Query, k: int = 10, min_score: float | None = None, rerank: int | None = None
+    ) -> list[SearchResult]:
         """The k best images for a combined query, within its filters, in its sort order. Indexed images used as
         terms are left out of the results. ``min_score`` drops results below that cosine score, except file-name
-        matches in keyword mode (their place comes from the name, not the picture)."""
+        matches in keyword mode (their place comes from the name, not the picture).
+
+        ``rerank=N`` (a query of one text): the N best, re-ordered by the ITM re-ranker and cut to k
+        (``retrieval.search.rerank``); ``min_score`` then applies to the first stage's cosine."""
+        if rerank:
+            from retrieval.search.rerank import check_depth, rerank_results, rerank_text
+
+            check_depth(rerank, k)
+            text = rerank_text(query)
+            candidates = self.search(query, rerank, min_score)
+            return rerank_results(text, candidates, self.reranker, self.encoder.identity.image_size)[:k]
         _check_k(k)
         self.vectors  # noqa: B018  (fail on an empty index before loading the model)
         filters = self._resolved(query.filters)
@@ -243,8 +267,28 @@ class SearchEngine:
             best = merge_top_k(best, (fetch_vectors(self.catalog, block) @ vector[0])[None, :], block, depth)
         return best[0][0], best[1][0]
 
-    def search_text(self, text: str, k: int = 10, min_score: float | None = None, under: Path | str | None = None):
-        return self.search(Query((Term(text=text),), filters=Filters(under=under)), k, min_score)
+    def search_text(
+        self,
+        text: str,
+        k: int = 10,
+        min_score: float | None = None,
+        under: Path | str | None = None,
+        rerank: int | None = None,
+    ):
+        return self.search(Query((Term(text=text),), filters=Filters(under=under)), k, min_score, rerank)
+
+    @property
+    def reranker(self):
+        """The ITM re-ranker (``retrieval.model.itm_scorer.ItmScorer``) on this index's model, loaded on first use."""
+        if self._reranker is None:
+            from retrieval.model.itm_scorer import ItmScorer
+            from retrieval.search.rerank import default_rerank_folder
+
+            folder = self.rerank_model or default_rerank_folder(self.model_spec.name)
+            if folder is None:
+                raise UsageError("no re-ranker for this model: pass --rerank-model FOLDER (see clipsearch train-itm)")
+            self._reranker = ItmScorer.load(folder, self.encoder, self.encoder.identity.key)
+        return self._reranker
 
     def search_image(
         self, image: Path | str | Image.Image, k: int = 10, min_score: float | None = None, under=None

@@ -29,6 +29,14 @@ def default_rerank_folder(model_name: str) -> Path | None:
     return folder.with_name(folder.name + DEFAULT_FOLDER_SUFFIX)
 
 
+def rerank_text(query) -> str:
+    """The text a query asks for, when it is one text and nothing else (the re-ranker reads one caption)."""
+    terms = query.positive
+    if len(terms) != 1 or terms[0].text is None or query.negative:
+        raise UsageError("--rerank works on a query of one text (no images, --add or --sub)")
+    return terms[0].text
+
+
 def check_depth(depth: int, k: int) -> None:
     if not 1 <= depth <= MAX_RERANK:
         raise UsageError(f"--rerank must be between 1 and {MAX_RERANK}")
