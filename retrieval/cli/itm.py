@@ -35,6 +35,9 @@ def train_itm(
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
     val_split: Annotated[str, typer.Option("--val-split", help="Split to validate on after each epoch.")] = "val",
+    init: Annotated[
+        Path | None, typer.Option("--init", help="Continue from this re-ranker's weights (same sizes and CLIP).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a re-ranker already in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -56,6 +59,7 @@ def train_itm(
         threads=threads,
         workers=workers,
         val_split=val_split,
+        init_from=init,
         overwrite=overwrite,
     )
     report = run(images, annotations, out, settings, progress=not quiet)

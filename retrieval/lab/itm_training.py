@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from retrieval.errors import UsageError
 from retrieval.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
-from retrieval.model.itm import ITM_CONFIG_FILE, FusionItm, ItmConfig, save_itm
+from retrieval.model.itm import ITM_CONFIG_FILE, FusionItm, ItmConfig, load_itm, save_itm
 from retrieval.model.itm_tokens import ImageTokens, image_token_dims, image_tokens, text_tokens
 from retrieval.model.spec import ModelSpec
 
@@ -50,6 +50,7 @@ class ItmTrainSettings:
     threads: int | None = None
     workers: int = 0
     val_split: str = "val"
+    init_from: Path | None = None  # continue from the weights of a re-ranker folder (same sizes) instead of random
     save_fp16: bool = True
     overwrite: bool = False
 
@@ -124,6 +125,11 @@ def train_itm(
     )
     torch.manual_seed(settings.seed)
     model = FusionItm(config)
+    if settings.init_from is not None:
+        start = load_itm(settings.init_from)
+        if asdict(start.config) != asdict(config):
+            raise UsageError(f"--init {settings.init_from} has other sizes or another CLIP model than this run")
+        model.load_state_dict(start.state_dict())
     rng = random.Random(settings.seed)
     neg_images, neg_texts = _mine(train.text_vectors, train.images.pooled, train.owners, train.texts, settings.mine_top)
     binding_texts = [
@@ -148,7 +154,12 @@ def train_itm(
             "val_source": data.val_source,
             "val_negative_trials": len(val_trials),
         },
-        settings={**asdict(replace(settings, clip=None)), "clip": settings.clip.describe(), "total_steps": total},
+        settings={
+            **asdict(replace(settings, clip=None, init_from=None)),
+            "clip": settings.clip.describe(),
+            "init_from": str(settings.init_from) if settings.init_from else None,
+            "total_steps": total,
+        },
     )
     report.prepare_seconds = time.perf_counter() - began
     best_score = float("-inf")

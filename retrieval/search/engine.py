@@ -287,7 +287,7 @@ class SearchEngine:
             folder = self.rerank_model or default_rerank_folder(self.model_spec.name)
             if folder is None:
                 raise UsageError("no re-ranker for this model: pass --rerank-model FOLDER (see clipsearch train-itm)")
-            self._reranker = ItmScorer.load(folder, self.encoder, self.encoder.identity.key)
+            self._reranker = ItmScorer.load(folder, self.encoder, self.encoder.identity.key())
         return self._reranker
 
     def search_image(
