@@ -105,6 +105,7 @@ def rerank_section(work: Path) -> None:
 
     spec = importlib.util.spec_from_file_location("make_scenes_dataset", ROOT / "scripts" / "make_scenes_dataset.py")
     scenes = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = scenes  # its dataclasses look their module up
     spec.loader.exec_module(scenes)
     folder = work / "scenes"
     annotations = folder / "dataset.json"
