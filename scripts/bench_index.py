@@ -279,10 +279,13 @@ def clipsearch_in(checkout: Path, *arguments: str) -> tuple[list[str], dict]:
     return [sys.executable, "-c", "from retrieval.cli import main; main()", *arguments], env
 
 
-def timed_index_command(checkout: Path, folder: Path, model: str, scratch: Path | None, *extra: str) -> float:
+def timed_index_command(
+    checkout: Path, folder: Path, model: str, scratch: Path | None, *extra: str, env_extra: dict | None = None
+) -> float:
     """Seconds of `clipsearch index` on a fresh index, from process start to exit."""
     index_dir = Path(tempfile.mkdtemp(prefix="bench-cli-", dir=scratch))
     command, env = clipsearch_in(checkout, "index", str(folder), "--index", str(index_dir), "--model", model, "-q")
+    env.update(env_extra or {})
     started = time.perf_counter()
     done = subprocess.run([*command, *extra], capture_output=True, text=True, cwd=checkout, env=env)
     wall = time.perf_counter() - started
@@ -311,12 +314,15 @@ def compare(args) -> None:
     """`clipsearch index` of --compare CHECKOUT and of this checkout, interleaved, process start to exit."""
     folder = args.photos
     model = ensure_model(args.model)
-    runs: dict[str, list[float]] = {"before": [], "after": []}
+    sides = [("before", args.compare, {}), ("after", ROOT, {})]
+    if args.without_export:  # the ONNX text-tower export `clipsearch index` runs after encoding (issue 13)
+        sides.append(("after_without_text_export", ROOT, {"CLIPSEARCH_EXPORT_TEXT": "0"}))
+    runs: dict[str, list[float]] = {side: [] for side, _, _ in sides}
     load = [os.getloadavg()[0]]
     bound = [decode_bound(folder, model, min(32, args.images))]
     for round_ in range(args.rounds):
-        for side, checkout in (("before", args.compare), ("after", ROOT)):
-            wall = timed_index_command(checkout, folder, model, args.scratch)
+        for side, checkout, env in sides:
+            wall = timed_index_command(checkout, folder, model, args.scratch, env_extra=env)
             runs[side].append(args.images / wall)
             line = {"round": round_, "side": side, "seconds": round(wall, 2), "images_per_s": args.images / wall}
             print(json.dumps(line | {"load": os.getloadavg()[0]}), flush=True)
@@ -325,8 +331,7 @@ def compare(args) -> None:
     summary = {
         "set": args.set,
         "images": args.images,
-        "before_images_per_s": [round(x, 2) for x in runs["before"]],
-        "after_images_per_s": [round(x, 2) for x in runs["after"]],
+        **{f"{side}_images_per_s": [round(x, 2) for x in rates] for side, rates in runs.items()},
         "bound_before_and_after_runs": bound,
         "load": load,
     }
@@ -427,6 +432,7 @@ def main() -> None:
     parser.add_argument("--set", choices=sorted(SETS), default="photos", help="12-MP photos or 500x375 JPEGs")
     parser.add_argument("--compare", type=Path, default=None, help="another checkout: interleaved CLI runs")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--without-export", action="store_true", help="--compare: also without the text export")
     parser.add_argument("--figures", action="store_true", help="one JSON line per figure (scripts/gpu_check.sh)")
     parser.add_argument("--small-images", type=int, default=64, help="--figures: 500x375 JPEGs")
     parser.add_argument("--photo-images", type=int, default=32, help="--figures: 12-MP photos")

@@ -171,3 +171,13 @@ def test_checkpoint_lookup_matches_open_clips(tmp_path, names):
         (tmp_path / name).write_bytes(b"x")
     theirs = open_clip.factory._find_checkpoint_in_dir(tmp_path)
     assert find_checkpoint_in_dir(tmp_path) == (Path(theirs) if theirs else None)
+
+
+def test_a_tags_transform_is_known_without_its_weights():
+    """For a pretrained tag the workers' transform takes the tag's preprocessing, with no download (offline here)."""
+    import open_clip
+
+    preprocess, cfg = build_image_transform(ModelSpec("ViT-B-32", "openai"))
+    tag = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
+    assert tuple(cfg["mean"]) == tuple(tag["mean"]) and tuple(cfg["std"]) == tuple(tag["std"])
+    assert cfg["size"] in (224, (224, 224))

@@ -208,10 +208,15 @@ def build_image_transform(spec: ModelSpec) -> tuple[Any, dict[str, Any]] | None:
 
     try:
         check_spec(spec)
-        _fail_fast_when_offline(spec)
     except ModelLoadError:
         return None
     pretrained = None if spec.local_dir is not None else spec.pretrained
+    overrides = {}
+    if pretrained and spec.checkpoint_file is None:  # a tag: its preprocessing, without touching the network
+        tag = open_clip.get_pretrained_cfg(spec.name, pretrained)
+        keys = ("mean", "std", "interpolation", "resize_mode")
+        overrides = {f"image_{key}": tag[key] for key in keys if tag.get(key) is not None}
+        pretrained = None
     silenced = logging.root.manager.disable
     logging.disable(logging.WARNING)  # "initialized randomly": true only of this weightless copy
     try:
@@ -219,7 +224,7 @@ def build_image_transform(spec: ModelSpec) -> tuple[Any, dict[str, Any]] | None:
             warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.name, pretrained=pretrained, load_weights=False, device="meta",
-                force_quick_gelu=_needs_quick_gelu(spec),
+                force_quick_gelu=_needs_quick_gelu(spec), **overrides,
             )  # fmt: skip
     except Exception:  # noqa: BLE001  (any failure: the caller loads the model first, which reports it properly)
         return None
