@@ -14,11 +14,12 @@ Any stage's failure stops the others and is raised here; a Ctrl-C waits for the 
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,7 @@ def encode_and_commit(
         num_workers=options.workers,
         collate_fn=collate_decoded,
         prefetch_factor=4 if options.workers else None,
+        worker_init_fn=_ignore_ctrl_c,
     )
     batches = iter(loader)  # forks the workers now, before this run starts any thread
     stop = threading.Event()
@@ -103,6 +105,12 @@ def encode_and_commit(
         writer.join()  # a commit under way ends (or fails) before the caller saves the vectors
         feeder.join(timeout=5)  # it may sit in a worker's next batch: a daemon, never waited for long
     raise first_error(stages) or RuntimeError("indexing stopped without a reason")
+
+
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    """Ctrl-C in a terminal reaches every process of the group: the main process alone stops the run (and its
+    workers), so the user sees "interrupted", not a worker's death."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _side(cfg: dict[str, Any]) -> int:
@@ -151,8 +159,9 @@ def _encode(work, encoder: Encoder, fed: Channel, out: Channel, options: EncodeO
                 pixels.record_stream(current)  # made on the feed stream, read on this one
             vectors = encoder.encode_images(pixels) if ok else []
             by_position = {decoded.position: vector for decoded, vector in zip(ok, vectors)}
-            for decoded in batch:
-                pending.append((work[decoded.position], decoded, by_position.get(decoded.position)))
+            for decoded in batch:  # without its pixels: chunks wait in a queue, and a commit needs only the facts
+                vector = by_position.get(decoded.position)
+                pending.append((work[decoded.position], replace(decoded, pixels=None), vector))
             bar.update(len(batch))
             if len(pending) >= options.chunk_size:
                 out.put(pending)
