@@ -209,6 +209,17 @@ def test_an_error_from_the_api_is_shown_not_swallowed(page, server_url):
     assert "no indexed image" in page.inner_text("#status")
 
 
+def test_the_rerank_toggle_asks_the_server_and_lives_in_the_url(page, server_url):
+    """This index's model has no re-ranker beside it: the toggle's request reaches the server and its one-line
+    refusal is shown (the re-ranked answer itself: tests/test_itm.py)."""
+    page.goto(f"{server_url}/?q=a+red+circle")
+    wait_until(page, "!state.loading && document.querySelectorAll('.tile').length > 0")
+    page.check("#f-rerank")
+    page.wait_for_selector("#status.error")
+    assert "re-rank" in page.inner_text("#status").lower()
+    assert "rerank=1" in page.evaluate("location.search")
+
+
 def wait_for_results(page, url_part: str) -> None:
     """The URL says ``url_part`` and the search it started has answered with tiles."""
     wait_until(page, f"decodeURIComponent(location.search.replace(/\\+/g, ' ')).includes({url_part!r})")

@@ -200,6 +200,31 @@ def test_cli_search_rerank_says_which_stage_scored(held_out_report):
     assert "stage" not in json.loads(plain.output)["results"][0]
 
 
+@pytest.mark.slow
+def test_api_and_page_query_rerank_the_top_n(held_out_report):
+    """The page's re-rank toggle sends ``rerank`` in its POST /api/query body; GET /api/search takes it too."""
+    from fastapi.testclient import TestClient
+
+    from retrieval.search.server import ServerSettings, create_app
+
+    app_ = create_app(held_out_report.index_dir, ServerSettings(device="cpu"))
+    body = {"query": {"positive": [{"text": "a red circle above a blue square"}]}, "k": 3, "rerank": 10}
+    with TestClient(app_, base_url="http://127.0.0.1") as client:
+        reranked = client.post("/api/query", json=body)
+        assert reranked.status_code == 200, reranked.text
+        items = reranked.json()["results"]
+        assert len(items) == 3 and all(item["stage"] == "itm" for item in items)
+        assert reranked.json()["query"]["rerank"] == 10
+        plain = client.post("/api/query", json=body | {"rerank": None}).json()["results"]
+        assert all(item["stage"] == "clip" for item in plain)
+        second_page = client.post("/api/query", json=body | {"offset": 9}).json()["results"]
+        assert len(second_page) == 1  # pages end at the re-ranked top N
+        by_get = client.get("/api/search", params={"q": "a red circle above a blue square", "k": 3, "rerank": 10})
+        assert [item["image_id"] for item in by_get.json()["results"]] == [item["image_id"] for item in items]
+        two_terms = body | {"query": {"positive": [{"text": "a red circle"}, {"text": "a blue square"}]}}
+        assert client.post("/api/query", json=two_terms).status_code == 400
+
+
 def test_bundled_models_are_small_and_belong_together():
     from retrieval.model.spec import spec_key
 

@@ -53,6 +53,9 @@ class SearchIn(BaseModel):
     k: int | None = Field(None, ge=1, description="Results per page (default 48).")
     offset: int = Field(0, ge=0, description="Skip this many results (for the next page).")
     min_score: float | None = Field(None, ge=-1, le=1, description="Drop results below this cosine score.")
+    rerank: int | None = Field(
+        None, ge=1, le=1000, description="Re-rank the dual encoder's top N with the ITM re-ranker (one text query)."
+    )
 
 
 def to_query(body: SearchIn, under: str | None, decode: Callable[[bytes], Any]) -> Query:

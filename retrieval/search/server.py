@@ -402,13 +402,15 @@ def _add_search_routes(app: FastAPI, service: SearchService, settings: ServerSet
         query = to_query(body, folder, decode)
         k = body.k or settings.default_k
         depth = settings.max_results if query.sort == "date" else None
-        return page(
-            query.to_dict(),
-            k,
-            body.offset,
-            lambda wanted, _folder: service.engine.search(query, depth or wanted, body.min_score),
-            None,
-        )
+        rerank = body.rerank
+
+        def run(wanted: int, _folder) -> list[SearchResult]:
+            wanted = depth or wanted
+            if rerank:  # pages end at the re-ranked top N
+                return service.engine.search(query, min(wanted, rerank), body.min_score, rerank=rerank)
+            return service.engine.search(query, wanted, body.min_score)
+
+        return page(query.to_dict() | ({"rerank": rerank} if rerank else {}), k, body.offset, run, None)
 
     @app.get("/api/stats", response_model=IndexInfo, tags=["index"])
     def stats(

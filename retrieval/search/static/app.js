@@ -149,7 +149,8 @@ function appendTiles(results, first) {
     }
     const score = document.createElement("figcaption");
     score.className = "score";
-    score.textContent = result.score.toFixed(3);
+    score.textContent = result.stage === "itm" ? `ITM ${result.score.toFixed(3)}` : result.score.toFixed(3);
+    if (result.stage === "itm") score.title = `re-ranker match probability; CLIP cosine ${result.clip_score.toFixed(3)}`;
     tile.append(img, label, score);
     fragment.append(tile);
   });

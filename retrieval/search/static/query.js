@@ -6,6 +6,7 @@
 const QueryModel = (() => {
   const WEIGHTED = /^(\d+(?:\.\d*)?|\.\d+):([\s\S]+)$/;
   const IMAGE = /^img:(\d+)$/;
+  const RERANK_DEPTH = 50; // the dual encoder's top N that the re-ranker re-orders
   // URL parameter -> filter control id; each is read and written as text.
   const FILTERS = {
     after: "f-after", before: "f-before", camera: "f-camera", type: "f-type", min_width: "f-min-width",
@@ -38,6 +39,7 @@ const QueryModel = (() => {
       ...params.getAll("sub").filter(Boolean).map((p) => parseChip(p, "-")),
     ];
     for (const [name, id] of Object.entries(FILTERS)) $(id).value = params.get(name) || (name === "sort" ? "relevance" : "");
+    $("f-rerank").checked = params.get("rerank") === "1";
     renderChips();
   }
 
@@ -47,6 +49,7 @@ const QueryModel = (() => {
       const value = $(id).value.trim();
       if (value && !(name === "sort" && value === "relevance")) params.set(name, value);
     }
+    if ($("f-rerank").checked) params.set("rerank", "1");
   }
 
   // --- the request body ------------------------------------------------------------------------------------------
@@ -80,6 +83,7 @@ const QueryModel = (() => {
       filters: filters(),
       sort: $("f-sort").value || "relevance",
       min_score: minScore ? Number(minScore) : null,
+      rerank: $("f-rerank").checked ? Math.max(RERANK_DEPTH, k) : null, // pages end at the re-ranked top N
       k,
       offset,
     };
@@ -144,6 +148,6 @@ const QueryModel = (() => {
   return {
     readUrl, writeUrl, body, add, click,
     hasPositive: () => chips.some((chip) => chip.sign === "+"),
-    filterIds: Object.values(FILTERS),
+    filterIds: [...Object.values(FILTERS), "f-rerank"],
   };
 })();
