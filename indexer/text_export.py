@@ -91,8 +91,10 @@ def export_text_tower(
     force: bool = False,
     wait: bool = True,
     on_wait: Callable[[str], None] | None = None,
+    on_export: Callable[[], None] | None = None,
 ) -> TextExportReport:
-    """Export (or keep a current export of) the text tower of the index's model; ``force`` exports again."""
+    """Export (or keep a current export of) the text tower of the index's model; ``force`` exports again.
+    ``on_export`` is told just before an export starts (it takes a while for a large model)."""
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     layout = IndexLayout(Path(index_dir).expanduser())
@@ -107,6 +109,8 @@ def export_text_tower(
                 record = TextTowerRecord.from_json(current or "")
                 if precision in ("auto", record.precision):
                     return TextExportReport(record, exported=False)
+            if on_export is not None:
+                on_export()
             record = _export(catalog, layout, precision)
             catalog.set_meta(MetaKey.TEXT_TOWER, record.to_json())
             _remove_old_folders(layout, keep=record.folder)
@@ -206,14 +210,16 @@ def _remove_old_folders(layout: IndexLayout, keep: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def refresh_text_tower(index_dir: Path, on_wait: Callable[[str], None] | None = None) -> str | None:
+def refresh_text_tower(
+    index_dir: Path, on_wait: Callable[[str], None] | None = None, on_export: Callable[[], None] | None = None
+) -> str | None:
     """After an index run that encoded images: export the text tower when it is missing or stale. Returns a line
     for the user when something was exported or went wrong; never fails the index run (queries then use torch).
     ``CLIPSEARCH_EXPORT_TEXT=0`` turns it off."""
     if os.environ.get("CLIPSEARCH_EXPORT_TEXT", "1") == "0":
         return None
     try:
-        report = export_text_tower(index_dir, on_wait=on_wait)
+        report = export_text_tower(index_dir, on_wait=on_wait, on_export=on_export)
     except ClipsearchError as error:
         return f"text tower not exported: {error}"
     except Exception as error:  # noqa: BLE001  (an exporter failure must not fail indexing that succeeded)

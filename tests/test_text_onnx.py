@@ -134,6 +134,7 @@ def test_a_changed_or_foreign_export_falls_back_to_torch_until_exported_again(
               "--workers", "0", "-q"],
     )  # fmt: skip
     assert ran.exit_code == 0 and "text tower exported" in ran.output, ran.output
+    assert "exporting the text tower" in ran.output  # said before the wait, not only after
     catalog = Catalog(IndexLayout(index_dir).catalog)
     record = TextTowerRecord.from_json(catalog.get_meta(MetaKey.TEXT_TOWER))
     catalog.close()

@@ -124,7 +124,14 @@ def _report_run(summary, index_dir: Path) -> None:
     if summary.encoded:  # the model is loaded already: export the text tower for torch-free queries if stale
         from indexer.text_export import refresh_text_tower
 
-        note = refresh_text_tower(index_dir)
+        def announce() -> None:
+            typer.echo(
+                "clipsearch: exporting the text tower for fast torch-free queries (once per model; "
+                "CLIPSEARCH_EXPORT_TEXT=0 skips it)...",
+                err=True,
+            )
+
+        note = refresh_text_tower(index_dir, on_export=announce)
         if note:
             typer.echo(f"clipsearch: {note}", err=True)
 
