@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,11 @@ from PIL import Image
 from indexer.pipeline import IndexSettings
 from retrieval.model.spec import ModelSpec
 from retrieval.testing import make_random_model_dir
+
+# A test run started in the background (`cmd &`, many CI harnesses) inherits SIGINT ignored, and Python then never
+# turns Ctrl-C into KeyboardInterrupt: the Ctrl-C tests need the handler an interactive run has.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # `clipsearch index` exports the text tower to ONNX after encoding (seconds each time): tests of indexing leave it
 # out; tests/test_text_onnx.py exports on purpose.
