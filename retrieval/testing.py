@@ -9,13 +9,16 @@ most variance in a few directions, and clusters of similar photos.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -114,3 +117,18 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, timeout_s: 
     finally:
         server.should_exit = True
         thread.join(timeout_s)
+
+
+SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """A generator in ``scripts/`` (``make_shapes_dataset``...) as a module, loaded once per process and registered
+    under its name: its dataclasses look their module up, and two loads would make two sets of classes."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -12,7 +12,6 @@ Prints a row per threshold and linkage, the similarity margins, and the time of 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import sys
@@ -30,17 +29,10 @@ from retrieval.model.spec import ModelSpec  # noqa: E402
 from retrieval.search.duplicates import LINKAGES, find_duplicates, link_pairs, similar_pairs  # noqa: E402
 from retrieval.store.catalog import Catalog  # noqa: E402
 from retrieval.store.layout import IndexLayout  # noqa: E402
+from retrieval.testing import load_script  # noqa: E402
 
 SHAPES_MODEL = ROOT / "data" / "models" / "shapes-clip"
 THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
-
-
-def load_generator():
-    spec = importlib.util.spec_from_file_location("make_duplicates_set", ROOT / "scripts" / "make_duplicates_set.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def model_spec(name: str, scratch: Path) -> ModelSpec:
@@ -107,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         if (photos / "truth.json").is_file():
             truth = json.loads((photos / "truth.json").read_text())
         else:
-            truth = load_generator().generate_duplicate_set(photos, args.originals, args.seed)
+            truth = load_script("make_duplicates_set").generate_duplicate_set(photos, args.originals, args.seed)
         spec = model_spec(args.model, scratch)
         started = time.perf_counter()
         index_paths(scratch / "index", [photos], IndexSettings(model=spec, workers=0), progress=False)

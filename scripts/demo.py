@@ -97,16 +97,12 @@ def evaluate_models(work: Path, test_entries) -> None:
 def rerank_section(work: Path) -> None:
     """A caption about two of four shapes: the dual encoder ranks a scene with the right words but the wrong
     binding first; the ITM re-ranker, reading the dual encoder's top 20, puts the described scene first."""
-    import importlib.util
-
     from indexer.pipeline import IndexSettings, index_paths
     from retrieval.model.spec import ModelSpec
     from retrieval.search.engine import SearchEngine
+    from retrieval.testing import load_script
 
-    spec = importlib.util.spec_from_file_location("make_scenes_dataset", ROOT / "scripts" / "make_scenes_dataset.py")
-    scenes = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = scenes  # its dataclasses look their module up
-    spec.loader.exec_module(scenes)
+    scenes = load_script("make_scenes_dataset")
     folder = work / "scenes"
     annotations = folder / "dataset.json"
     if not annotations.is_file():

@@ -25,13 +25,13 @@ path -> group label) and returns the truth.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 from PIL import Image
+
+from retrieval.testing import load_script
 
 SIDE = 256
 SHIFT = 0.12  # the shifted near-miss moves the frame by this share of its side
@@ -40,16 +40,7 @@ NEAR_MISSES = ("shape", "colour", "shift")
 EXIF_ORIENTATION = 0x0112
 
 
-def _shapes_module():
-    path = Path(__file__).resolve().with_name("make_shapes_dataset.py")
-    spec = importlib.util.spec_from_file_location("make_shapes_dataset", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-shapes = _shapes_module()
+shapes = load_script("make_shapes_dataset")
 
 
 def _frame(scene, seed: str, shift: float = 0.0) -> Image.Image:

@@ -5,10 +5,8 @@ The full precision / recall measurement (800 files, thresholds, linkages) is scr
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +17,10 @@ from indexer.pipeline import IndexSettings, index_paths
 from retrieval.cli import app
 from retrieval.model.spec import ModelSpec
 from retrieval.search.duplicates import duplicates_in_index, link_pairs
+from retrieval.testing import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ModelSpec(f"local-dir:{ROOT / 'data' / 'models' / 'shapes-clip'}", None)
-
-
-def load_generator():
-    spec = importlib.util.spec_from_file_location("make_duplicates_set", ROOT / "scripts" / "make_duplicates_set.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +28,7 @@ def duplicate_index(tmp_path_factory):
     """Originals with re-encoded, resized, cropped and EXIF-rotated copies and near-misses, indexed with the shapes
     model."""
     root = tmp_path_factory.mktemp("dups")
-    truth = load_generator().generate_duplicate_set(root / "photos", n_originals=6, seed=3)
+    truth = load_script("make_duplicates_set").generate_duplicate_set(root / "photos", n_originals=6, seed=3)
     index_paths(root / "index", [root / "photos"], IndexSettings(model=SHAPES, workers=0), progress=False)
     return root / "index", truth
 

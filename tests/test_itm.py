@@ -6,9 +6,7 @@ images of their held-out test split, regenerated here by the deterministic gener
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from retrieval.lab.evaluate import AS_INDEXED, EvalSettings, evaluate_annotation
 from retrieval.lab.hard_negatives import hard_negative_accuracy, negative_trials
 from retrieval.model.itm import load_itm
 from retrieval.model.spec import ModelSpec
+from retrieval.testing import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_DIR = ROOT / "data" / "models" / "scenes-clip"
@@ -29,15 +28,7 @@ ITM_DIR = ROOT / "data" / "models" / "scenes-clip-itm"
 BUNDLED_DATA = {"n_train": 6000, "n_val": 300, "n_test": 1000, "seed": 3}
 
 
-def load_generator():
-    spec = importlib.util.spec_from_file_location("make_scenes_dataset", ROOT / "scripts" / "make_scenes_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-scenes = load_generator()
+scenes = load_script("make_scenes_dataset")
 
 
 def facts_of(cells: list[str]) -> set[tuple]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,18 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval.testing import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_shapes_dataset.py"
 
 
-def load_generator():
-    spec = importlib.util.spec_from_file_location("make_shapes_dataset", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-shapes = load_generator()
+shapes = load_script("make_shapes_dataset")
 
 
 def folder_digest(folder: Path) -> str:
