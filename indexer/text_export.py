@@ -30,7 +30,7 @@ from retrieval.model.text_onnx import (
 from retrieval.store.catalog import Catalog, MetaKey
 from retrieval.store.layout import IndexLayout
 from retrieval.store.text_tower import current_text_tower
-from retrieval.store.tuning import exact_top_k, probe_texts
+from retrieval.store.tuning import exact_top_k, probe_texts, recall_at_k
 from retrieval.store.write_lock import write_lock
 
 MIN_COSINE = 0.9999  # float32 graph against torch, every probe
@@ -198,10 +198,7 @@ def _overlap(database: tuple[np.ndarray, np.ndarray], a: np.ndarray, b: np.ndarr
     ids, vectors = database
     if not len(ids):
         return 1.0
-    top_a = exact_top_k([(ids, vectors)], a, k)
-    top_b = exact_top_k([(ids, vectors)], b, k)
-    shares = [len(set(x[x >= 0]) & set(y[y >= 0])) / max(1, len(x[x >= 0])) for x, y in zip(top_a, top_b)]
-    return float(np.mean(shares))
+    return recall_at_k(exact_top_k([(ids, vectors)], b, k), exact_top_k([(ids, vectors)], a, k))
 
 
 def _remove_old_folders(layout: IndexLayout, keep: str) -> None:

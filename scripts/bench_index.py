@@ -235,6 +235,7 @@ def int8_cost(model: str, tensors: list) -> dict:
 
     from retrieval.model.encoder import Encoder
     from retrieval.model.spec import ModelSpec
+    from retrieval.store.topk import top_k
     from retrieval.store.tuning import probe_texts, recall_at_k
 
     spec = ModelSpec(model, None)
@@ -242,8 +243,8 @@ def int8_cost(model: str, tensors: list) -> dict:
     full = Encoder.load(spec, "cpu")
     reference, texts = full.encode_images(pixels), full.encode_texts(probe_texts())
     quantized = Encoder.load(spec, "cpu", int8=True).encode_images(pixels)
-    exact = np.argsort(-(texts @ reference.T), axis=1)[:, :10]
-    approx = np.argsort(-(texts @ quantized.T), axis=1)[:, :10]
+    exact = top_k(texts @ reference.T, 10)[1]
+    approx = top_k(texts @ quantized.T, 10)[1]
     return {
         "mean_cosine_int8_vs_fp32": round(float(np.mean(np.sum(reference * quantized, axis=1))), 5),
         "text_recall_at_10": round(recall_at_k(approx, exact), 4),

@@ -33,6 +33,8 @@ from retrieval.model.spec import ModelSpec  # noqa: E402
 from retrieval.model.text_onnx import OnnxTextEncoder, TextTowerRecord  # noqa: E402
 from retrieval.store.catalog import Catalog, MetaKey  # noqa: E402
 from retrieval.store.layout import IndexLayout  # noqa: E402
+from retrieval.store.topk import top_k  # noqa: E402
+from retrieval.store.tuning import recall_at_k  # noqa: E402
 
 SHAPES = ROOT / "data" / "models" / "shapes-clip"
 SAMPLES = ROOT / "data" / "samples"
@@ -46,11 +48,12 @@ def tower(index_dir: Path) -> OnnxTextEncoder:
 
 
 def top_ids(database: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-(queries @ database.T), axis=1, kind="stable")[:, :k]
+    return top_k(queries @ database.T, k)[1]
 
 
 def overlap(database: np.ndarray, a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(top_ids(database, a, k), top_ids(database, b, k))]))
+    """Mean share of ``a``'s top-k that ``b`` finds too."""
+    return recall_at_k(top_ids(database, b, k), top_ids(database, a, k))
 
 
 def recall(database: np.ndarray, owners: np.ndarray, queries: np.ndarray) -> dict:
