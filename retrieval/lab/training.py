@@ -27,7 +27,7 @@ import numpy as np
 
 from retrieval.errors import ModelLoadError, UsageError
 from retrieval.model.build import build_model, save_model_dir
-from retrieval.model.device import resolve_device
+from retrieval.model.device import is_cuda, resolve_device
 from retrieval.model.spec import CONFIG_FILE, WEIGHTS_FILE, ModelSpec
 
 REPORT_FILE = "train_report.json"
@@ -225,7 +225,7 @@ class StepRunner:
 
         self.model = model
         self.device = device
-        use_amp = device.startswith("cuda") and precision in ("auto", "amp")
+        use_amp = is_cuda(device) and precision in ("auto", "amp")
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.micro_batch_size = micro_batch_size
@@ -361,7 +361,7 @@ def _environment(device: str) -> dict[str, Any]:
     import torch
 
     return {
-        "device": device if not device.startswith("cuda") else torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if is_cuda(device) else device,
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "threads": torch.get_num_threads(),
