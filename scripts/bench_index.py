@@ -189,7 +189,7 @@ def index_rate(folder: Path, model: str, args, int8: bool = False) -> dict:
 
 def clipsearch(*arguments: str) -> list[str]:
     """The `clipsearch` command line run from this checkout (installed or not)."""
-    return [sys.executable, "-c", "from retrieval.cli import main; main()", *arguments]
+    return [sys.executable, "-c", "from clipsearch.cli import main; main()", *arguments]
 
 
 def command_rate(folder: Path, model: str, args) -> float:
@@ -277,7 +277,7 @@ def encoder_only_pinned(model: str, device: str, batch_size: int, seconds: float
 def clipsearch_in(checkout: Path, *arguments: str) -> tuple[list[str], dict]:
     """The `clipsearch` command of another checkout (e.g. an older commit exported to a folder), and its env."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    return [sys.executable, "-c", "from retrieval.cli import main; main()", *arguments], env
+    return [sys.executable, "-c", "from clipsearch.cli import main; main()", *arguments], env
 
 
 def timed_index_command(

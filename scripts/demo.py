@@ -74,7 +74,7 @@ def print_recall(name: str, report) -> None:
 
 
 def evaluate_models(work: Path, test_entries) -> None:
-    from retrieval.lab.evaluate import EvalSettings, evaluate_annotations
+    from clipsearch.lab.evaluate import EvalSettings, evaluate_annotations
     from retrieval.model.spec import ModelSpec
     from retrieval.testing import make_random_model_dir
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="start over: delete the demo's work folder first")
     args = parser.parse_args(argv)
 
-    from retrieval.cli.app import quiet_libraries
+    from clipsearch.cli.app import quiet_libraries
 
     quiet_libraries()
     from indexer.pipeline import IndexSettings, index_paths

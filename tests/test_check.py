@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from clipsearch.cli import app
 from indexer.check import DAMAGED_EMBEDDING, check_index
 from indexer.pipeline import index_paths
-from retrieval.cli import app
 from retrieval.errors import IndexBusyError
 from retrieval.search.engine import SearchEngine
 from retrieval.store.catalog import STATUS_FAILED, Catalog

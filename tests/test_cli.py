@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from clipsearch.cli import app
 
 runner = CliRunner()
 CPU = ("--device", "cpu")  # the suite runs on the CPU also where CUDA is present

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from clipsearch.cli import app
 from retrieval.faults import reset_faults
 from retrieval.store.catalog import Catalog
 from tests.conftest import make_images, write_image

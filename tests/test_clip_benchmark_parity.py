@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from retrieval.cli import app
-from retrieval.lab.datasets import load_captioned_set
-from retrieval.lab.evaluate import AS_INDEXED, REFERENCE, EvalSettings, evaluate
-from retrieval.lab.metrics import reference_recall
+from clipsearch.cli import app
+from clipsearch.lab.datasets import load_captioned_set
+from clipsearch.lab.evaluate import AS_INDEXED, REFERENCE, EvalSettings, evaluate
+from clipsearch.lab.metrics import reference_recall
 
 pytest.importorskip("clip_benchmark")
 

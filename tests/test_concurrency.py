@@ -133,7 +133,7 @@ def check_answers(engine: SearchEngine, index_dir: Path) -> int:
 @pytest.mark.slow
 def test_cli_waits_with_a_message_or_fails_with_no_wait(tiny_spec, photo_folder, tmp_path):
     index_dir = tmp_path / "index"
-    base = [sys.executable, "-c", "from retrieval.cli import main; main()", "index", str(photo_folder)]
+    base = [sys.executable, "-c", "from clipsearch.cli import main; main()", "index", str(photo_folder)]
     base += ["--index", str(index_dir), "--model", tiny_spec.name, "--workers", "0", "--device", "cpu", "-q"]
     lock = write_lock(IndexLayout(index_dir))
     lock.__enter__()

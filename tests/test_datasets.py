@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from retrieval.lab.datasets import (
+from clipsearch.lab.datasets import (
     CaptionedSet,
     DatasetError,
     flickr30k_test_problems,
@@ -158,7 +158,7 @@ def test_flickr30k_size_check_names_the_difference(flickr_images: Path):
 
 
 def test_flickr30k_size_check_passes_on_a_full_split(tmp_path: Path):
-    from retrieval.lab.datasets import CaptionedImage
+    from clipsearch.lab.datasets import CaptionedImage
 
     items = tuple(CaptionedImage(tmp_path / f"{i}.jpg", ("a",) * 5, "test") for i in range(1000))
     assert flickr30k_test_problems(CaptionedSet(items, "karpathy-json")) == []

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from clipsearch.cli import app
 from indexer.pipeline import IndexSettings, index_paths
-from retrieval.cli import app
 from retrieval.model.spec import ModelSpec
 from retrieval.search.duplicates import duplicates_in_index, link_pairs
 from retrieval.testing import load_script

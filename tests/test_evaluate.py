@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from clipsearch.cli import app
+from clipsearch.lab.datasets import DatasetError, load_captioned_set
+from clipsearch.lab.evaluate import AS_INDEXED, REFERENCE, STAGE_FOLDER, EvalSettings, evaluate
 from retrieval.errors import UsageError
-from retrieval.lab.datasets import DatasetError, load_captioned_set
-from retrieval.lab.evaluate import AS_INDEXED, REFERENCE, STAGE_FOLDER, EvalSettings, evaluate
 from retrieval.search.engine import SearchEngine
 from tests.test_metrics import brute_force
 from tests.test_shapes_dataset import shapes
@@ -167,7 +167,7 @@ def test_a_photo_index_is_never_used_for_eval(shapes_set: Path, tiny_spec, setti
 
 def test_the_index_check_catches_a_search_that_ranks_other_vectors(shapes_set: Path, tiny_spec, tmp_path: Path):
     """The comparison is real: scoring the exact side with other image vectors than the index holds is caught."""
-    from retrieval.lab.evaluate import check_faiss_search
+    from clipsearch.lab.evaluate import check_faiss_search
 
     captioned = test_set(shapes_set)
     as_indexed = settings_for(tiny_spec, index_dir=tmp_path / "i", protocols=(AS_INDEXED,))
@@ -191,7 +191,7 @@ def test_reference_pixels_are_pillows_full_decode_also_in_workers(tiny_spec, tmp
     whether decoded in the main process or in DataLoader workers."""
     from torch.utils.data import DataLoader
 
-    from retrieval.lab.reference import ReferenceImages
+    from clipsearch.lab.reference import ReferenceImages
     from retrieval.model.encoder import Encoder
     from tests.conftest import write_image
 

@@ -175,7 +175,7 @@ def test_cli_prints_undecodable_names_as_their_bytes(hostile, settings, tmp_path
     folder, _ = hostile
     index_paths(tmp_path / "index", [folder], settings, progress=False)
     env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # a desktop UTF-8 locale, not Python's C fallback
-    script = "from retrieval.cli import main; main()"
+    script = "from clipsearch.cli import main; main()"
     command = [sys.executable, "-c", script, "search", "photo", "--index", str(tmp_path / "index"), "-k", "60"]
     result = subprocess.run([*command, "--paths"], env=env, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr

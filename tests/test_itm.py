@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from clipsearch.cli import app
+from clipsearch.lab.evaluate import AS_INDEXED, EvalSettings, evaluate_annotations
+from clipsearch.lab.hard_negatives import hard_negative_accuracy, negative_trials
 from retrieval.errors import UsageError
-from retrieval.lab.evaluate import AS_INDEXED, EvalSettings, evaluate_annotations
-from retrieval.lab.hard_negatives import hard_negative_accuracy, negative_trials
 from retrieval.model.itm import load_itm
 from retrieval.model.spec import ModelSpec
 from retrieval.testing import load_script
@@ -96,8 +96,8 @@ def test_generator_is_deterministic_and_a_subset_matches_the_full_run(small_set:
 
 
 def test_hard_negative_accuracy_counts_ties_as_misses():
-    from retrieval.lab.datasets import CaptionedImage
-    from retrieval.lab.hard_negatives import HardNegative
+    from clipsearch.lab.datasets import CaptionedImage
+    from clipsearch.lab.hard_negatives import HardNegative
 
     items = [CaptionedImage(Path("a.png"), ("a red circle above a blue square",), "test")]
     table = {("a.png", "a red circle above a blue square"): (HardNegative("x", "n1"), HardNegative("y", "n2"))}

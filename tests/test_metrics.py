@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.lab.metrics import recall_at_k, reference_recall
+from clipsearch.lab.metrics import recall_at_k, reference_recall
 
 
 def brute_force(text: np.ndarray, images: np.ndarray, owners: np.ndarray, ks=(1, 5, 10)):

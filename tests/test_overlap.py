@@ -121,7 +121,7 @@ def report():
     heavy = [name for name in ("torch", "open_clip", "torchvision") if name in sys.modules]
     print("IMPORTED " + json.dumps(heavy), file=sys.stderr)
 atexit.register(report)
-from retrieval.cli import main
+from clipsearch.cli import main
 sys.argv = ["clipsearch", *sys.argv[1:]]
 main()
 """

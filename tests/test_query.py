@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from clipsearch.cli import app as cli_app
 from indexer.pipeline import IndexSettings, index_paths
-from retrieval.cli import app as cli_app
 from retrieval.errors import UsageError
 from retrieval.model.spec import ModelSpec
 from retrieval.search.client import ServerClient

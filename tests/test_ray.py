@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from clipsearch.cli.app import app
 from indexer.pipeline import IndexSettings, index_paths
 from indexer.ray_runner import RayPathError, RaySettings, check_worker_read
-from retrieval.cli.app import app
 from retrieval.faults import AFTER_COMMITS_ENV, FAULT_ENV
 from retrieval.store.catalog import Catalog, ImageRow
 from retrieval.store.layout import IndexLayout

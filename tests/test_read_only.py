@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from clipsearch.cli import app
 from indexer.pipeline import index_paths
-from retrieval.cli import app
 from retrieval.search.engine import SearchEngine
 from retrieval.search.server import ServerSettings, create_app
 from retrieval.store.catalog import Catalog

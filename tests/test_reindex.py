@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from clipsearch.cli import app
 from indexer.pipeline import index_paths
 from indexer.reindex import reindex
-from retrieval.cli import app
 from retrieval.search.engine import SearchEngine
 from retrieval.search.info import index_info
 from retrieval.store.catalog import Catalog

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from clipsearch.cli import app as cli_app
 from indexer.pipeline import IndexSettings, index_paths
-from retrieval.cli import app as cli_app
 from retrieval.errors import ClipsearchError, UsageError
 from retrieval.search.client import ServerClient
 from retrieval.search.engine import SearchEngine

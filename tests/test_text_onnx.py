@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from clipsearch.cli import app
 from indexer.pipeline import index_paths
 from indexer.text_export import MIN_COSINE, tower_current
-from retrieval.cli import app
 from retrieval.model.clip_tokenizer import ClipTokenizer, save_tokenizer
 from retrieval.model.encoder import Encoder
 from retrieval.model.text_onnx import TOWER_FILE, OnnxTextEncoder, TextTowerRecord
@@ -148,7 +148,7 @@ QUERY_WITHOUT_TORCH = """
 import atexit, os, sys
 atexit.register(lambda: os.write(2, b"TORCH LOADED\\n") if "torch" in sys.modules else None)
 sys.argv = ["clipsearch", *sys.argv[1:]]
-from retrieval.cli import main
+from clipsearch.cli import main
 main()
 """
 
@@ -158,7 +158,7 @@ def test_query_commands_never_import_torch(exported):
     index_dir, photos = exported
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_INDEX": str(index_dir)}
     imported = subprocess.run(
-        [sys.executable, "-c", "import sys, retrieval.cli; assert 'torch' not in sys.modules"], env=env, cwd=ROOT
+        [sys.executable, "-c", "import sys, clipsearch.cli; assert 'torch' not in sys.modules"], env=env, cwd=ROOT
     )
     assert imported.returncode == 0
     outputs = {}

@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from retrieval.cli import app
-from retrieval.errors import UsageError
-from retrieval.lab.datasets import load_captioned_set
-from retrieval.lab.train_data import CaptionPairs, collate_pairs, epoch_pairs
-from retrieval.lab.training import (
+from clipsearch.cli import app
+from clipsearch.lab.datasets import load_captioned_set
+from clipsearch.lab.train_data import CaptionPairs, collate_pairs, epoch_pairs
+from clipsearch.lab.training import (
     REPORT_FILE,
     StepRunner,
     TrainSettings,
@@ -28,6 +27,7 @@ from retrieval.lab.training import (
     save_trained_model,
     train_model,
 )
+from retrieval.errors import UsageError
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import WEIGHTS_FILE, ModelSpec, file_digest
 from retrieval.testing import TINY_MODEL_CFG, make_random_model_dir

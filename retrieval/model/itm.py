@@ -4,7 +4,7 @@ A dual encoder compares one image vector with one text vector, so it cannot chec
 *which* shape. Here text tokens cross-attend to the image tower's grid tokens in a few transformer layers, and
 a two-way head on the first text token says whether the pair matches. It is far too slow to score a whole
 collection, so it re-ranks the dual encoder's top N (``retrieval.search.rerank``). It lives beside the CLIP
-model, not in ``lab``, because search loads it; training and evaluation are in ``retrieval.lab.itm_*``.
+model, not in ``lab``, because search loads it; training and evaluation are in ``clipsearch.lab.itm_*``.
 
 A model folder holds ``itm_config.json`` (sizes, and the identity key of the CLIP model whose tokens it reads)
 and ``itm_model.safetensors``.

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 import retrieval.images  # noqa: F401  (sets Pillow's decompression-bomb limit, which applies here too)
+from clipsearch.lab.datasets import CaptionedSet
 from retrieval.atomic import atomic_write
-from retrieval.lab.datasets import CaptionedSet
 from retrieval.model.spec import ModelSpec, spec_key
 
 CACHE_FORMAT = 1

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import app, quiet_libraries, user_errors
+from clipsearch.cli.app import app, quiet_libraries, user_errors
 
 
 @app.command("train-itm")
@@ -43,8 +43,8 @@ def train_itm(
 ) -> None:
     """Train an ALBEF-style image-text matching re-ranker on frozen CLIP tokens; the best epoch is kept."""
     quiet_libraries()
-    from retrieval.lab.itm_training import REPORT_FILE, ItmTrainSettings
-    from retrieval.lab.itm_training import train_itm as run
+    from clipsearch.lab.itm_training import REPORT_FILE, ItmTrainSettings
+    from clipsearch.lab.itm_training import train_itm as run
     from retrieval.model.spec import ModelSpec
 
     settings = ItmTrainSettings(

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
-from retrieval.cli.options import DeviceOption, IndexOption, MaxMemoryOption, NoWaitOption
+from clipsearch.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
+from clipsearch.cli.options import DeviceOption, IndexOption, MaxMemoryOption, NoWaitOption
 
 
 @app.command()

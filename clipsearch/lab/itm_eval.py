@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrieval.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
-from retrieval.lab.metrics import recall_from_ranks
+from clipsearch.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
+from clipsearch.lab.metrics import recall_from_ranks
 from retrieval.model.itm_tokens import ImageTokens
 
 

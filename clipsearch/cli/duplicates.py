@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import app, resolve_index_dir, user_errors
-from retrieval.cli.options import IndexOption, JsonOption
+from clipsearch.cli.app import app, resolve_index_dir, user_errors
+from clipsearch.cli.options import IndexOption, JsonOption
 
 ThresholdOption = Annotated[
     float,

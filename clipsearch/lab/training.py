@@ -310,8 +310,8 @@ def evaluate_recall(
     """Text→image and image→text recall@k of ``model`` on captioned ``items`` (undecodable images left out)."""
     import torch
 
-    from retrieval.lab.metrics import recall_at_k
-    from retrieval.lab.train_data import image_loader
+    from clipsearch.lab.metrics import recall_at_k
+    from clipsearch.lab.train_data import image_loader
 
     was_training = model.training
     model.eval()
@@ -385,8 +385,8 @@ def train_model(
     import torch
     from tqdm import tqdm
 
-    from retrieval.lab.datasets import load_captioned_set
-    from retrieval.lab.train_data import CaptionPairs, pair_loader, split_train_val
+    from clipsearch.lab.datasets import load_captioned_set
+    from clipsearch.lab.train_data import CaptionPairs, pair_loader, split_train_val
 
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, settings.overwrite)

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import app, quiet_libraries, user_errors
-from retrieval.cli.options import DeviceOption
+from clipsearch.cli.app import app, quiet_libraries, user_errors
+from clipsearch.cli.options import DeviceOption
 from retrieval.model.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
@@ -62,7 +62,7 @@ def train(
 ) -> None:
     """Train CLIP contrastively on your captioned images; the best epoch by validation recall is kept."""
     quiet_libraries()
-    from retrieval.lab.training import REPORT_FILE, TrainSettings, train_model
+    from clipsearch.lab.training import REPORT_FILE, TrainSettings, train_model
     from retrieval.model.spec import ModelSpec
 
     settings = TrainSettings(

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import app, quiet_libraries, user_errors
-from retrieval.cli.options import DeviceOption, ModelOption, PretrainedOption, WorkersOption
+from clipsearch.cli.app import app, quiet_libraries, user_errors
+from clipsearch.cli.options import DeviceOption, ModelOption, PretrainedOption, WorkersOption
 from retrieval.errors import ClipsearchError
 
 eval_app = typer.Typer(
@@ -128,7 +128,7 @@ def captions(
 
 def protocols_from(options: dict) -> tuple[str, ...]:
     """Which protocols the flags ask for, headline first."""
-    from retrieval.lab.evaluate import AS_INDEXED, REFERENCE
+    from clipsearch.lab.evaluate import AS_INDEXED, REFERENCE
 
     if options["both"]:
         return (REFERENCE, AS_INDEXED)
@@ -137,7 +137,7 @@ def protocols_from(options: dict) -> tuple[str, ...]:
 
 def _run(options: dict, benchmark: str | None) -> None:
     quiet_libraries()
-    from retrieval.lab.evaluate import EvalSettings, evaluate_annotations
+    from clipsearch.lab.evaluate import EvalSettings, evaluate_annotations
     from retrieval.store.recorded_model import model_for_index
 
     settings = EvalSettings(

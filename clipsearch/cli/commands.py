@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
-from retrieval.cli.options import (
+from clipsearch.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
+from clipsearch.cli.options import (
     AddOption,
     AfterOption,
     BeforeOption,
@@ -38,7 +38,7 @@ from retrieval.cli.options import (
     UnderOption,
     WorkersOption,
 )
-from retrieval.cli.output import check_output_mode, print_results, printable
+from clipsearch.cli.output import check_output_mode, print_results, printable
 from retrieval.search.arguments import check_query
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.lab.datasets import CaptionedImage, DatasetError
+from clipsearch.lab.datasets import CaptionedImage, DatasetError
 
 
 @dataclass(frozen=True)

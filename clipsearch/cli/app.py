@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import typer
 
-from retrieval.cli.help_format import use_plain_types
+from clipsearch.cli.help_format import use_plain_types
 from retrieval.errors import ClipsearchError, Interrupted
 
 app = typer.Typer(

@@ -1,6 +1,6 @@
 """Run a retrieval eval: the reference protocol (clip_benchmark's), the engine as indexed, or both.
 
-``reference`` (the default) embeds the set as LAION clip_benchmark does (``retrieval.lab.reference``: Pillow at
+``reference`` (the default) embeds the set as LAION clip_benchmark does (``clipsearch.lab.reference``: Pillow at
 full resolution, the model's own transform, float32) and scores it with clip_benchmark's own rule
 (``metrics.reference_recall``): its figures are clip_benchmark's.
 
@@ -26,10 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.atomic import atomic_write
-from retrieval.errors import UsageError
-from retrieval.lab.datasets import CaptionedSet, DatasetError, flickr30k_test_problems, load_captioned_set
-from retrieval.lab.metrics import (
+from clipsearch.lab.datasets import CaptionedSet, DatasetError, flickr30k_test_problems, load_captioned_set
+from clipsearch.lab.metrics import (
     DEFAULT_KS,
     RetrievalMetrics,
     TieReport,
@@ -37,6 +35,8 @@ from retrieval.lab.metrics import (
     reference_recall,
     text_to_image_ranks,
 )
+from retrieval.atomic import atomic_write
+from retrieval.errors import UsageError
 from retrieval.model.spec import ModelSpec
 from retrieval.unit import unit_rows
 
@@ -108,7 +108,7 @@ class ProtocolRun:
     text_seconds: float
     texts_cached: bool
     faiss: FaissCheck | None = None  # as-indexed only
-    itm: Any = None  # retrieval.lab.itm_eval.ItmEvalReport: as-indexed, when re-ranking or hard negatives are asked
+    itm: Any = None  # clipsearch.lab.itm_eval.ItmEvalReport: as-indexed, when re-ranking or hard negatives are asked
 
     def as_dict(self) -> dict:
         out = {
@@ -227,7 +227,7 @@ def evaluate(captioned: CaptionedSet, settings: EvalSettings, progress: bool = T
 
 def _reference_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: Path, progress: bool):
     """clip_benchmark's protocol; undecodable images are an error, or (``allow_missing``) left out of the set."""
-    from retrieval.lab.reference import reference_embeddings
+    from clipsearch.lab.reference import reference_embeddings
 
     def embed(subset: CaptionedSet):
         return reference_embeddings(
@@ -296,7 +296,7 @@ def _as_indexed_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: 
         model = engine.identity.describe() if engine.identity else settings.model.describe()
         itm = None
         if settings.rerank or settings.hard_negatives:
-            from retrieval.lab.itm_eval import evaluate_itm
+            from clipsearch.lab.itm_eval import evaluate_itm
 
             itm = evaluate_itm(
                 engine, captioned, staged, text_emb, image_emb, owners_array, settings.ks, settings.rerank,

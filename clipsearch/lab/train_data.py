@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrieval.lab.datasets import CaptionedImage, CaptionedSet, DatasetError
+from clipsearch.lab.datasets import CaptionedImage, CaptionedSet, DatasetError
 
 TRAIN_SPLITS = ("train", "restval")
 HELD_OUT_FRACTION = 0.05

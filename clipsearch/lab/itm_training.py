@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipsearch.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
 from retrieval.errors import UsageError
-from retrieval.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
 from retrieval.model.itm import ITM_CONFIG_FILE, FusionItm, ItmConfig, load_itm, save_itm
 from retrieval.model.itm_tokens import ImageTokens, image_token_dims, image_tokens, text_tokens
 from retrieval.model.spec import ModelSpec
@@ -87,8 +87,8 @@ def train_itm(
     """Train the fusion model on the train split, validate on ``val_split``, write the best epoch to ``out_dir``."""
     from tqdm import tqdm
 
-    from retrieval.lab.datasets import load_captioned_set
-    from retrieval.lab.train_data import split_train_val
+    from clipsearch.lab.datasets import load_captioned_set
+    from clipsearch.lab.train_data import split_train_val
     from retrieval.model.encoder import Encoder
     from retrieval.model.spec import spec_key
 
@@ -200,7 +200,7 @@ def train_itm(
 
 def _encode_split(encoder: Any, items, settings: ItmTrainSettings) -> _Split:
     """Image tokens of every image and the CLIP vector of every caption, computed once (the towers are frozen)."""
-    from retrieval.lab.train_data import image_loader
+    from clipsearch.lab.train_data import image_loader
 
     grids, pooled, order = [], [], []
     with torch.inference_mode():

@@ -1,0 +1,27 @@
+"""The `clipsearch` command: a thin skin over the library. Each command module registers itself on `app`."""
+
+from clipsearch.cli import check as check_command  # noqa: F401  (registers check)
+from clipsearch.cli import commands  # noqa: F401  (registers index, search, similar, info)
+from clipsearch.cli import duplicates as duplicates_command  # noqa: F401  (registers duplicates)
+from clipsearch.cli import eval as eval_commands  # noqa: F401  (registers eval flickr30k, eval captions)
+from clipsearch.cli import export_text as export_text_command  # noqa: F401  (registers export-text)
+from clipsearch.cli import itm as itm_command  # noqa: F401  (registers train-itm)
+from clipsearch.cli import reindex as reindex_command  # noqa: F401  (registers reindex)
+from clipsearch.cli import serve as serve_command  # noqa: F401  (registers serve)
+from clipsearch.cli import train as train_command  # noqa: F401  (registers train)
+from clipsearch.cli.app import app
+
+
+def main() -> None:
+    import os
+    import sys
+
+    # Idle OpenMP threads sleep instead of spinning: on a busy machine, or beside our own decoding workers, spinning
+    # threads steal the cores the work needs (a one-query search was 5-8x slower with 2 spinning threads under
+    # load; docs/benchmarks.md). Set before torch loads its OpenMP runtime; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as their own bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+    app()
