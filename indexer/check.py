@@ -243,7 +243,7 @@ def _compare_vectors(index: VectorIndex, ok_vectors: dict[int, np.ndarray]) -> s
         faults.append(f"{len(extra)} id(s) not in the catalog")
     if len(missing):
         faults.append(f"{len(missing)} image(s) missing")
-    if not faults and len(ids) and index.index_type in ("flat", "hnsw"):  # the IVF types keep no exact vectors
+    if not faults and len(ids) and index.kind.keeps_vectors:  # the IVF types keep no exact vectors
         ids, stored = index.stored_vectors()
         wanted = unit_rows(np.stack([ok_vectors[int(i)] for i in ids]).astype(np.float32))
         wrong = int((np.abs(stored - wanted).max(axis=1) > VECTOR_TOLERANCE).sum())

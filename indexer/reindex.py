@@ -17,7 +17,7 @@ import numpy as np
 from retrieval.errors import ClipsearchError, EmptyIndexError
 from retrieval.model.spec import ModelIdentity
 from retrieval.store.catalog import STATUS_OK, Catalog
-from retrieval.store.index_types import APPROXIMATE_TYPES, check_index_type, choose_index_type, default_params
+from retrieval.store.index_types import AUTO, check_index_type, choose_index_type, default_params, kind
 from retrieval.store.layout import IndexLayout
 from retrieval.store.sync import (
     built_count,
@@ -57,7 +57,7 @@ class ReindexSummary:
 
 
 def reindex(
-    index_dir: Path, index_type: str = "auto", max_memory: int | None = None, device: str = "auto", wait: bool = True
+    index_dir: Path, index_type: str = AUTO, max_memory: int | None = None, device: str = "auto", wait: bool = True
 ) -> ReindexSummary:
     """Rebuild as ``index_type`` (``auto``: chosen from size and ``max_memory``) and keep that choice in force."""
     layout = IndexLayout(Path(index_dir).expanduser())
@@ -89,7 +89,7 @@ def apply_index_type(
     wanted = planned_type(catalog, identity.embed_dim)
     current = recorded_type(catalog)
     built = built_count(catalog)
-    outgrown = current in ("ivf", "ivfpq") and count > 2 * max(built, 1)
+    outgrown = kind(current).trains and count > 2 * max(built, 1)
     if wanted == current and not outgrown:
         return None
     return rebuild_as(catalog, layout, wanted, device)
@@ -107,14 +107,14 @@ def builds_at_end(catalog: Catalog, incoming: int, index_type: str | None, max_m
     requested = index_type or requested_type(catalog)
     budget = recorded_budget(catalog) if max_memory is None else max_memory
     count = catalog.count(STATUS_OK) + incoming
-    wanted = requested if requested != "auto" else choose_index_type(count, identity.embed_dim, budget)
+    wanted = requested if requested != AUTO else choose_index_type(count, identity.embed_dim, budget)
     return wanted != recorded_type(catalog)
 
 
 def planned_type(catalog: Catalog, dim: int) -> str:
     """The type in force: the one asked for, or auto's pick for today's size and the recorded budget."""
     requested = requested_type(catalog)
-    if requested != "auto":
+    if requested != AUTO:
         return requested
     return choose_index_type(catalog.count(STATUS_OK), dim, recorded_budget(catalog))
 
@@ -127,7 +127,7 @@ def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: s
     count, generation, dim = catalog.count(STATUS_OK), catalog.vectors_generation(), identity.embed_dim
     index = VectorIndex.build(dim, catalog.iter_embeddings(), index_type, default_params(index_type, count, dim))
     report = None
-    if index_type in APPROXIMATE_TYPES:
+    if not index.kind.exact:
         index.rescore_source = lambda ids: fetch_vectors(catalog, ids)
         queries, kind = probe_queries(catalog, identity, device)
         report = tune(index, queries, exact_top_k(catalog.iter_embeddings(), queries), kind)

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from retrieval.store.index_types import choices_help
+
 IndexOption = Annotated[
     Path | None,
     typer.Option(
@@ -51,8 +53,7 @@ IndexTypeOption = Annotated[
     str | None,
     typer.Option(
         "--index-type",
-        help="Vector index: auto (exact flat up to 1M images, then ivf, then ivfpq to fit --max-memory), flat, "
-        "ivf, ivfpq or hnsw. Kept for later runs; default: the index's own (new indexes: auto).",
+        help=f"Vector index: {choices_help()}. Kept for later runs; default: the index's own (new indexes: auto).",
         show_default=False,
     ),
 ]

@@ -8,6 +8,7 @@ import typer
 
 from clipsearch.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
 from clipsearch.cli.options import DeviceOption, IndexOption, MaxMemoryOption, NoWaitOption
+from retrieval.store.index_types import AUTO, choices_help
 
 
 @app.command()
@@ -18,10 +19,9 @@ def reindex(
         str,
         typer.Option(
             "--index-type",
-            help="auto (exact flat up to 1M images, then ivf, then ivfpq to fit --max-memory), flat, ivf, ivfpq "
-            "or hnsw (fast, but any removal rebuilds it).",
+            help=f"{choices_help()}.",
         ),
-    ] = "auto",
+    ] = AUTO,
     max_memory: MaxMemoryOption = None,
     device: DeviceOption = "auto",
     no_wait: NoWaitOption = False,

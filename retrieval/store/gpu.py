@@ -5,6 +5,7 @@ copy these make and decides when to remake it; everything here also runs on CPU 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,11 +40,23 @@ def scan_flat(matrix: Any, ids: np.ndarray, queries: np.ndarray, k: int, margin:
     return np.concatenate(all_scores), np.concatenate(all_ids)
 
 
-def faiss_clone(index: Any, index_type: str, device: str) -> Any:
-    """A faiss-gpu clone of an IVF index, or None when faiss has no GPU support (flat and hnsw stay on the host)."""
+@dataclass(frozen=True)
+class FlatCopy:
+    """The flat type's device copy: its float16 matrix on the device, ids on the host, searched by ``scan_flat``."""
+
+    matrix: Any
+    ids: np.ndarray
+    margin: int
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return scan_flat(self.matrix, self.ids, queries, k, self.margin)
+
+
+def faiss_clone(index: Any, device: str) -> Any:
+    """A faiss-gpu clone of an IVF-type index, or None when faiss has no GPU support."""
     import faiss
 
-    if index_type not in ("ivf", "ivfpq") or not hasattr(faiss, "StandardGpuResources"):
+    if not hasattr(faiss, "StandardGpuResources"):
         return None
     try:
         if faiss.get_num_gpus() < 1:

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from retrieval.errors import IndexCorruptError
 from retrieval.faults import fault_point
 from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, MetaKey, decode_embedding
-from retrieval.store.index_types import IndexParams
+from retrieval.store.index_types import AUTO, DEFAULT_TYPE, IndexParams
 from retrieval.store.layout import IndexLayout
 from retrieval.store.tuning import RecallReport
 from retrieval.store.vectors import VectorIndex
@@ -66,13 +66,13 @@ def build_from_catalog(catalog: Catalog, dim: int) -> VectorIndex:
     params = IndexParams.from_json(catalog.get_meta(MetaKey.PARAMS))
     index = VectorIndex.build(dim, catalog.iter_embeddings(), index_type, params)
     if params.nprobe or params.ef_search:
-        index.set_search_effort(params.nprobe if index_type in ("ivf", "ivfpq") else params.ef_search)
+        index.set_search_effort(index.kind.effort(params))
     return attach_catalog(index, catalog)
 
 
 def attach_catalog(index: VectorIndex, catalog: Catalog) -> VectorIndex:
     """Let the index fetch exact vectors by id (ivfpq rescoring, exact search inside a narrow ``--under``)."""
-    if index.index_type != "flat":
+    if not index.kind.exact:
         recorded = IndexParams.from_json(catalog.get_meta(MetaKey.PARAMS))
         index.params = replace(index.params, rescore=recorded.rescore)
         index.rescore_source = lambda ids: fetch_vectors(catalog, ids)
@@ -104,11 +104,11 @@ def fetch_vectors(catalog: Catalog, ids: np.ndarray) -> np.ndarray:
 
 
 def recorded_type(catalog: Catalog) -> str:
-    return catalog.get_meta(MetaKey.INDEX_TYPE) or "flat"
+    return catalog.get_meta(MetaKey.INDEX_TYPE) or DEFAULT_TYPE
 
 
 def requested_type(catalog: Catalog) -> str:
-    return catalog.get_meta(MetaKey.REQUESTED_TYPE) or "auto"
+    return catalog.get_meta(MetaKey.REQUESTED_TYPE) or AUTO
 
 
 def recorded_recall(catalog: Catalog) -> RecallReport | None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from retrieval.store.index_types import TARGET_RECALL
 from retrieval.store.topk import empty_top_k, merge_top_k, pad_top_k
-from retrieval.store.vectors import VectorIndex, ivf_part
+from retrieval.store.vectors import VectorIndex
 
 K = 10
 SUBJECTS = (
@@ -75,14 +75,8 @@ class RecallReport:
 
 
 def efforts(index: VectorIndex) -> list[int]:
-    if index.index_type in ("ivf", "ivfpq"):
-        ladder, step = [], 1
-        nlist = int(ivf_part(index.index).nlist)
-        while step < nlist:
-            ladder.append(step)
-            step *= 2
-        return [*ladder, nlist]
-    return [16, 32, 64, 128, 256, 512, 1024]
+    """The search efforts tuning tries, cheapest first: the kind's ladder (nprobe or efSearch)."""
+    return index.kind.efforts(index.index)
 
 
 def tune(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, kind: str, target: float = TARGET_RECALL):
@@ -91,7 +85,7 @@ def tune(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, kind: str, 
     aim = target + (1 - target) / 2
     tune_q, tune_exact = queries[0::2], exact[0::2]
     check_q, check_exact = queries[1::2], exact[1::2]
-    rescoring = index.index_type == "ivfpq" and index.rescore_source is not None
+    rescoring = index.kind.rescores and index.rescore_source is not None
     depths = (4, 10, 32, 100) if rescoring else (index.params.rescore,)  # candidates rescored: k times this
     chosen = None
     for depth in depths:

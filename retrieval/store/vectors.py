@@ -1,7 +1,7 @@
-"""The FAISS side: vectors keyed by catalog ids, in one of the types of ``index_types``, saved atomically.
+"""The FAISS side: vectors keyed by catalog ids, in one of the kinds of ``index_types``, saved atomically.
 
-Ids are catalog primary keys: ``IndexIDMap2`` around flat and HNSW storage, the IVF types' own ids otherwise (an
-``IndexIDMap2`` around an IVF index would mis-number its ids after a removal).
+Ids are catalog primary keys. What differs between the types (how each is made, numbers its ids, sets its search
+effort, filters, copies itself to a GPU) is its ``IndexKind``'s: this module asks ``self.kind``, never a name.
 """
 
 from __future__ import annotations
@@ -15,16 +15,20 @@ import numpy as np
 
 from retrieval.atomic import atomic_write
 from retrieval.errors import IndexCorruptError
-from retrieval.store import gpu
-from retrieval.store.index_types import INDEX_TYPES, IndexParams, default_params
+from retrieval.store.index_types import (
+    DEFAULT_TYPE,
+    RESCORE_MARGIN,
+    IndexKind,
+    IndexParams,
+    default_params,
+    detect,
+    kind,
+)
 from retrieval.store.topk import empty_top_k, merge_top_k, pad_top_k, top_k
 
 FAST_SCAN_MAX_QUERIES = 4  # up to this many queries, flat search is FAISS's own scan (no torch)
-RESCORE_MARGIN = 32  # extra candidates ranked exactly: covers float16 rounding (GPU) and ties at the cut
 SCAN_BLOCK = 8192  # rows per float32 block when many queries are searched at once (fits in cache)
 TRAIN_SAMPLE = 200_000  # vectors used to train the IVF types
-OPQ_ITERATIONS = 20  # FAISS's default 50 costs minutes at 512-d for little recall
-OPQ_MIN_TRAIN = 10_000  # OPQ trains a 256-centroid PQ of its own: below this, plain IVF-PQ
 EXACT_FILTER_LIMIT = 20_000  # a narrower --under is searched exactly over the catalog's vectors
 
 RescoreSource = Callable[[np.ndarray], np.ndarray]  # ids -> their exact normalised float32 vectors, same order
@@ -35,8 +39,8 @@ class VectorIndex:
 
     def __init__(self, index, index_type: str | None = None, params: IndexParams | None = None):
         self.index = index
-        self.index_type = index_type or _detect_type(index)
-        self.params = params or _params_of(index, self.index_type)
+        self.kind: IndexKind = kind(index_type) if index_type else detect(index)
+        self.params = params or self.kind.params_of(index)
         self.needs_rebuild = False  # set when a type that cannot remove was asked to (hnsw)
         self.read_only = False  # a mapped view of a file (load(read_only=True)): FAISS aborts on writes to it
         self.rescore_source: RescoreSource | None = None
@@ -44,20 +48,23 @@ class VectorIndex:
         self.version = 0  # bumped by every change: the device copy is refreshed from it
         self._device_copy: tuple[int, Any] | None = None  # (version, copy on self.device) for GPU searches
 
+    @property
+    def index_type(self) -> str:
+        """The kind's name, as the catalog records it."""
+        return self.kind.name
+
     @classmethod
-    def create(cls, dim: int, index_type: str = "flat", params: IndexParams | None = None) -> VectorIndex:
+    def create(cls, dim: int, index_type: str = DEFAULT_TYPE, params: IndexParams | None = None) -> VectorIndex:
         """An empty index; the IVF types train themselves on the first vectors added."""
-        if index_type not in INDEX_TYPES:
-            raise ValueError(f"unknown index type {index_type!r}")
         params = params or IndexParams()  # zeros stay until training sees how many vectors there are
-        return cls(_make_faiss(dim, index_type, default_params(index_type, 0, dim, params)), index_type, params)
+        return cls(kind(index_type).make(dim, default_params(index_type, 0, dim, params)), index_type, params)
 
     @classmethod
     def build(
         cls,
         dim: int,
         batches: Iterable[tuple[np.ndarray, np.ndarray]],
-        index_type: str = "flat",
+        index_type: str = DEFAULT_TYPE,
         params: IndexParams | None = None,
     ) -> VectorIndex:
         """Build from (ids, vectors) batches; the IVF types train on up to ``TRAIN_SAMPLE`` of the first vectors."""
@@ -111,7 +118,7 @@ class VectorIndex:
 
     def replace_with(self, other: VectorIndex) -> None:
         """Take over another index's contents (an in-place rebuild that holders of this object see)."""
-        self.index, self.index_type, self.params = other.index, other.index_type, other.params
+        self.index, self.kind, self.params = other.index, other.kind, other.params
         self.rescore_source, self.needs_rebuild = other.rescore_source, other.needs_rebuild
         self.read_only = other.read_only
         self.version += 1
@@ -124,10 +131,11 @@ class VectorIndex:
         self.device = resolve_device(device)
         return self
 
-    def _on_device(self, make: Callable[[], Any]) -> Any:
-        """The copy of this index on ``self.device``, made again only after a change."""
+    def _device_copy_now(self) -> Any:
+        """The kind's copy of this index on ``self.device`` (None: searched on the host), made again only after a
+        change."""
         if self._device_copy is None or self._device_copy[0] != self.version:
-            self._device_copy = (self.version, make())
+            self._device_copy = (self.version, self.kind.device_copy(self.index, self.device))
         return self._device_copy[1]
 
     @property
@@ -162,7 +170,7 @@ class VectorIndex:
             rescore=wanted.rescore,
         )
         self.params = params
-        self.index = _make_faiss(self.dim, self.index_type, params, rotate=count >= OPQ_MIN_TRAIN)
+        self.index = self.kind.make(self.dim, params, sample=count)
         self.index.train(vectors)
 
     def remove(self, ids: Iterable[int]) -> int:
@@ -173,28 +181,18 @@ class VectorIndex:
         if not len(ids):
             return 0
         self.version += 1
-        if self.index_type == "hnsw":  # FAISS cannot delete graph nodes: rebuilt from the catalog when saved
+        if not self.kind.removes:  # hnsw: FAISS cannot delete graph nodes, rebuilt from the catalog when saved
             self.needs_rebuild = True
             return len(ids)
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
 
     def ids(self) -> np.ndarray:
-        import faiss
-
-        if self.index_type in ("ivf", "ivfpq"):
-            lists = ivf_part(self.index).invlists
-            found = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)) for i in range(lists.nlist)]
-            return np.concatenate([np.array(part, dtype=np.int64) for part in found if part is not None] or [[]])
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return self.kind.ids(self.index)
 
     def stored_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) as stored, in ``ids()`` order: exact for flat and hnsw, None for the IVF types."""
-        import faiss
-
-        if self.index_type not in ("flat", "hnsw"):
-            raise ValueError(f"a {self.index_type} index does not keep its vectors in order")
-        inner = faiss.downcast_index(self.index.index)
-        return self.ids(), inner.reconstruct_n(0, len(self)) if len(self) else np.zeros((0, self.dim), np.float32)
+        """(ids, vectors) as stored, in ``ids()`` order: for the kinds that keep exact vectors (flat, hnsw)."""
+        vectors = self.kind.stored_vectors(self.index)
+        return self.ids(), vectors
 
     def search(
         self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
@@ -206,15 +204,12 @@ class VectorIndex:
         k = max(1, min(k, len(self)))
         if allowed_ids is not None:
             return self._search_allowed(queries, k, np.asarray(allowed_ids, dtype=np.int64))
-        if self.index_type == "flat" and len(self) and len(queries):
+        if self.kind.exact and len(self) and len(queries):
             if self.device != "cpu":
-                matrix, ids = self._on_device(lambda: gpu.flat_to_device(*self.flat_storage(), self.device))
-                return gpu.scan_flat(matrix, ids, queries, k, RESCORE_MARGIN)
+                return self._device_copy_now().search(queries, k)
             return self._scan_flat(queries, k)
-        searcher = self.index
-        if self.device != "cpu":
-            searcher = self._on_device(lambda: gpu.faiss_clone(self.index, self.index_type, self.device)) or searcher
-        if self.index_type == "ivfpq" and self.rescore_source is not None and self.params.rescore > 1:
+        searcher = (self._device_copy_now() if self.device != "cpu" else None) or self.index
+        if self.kind.rescores and self.rescore_source is not None and self.params.rescore > 1:
             scores, ids = searcher.search(queries, k * self.params.rescore)
             return _rescore(queries, ids, k, self.rescore_source)
         return searcher.search(queries, k)
@@ -234,34 +229,17 @@ class VectorIndex:
 
     def flat_storage(self) -> tuple[np.ndarray, np.ndarray]:
         """(n, dim) view of the stored vectors (float16, or float32 in indexes written before float16) and ids."""
-        import faiss
-
-        n, dim = len(self), self.dim
-        inner = faiss.downcast_index(self.index.index)
-        ids = faiss.rev_swig_ptr(self.index.id_map.data(), n)
-        if isinstance(inner, faiss.IndexScalarQuantizer):
-            codes = faiss.rev_swig_ptr(inner.codes.data(), n * inner.code_size)
-            return codes.view(np.float16).reshape(n, dim), ids
-        return faiss.rev_swig_ptr(inner.get_xb(), n * dim).reshape(n, dim), ids
+        return self.kind.storage(self.index)
 
     def _search_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Search within ``allowed`` ids: exactly over their stored vectors when the catalog is at hand (an
         approximate index visits too few allowed vectors under a narrow filter), else with a FAISS selector."""
         import faiss
 
-        if self.index_type != "flat" and self.rescore_source is not None and len(allowed) <= EXACT_FILTER_LIMIT:
+        if not self.kind.exact and self.rescore_source is not None and len(allowed) <= EXACT_FILTER_LIMIT:
             scores = self.rescore_source(allowed) @ queries.T  # NaN rows (removed since) rank last
             return pad_top_k(top_k(scores.T, k, allowed), k)
-        selector = faiss.IDSelectorBatch(allowed)
-        if self.index_type in ("ivf", "ivfpq"):
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf_part(self.index).nprobe)
-            if self.index_type == "ivfpq":  # through the OPQ rotation
-                params = faiss.SearchParametersPreTransform(index_params=params)
-        elif self.index_type == "hnsw":
-            hnsw = faiss.downcast_index(self.index.index).hnsw
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(hnsw.efSearch, k))
-        else:
-            params = faiss.SearchParameters(sel=selector)
+        params = self.kind.filtered_search(self.index, faiss.IDSelectorBatch(allowed), k)
         return self.index.search(queries, k, params=params)
 
     def memory_bytes(self) -> int:
@@ -272,19 +250,10 @@ class VectorIndex:
 
     def set_search_effort(self, effort: int) -> None:
         """nprobe (IVF types) or efSearch (hnsw): how much of the index a query visits."""
-        import faiss
-
-        if self.index_type in ("ivf", "ivfpq"):
-            ivf = ivf_part(self.index)
-            effort = max(1, min(effort, ivf.nlist))
-            ivf.nprobe = effort
-            self.params = replace(self.params, nprobe=effort)
-        elif self.index_type == "hnsw":
-            faiss.downcast_index(self.index.index).hnsw.efSearch = effort
-            self.params = replace(self.params, ef_search=effort)
+        self.params = self.kind.with_effort(self.index, self.params, effort)
 
     def search_effort(self) -> int:
-        return self.params.nprobe if self.index_type in ("ivf", "ivfpq") else self.params.ef_search
+        return self.kind.effort(self.params)
 
 
 def _blocked_top_k(stored: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int):
@@ -311,70 +280,3 @@ def _rescore(queries: np.ndarray, candidates: np.ndarray, k: int, source: Rescor
         out[0][row, : finite.sum()] = scores[0][finite]
         out[1][row, : finite.sum()] = kept[0][finite]
     return out
-
-
-def _make_faiss(dim: int, index_type: str, params: IndexParams, rotate: bool = True):
-    import faiss
-
-    if index_type == "flat":  # float16, as the catalog stores them: half the memory and scan time of float32
-        qtype = faiss.ScalarQuantizer.QT_fp16
-        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dim, qtype, faiss.METRIC_INNER_PRODUCT))
-    if index_type == "hnsw":
-        graph = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        graph.hnsw.efConstruction = params.ef_construction
-        graph.hnsw.efSearch = params.ef_search
-        return faiss.IndexIDMap2(graph)
-    if index_type == "ivf":
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
-    else:  # OPQ rotates the vectors so that PQ's sub-vectors carry even shares of the variance: on text queries
-        # it lifted recall@10 from 0.79 to 0.96 at 100 rescored candidates (100k CLIP-like vectors, 64 bytes each)
-        factory = f"{f'OPQ{params.pq_m},' if rotate else ''}IVF{params.nlist},PQ{params.pq_m}x{params.pq_bits}"
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        if rotate:
-            faiss.downcast_VectorTransform(index.chain.at(0)).niter = OPQ_ITERATIONS
-    ivf = ivf_part(index)
-    ivf.nprobe = params.nprobe
-    ivf.cp.spherical = True  # unit vectors: centroids on the sphere suit inner product
-    ivf.cp.min_points_per_centroid = 1  # small collections get fewer lists, not a warning per training run
-    if index_type == "ivfpq":
-        ivf.pq.cp.min_points_per_centroid = 1
-    return index
-
-
-def ivf_part(index):
-    """The IndexIVF inside an IVF-type index (ivfpq sits behind its OPQ rotation)."""
-    import faiss
-
-    return faiss.downcast_index(faiss.extract_index_ivf(index))
-
-
-def _detect_type(index) -> str:
-    import faiss
-
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    for name, kind in (
-        ("flat", faiss.IndexFlat),
-        ("flat", faiss.IndexScalarQuantizer),
-        ("hnsw", faiss.IndexHNSW),
-        ("ivfpq", faiss.IndexIVFPQ),
-        ("ivfpq", faiss.IndexPreTransform),
-        ("ivf", faiss.IndexIVFFlat),
-    ):
-        if isinstance(inner, kind):
-            return name
-    raise IndexCorruptError(f"unsupported vector index type {type(inner).__name__}: run `clipsearch reindex`")
-
-
-def _params_of(index, index_type: str) -> IndexParams:
-    """The knobs a loaded FAISS file carries (nprobe and efSearch are saved with it)."""
-    import faiss
-
-    if index_type in ("ivf", "ivfpq"):
-        ivf = ivf_part(index)
-        pq_m = int(ivf.pq.M) if index_type == "ivfpq" else 0
-        pq_bits = int(ivf.pq.nbits) if index_type == "ivfpq" else 8
-        return IndexParams(nlist=int(ivf.nlist), nprobe=int(ivf.nprobe), pq_m=pq_m, pq_bits=pq_bits)
-    if index_type == "hnsw":
-        hnsw = faiss.downcast_index(index.index).hnsw
-        return IndexParams(ef_search=int(hnsw.efSearch), ef_construction=int(hnsw.efConstruction))
-    return IndexParams()
