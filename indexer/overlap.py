@@ -7,6 +7,7 @@
     main thread                     encodes batches, gathers them into commit-sized chunks in file order
     writer thread                   commits each chunk (catalog rows, then FAISS adds) while the next encodes
 
+This is the local ``EncodedChunkSource`` (``indexer.encoding``): the writer thread calls the sink's ``write``.
 Bounded queues (``stages.Channel``) between them keep memory flat. Crash safety is the writer's: one chunk is one
 SQLite transaction, committed in file order, so an interrupted run resumes exactly as a sequential one would.
 Any stage's failure stops the others and is raised here; a Ctrl-C waits for the chunk being committed, not more.
@@ -17,23 +18,21 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
+from indexer.encoding import Chunk, ChunkSink, Encoded
 from indexer.gpu_decode import JpegBytesDataset, decode_batch, gpu_decode_available
 from indexer.plan import WorkItem
 from indexer.stages import DONE, Channel, Stage, Stopped, first_error
-from retrieval.images import DecodedItem, ImageFileDataset, collate_decoded
+from retrieval.images import ImageFileDataset, collate_decoded
 from retrieval.model.build import build_image_transform
 from retrieval.model.device import is_cuda
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
 
-Encoded = tuple[WorkItem, DecodedItem, np.ndarray | None]
 QUEUED_BATCHES = 2  # decoded batches waiting for the encoder (each is batch_size images on the device)
 QUEUED_CHUNKS = 2  # encoded chunks waiting for the writer
 
@@ -47,18 +46,21 @@ class EncodeOptions:
     chunk_size: int
 
 
-def encode_and_commit(
-    work: list[WorkItem],
-    options: EncodeOptions,
-    load_encoder: Callable[[], Encoder],
-    on_encoder: Callable[[Encoder], None],
-    commit: Callable[[list[Encoded]], None],
-    progress: bool,
-) -> float:
+@dataclass(frozen=True)
+class OverlappedSource:
+    """Encoding on this machine, as overlapped stages: an ``EncodedChunkSource``."""
+
+    options: EncodeOptions
+
+    def run(self, work: Sequence[WorkItem], sink: ChunkSink, progress: bool) -> float:
+        return encode_and_commit(work, self.options, sink, progress)
+
+
+def encode_and_commit(work: Sequence[WorkItem], options: EncodeOptions, sink: ChunkSink, progress: bool) -> float:
     """Decode, encode and commit ``work``; returns the seconds from a loaded model to the last commit.
 
-    ``on_encoder`` runs in this thread once the model is loaded, before the first commit; ``commit`` runs in the
-    writer thread, one chunk at a time, in file order.
+    ``sink.ready`` runs in this thread once the model is loaded, before the first commit; ``sink.write`` runs in
+    the writer thread, one chunk at a time, in file order.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -66,7 +68,7 @@ def encode_and_commit(
     encoder: Encoder | None = None
     transform = build_image_transform(options.model)  # weightless: the workers need only the transform
     if transform is None:
-        encoder = load_encoder()
+        encoder = sink.load()
         preprocess, cfg, size = encoder.preprocess, encoder.identity.preprocess, encoder.identity.image_size
     else:
         preprocess, cfg = transform
@@ -85,15 +87,15 @@ def encode_and_commit(
     stop = threading.Event()
     fed, encoded = Channel(QUEUED_BATCHES, stop), Channel(QUEUED_CHUNKS, stop)
     feeder = Stage("feed", lambda: _feed(batches, fed, on_gpu, size, cfg, preprocess, options.device), stop)
-    writer = Stage("writer", lambda: _write(encoded, commit), stop)
-    loading = Stage("model-load", load_encoder, stop) if encoder is None else None
+    writer = Stage("writer", lambda: _write(encoded, sink.write), stop)
+    loading = Stage("model-load", sink.load, stop) if encoder is None else None
     stages = [stage for stage in (loading, feeder, writer) if stage is not None]
     for stage in stages:
         stage.start()
     try:
         try:
             encoder = loading.wait() if loading is not None else encoder
-            on_encoder(encoder)
+            sink.ready(encoder)
             started = time.perf_counter()
             _encode(work, encoder, fed, encoded, options, progress, torch)
             writer.wait()
@@ -171,6 +173,6 @@ def _encode(work, encoder: Encoder, fed: Channel, out: Channel, options: EncodeO
     out.put(DONE)
 
 
-def _write(inbox: Channel, commit: Callable[[list[Encoded]], None]) -> None:
+def _write(inbox: Channel, commit: Callable[[Chunk], None]) -> None:
     while (chunk := inbox.get()) is not DONE:
         commit(chunk)

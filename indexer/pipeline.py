@@ -16,16 +16,17 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
+from indexer.encoding import Chunk, ChunkSink, EncodedChunkSource
 from indexer.ingest import insert_new_rows
-from indexer.overlap import EncodeOptions, encode_and_commit
-from indexer.plan import Plan, WorkItem, plan_changes
-from indexer.ray_runner import RaySettings, encode_on_ray
+from indexer.overlap import EncodeOptions, OverlappedSource
+from indexer.plan import Plan, plan_changes
+from indexer.ray_runner import RaySettings, RaySource
 from indexer.reindex import apply_index_type, builds_at_end, rebuild_as
 from indexer.scan import resolve_folder, scan_folder
 from retrieval.errors import DiskFullError, Interrupted, ModelLoadError, UsageError
 from retrieval.faults import fault_point
 from retrieval.image_meta import read_image_meta
-from retrieval.images import DecodedItem, hash_file
+from retrieval.images import hash_file
 from retrieval.model.device import is_cuda, resolve_device
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec, check_spec, spec_key
@@ -225,7 +226,7 @@ class _Writer:
 def ingest_encoded(
     catalog: Catalog,
     layout: IndexLayout,
-    chunks: Iterable[list[tuple[WorkItem, DecodedItem, np.ndarray | None]]],
+    chunks: Iterable[Chunk],
     vectors: VectorIndex | None,
     save_every_s: float = 120.0,
 ) -> IndexSummary:
@@ -275,21 +276,14 @@ def _run_plan(
                 if writer.vectors is None and not at_end():
                     writer.vectors = open_vectors(catalog, layout, encoder.dim, persist=False)
 
-            def commit(chunk: list[tuple[WorkItem, DecodedItem, np.ndarray | None]]) -> None:
+            def commit(chunk: Chunk) -> None:
                 writer.commit(lambda session: _apply_chunk(session, chunk, summary))
 
             def load() -> Encoder:
                 return Encoder.load(settings.model, device, int8=settings.int8)
 
-            batch_size = settings.batch_size or default_batch_size(device)
-            if settings.ray is not None:
-                summary.encode_seconds = _encode_on_ray(
-                    plan.work, settings, batch_size, load, on_encoder, commit, progress
-                )
-            else:
-                workers = default_workers(device) if settings.workers is None else settings.workers
-                options = EncodeOptions(settings.model, device, batch_size, workers, settings.chunk_size)
-                summary.encode_seconds = encode_and_commit(plan.work, options, load, on_encoder, commit, progress)
+            sink = ChunkSink(load=load, ready=on_encoder, write=commit)
+            summary.encode_seconds = encoding_source(settings, device).run(plan.work, sink, progress)
     finally:
         writer.save()
 
@@ -320,7 +314,17 @@ def _apply_moves_and_removals(session: Session, plan: Plan, summary: IndexSummar
     return removed, np.zeros(0, dtype=np.int64), None
 
 
-def _apply_chunk(session: Session, chunk: list[tuple[WorkItem, DecodedItem, np.ndarray | None]], summary):
+def encoding_source(settings: IndexSettings, device: str) -> EncodedChunkSource:
+    """Who decodes and encodes: a Ray cluster (``--ray``) or this machine's overlapped stages. The one place a
+    run's shape depends on it (``indexer.encoding``)."""
+    batch_size = settings.batch_size or default_batch_size(device)
+    if settings.ray is not None:
+        return RaySource(settings.ray, settings.model, batch_size, settings.chunk_size, settings.int8)
+    workers = default_workers(device) if settings.workers is None else settings.workers
+    return OverlappedSource(EncodeOptions(settings.model, device, batch_size, workers, settings.chunk_size))
+
+
+def _apply_chunk(session: Session, chunk: Chunk, summary):
     """Returns removed ids, then the ids and vectors (as stored, so a rebuilt FAISS index answers identically)
     to add. New files take the executemany path (``indexer.ingest``); changed files are updated row by row."""
     new_ids, new_vectors, new_failed = insert_new_rows(session, [entry for entry in chunk if entry[0].row_id is None])
@@ -367,14 +371,3 @@ def default_workers(device: str = "cpu") -> int:
     so every core, up to 16."""
     cap = 16 if is_cuda(device) else 4
     return max(1, min(cap, os.cpu_count() or 1))
-
-
-def _encode_on_ray(work, settings: IndexSettings, batch_size: int, load, on_encoder, commit, progress: bool) -> float:
-    """Encoding on a Ray cluster (indexer.ray_runner): chunks come back in work order and commit here."""
-    encoder = load()
-    on_encoder(encoder)
-    started = time.perf_counter()
-    s = settings
-    for chunk in encode_on_ray(work, encoder, s.model, s.ray, batch_size, s.chunk_size, s.int8, progress):
-        commit(chunk)
-    return time.perf_counter() - started

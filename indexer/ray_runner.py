@@ -1,4 +1,4 @@
-"""Encode on a Ray cluster: a second source of encoded rows for the same writer.
+"""Encode on a Ray cluster: the second ``EncodedChunkSource`` (``indexer.encoding``), for the same writer.
 
 The driver (``indexer.pipeline``) scans, plans, diffs and commits exactly as a local run does; only the expensive
 middle moves to the cluster, as one streaming Ray Data job:
@@ -18,12 +18,14 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from indexer.encoding import Chunk, ChunkSink
 from retrieval.errors import ClipsearchError, UsageError
 from retrieval.faults import FAULT_ENV, fault_point
 from retrieval.image_meta import ImageMeta, read_image_meta
@@ -54,6 +56,29 @@ class RaySettings:
     block_rows: int = BLOCK_ROWS
 
 
+@dataclass(frozen=True)
+class RaySource:
+    """Encoding on a Ray cluster: chunks come back in work order and the sink writes them on this (the driver's)
+    thread while Ray Data keeps decoding and encoding the next rows."""
+
+    ray: RaySettings
+    spec: ModelSpec
+    batch_size: int
+    chunk_size: int
+    int8: bool = False
+
+    def run(self, work: Sequence[WorkItem], sink: ChunkSink, progress: bool) -> float:
+        encoder = sink.load()  # the driver's own load: its preprocessing travels to the decode tasks
+        sink.ready(encoder)
+        started = time.perf_counter()
+        chunks = encode_on_ray(
+            work, encoder, self.spec, self.ray, self.batch_size, self.chunk_size, self.int8, progress
+        )
+        for chunk in chunks:
+            sink.write(chunk)
+        return time.perf_counter() - started
+
+
 def encode_on_ray(
     work: Sequence[WorkItem],
     encoder: Encoder,
@@ -63,7 +88,7 @@ def encode_on_ray(
     chunk_size: int,
     int8: bool = False,
     progress: bool = True,
-) -> Iterator[list[tuple[WorkItem, DecodedItem, np.ndarray | None]]]:
+) -> Iterator[Chunk]:
     """Yield commit-sized chunks of (work item, outcome, vector or None), in work order, like the local encoder.
 
     ``encoder`` is the driver's own load of the model: its preprocessing travels to the decode tasks, so pixels
@@ -74,7 +99,7 @@ def encode_on_ray(
     ray = connect(ray_settings.address)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     dataset = _dataset(ray, work, encoder, spec, ray_settings, batch_size, int8)
-    pending: list[tuple[WorkItem, DecodedItem, np.ndarray | None]] = []
+    pending: Chunk = []
     with tqdm(total=len(work), unit="img", disable=not progress, dynamic_ncols=True, desc="indexing (ray)") as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for row in _rows(batch):

@@ -17,7 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.pipeline import index_paths
+from indexer.encoding import ChunkSink
+from indexer.overlap import OverlappedSource
+from indexer.pipeline import encoding_source, index_paths
+from indexer.plan import WorkItem
+from indexer.ray_runner import RaySettings, RaySource
+from indexer.scan import FileFacts
 from retrieval.errors import DiskFullError, ModelLoadError
 from retrieval.faults import FAULT_ENV, reset_faults
 from retrieval.model.build import build_image_transform
@@ -46,6 +51,30 @@ def test_the_workers_transform_is_the_models(tiny_spec, tmp_path):
     encoder = Encoder.load(tiny_spec, "cpu")
     assert cfg == encoder.identity.preprocess
     assert torch.equal(weightless(image), encoder.preprocess(image))
+
+
+def test_a_source_feeds_the_sink_every_item_once_in_work_order_after_the_model(settings, tmp_path):
+    """The seam (indexer.encoding): the sink hears the encoder once, before any chunk; chunks come one at a time,
+    no bigger than a commit, each work item once, in work order, an unreadable file as a failure, not a gap."""
+    paths = [str(path) for path in make_images(tmp_path / "photos", 11, seed=8)]
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a jpeg")
+    paths.insert(4, str(tmp_path / "photos" / "broken.jpg"))
+    work = [WorkItem(FileFacts(path, os.path.getsize(path), 0), None) for path in paths]
+    events: list = []
+    sink = ChunkSink(
+        load=lambda: Encoder.load(settings.model, "cpu"),
+        ready=lambda encoder: events.append(("ready", encoder.dim)),
+        write=lambda chunk: events.append(("chunk", [(item.facts.path, vector is None) for item, _, vector in chunk])),
+    )
+    source = encoding_source(settings, "cpu")
+    assert isinstance(source, OverlappedSource)
+    assert source.run(work, sink, progress=False) > 0
+    assert events[0] == ("ready", 32) and all(kind == "chunk" for kind, _ in events[1:])
+    chunks = [chunk for _, chunk in events[1:]]
+    assert all(len(chunk) <= settings.chunk_size for chunk in chunks)
+    assert [path for chunk in chunks for path, _ in chunk] == paths
+    assert [path for chunk in chunks for path, failed in chunk if failed] == [paths[4]]
+    assert isinstance(encoding_source(replace(settings, ray=RaySettings()), "cpu"), RaySource)
 
 
 def test_a_failing_writer_stops_the_run_with_its_error(settings, tmp_path, monkeypatch):
