@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipsearch.lab.epochs import EpochLoop, EpochStats, FitResult, Step, Verdict, fit
 from clipsearch.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
 from retrieval.errors import UsageError
 from retrieval.model.itm import ITM_CONFIG_FILE, FusionItm, ItmConfig, load_itm, save_itm
@@ -85,8 +87,6 @@ def train_itm(
     images_dir: Path, annotations: Path, out_dir: Path, settings: ItmTrainSettings, progress: bool = True
 ) -> ItmTrainReport:
     """Train the fusion model on the train split, validate on ``val_split``, write the best epoch to ``out_dir``."""
-    from tqdm import tqdm
-
     from clipsearch.lab.datasets import load_captioned_set
     from clipsearch.lab.train_data import split_train_val
     from retrieval.model.encoder import Encoder
@@ -162,39 +162,43 @@ def train_itm(
         },
     )
     report.prepare_seconds = time.perf_counter() - began
-    best_score = float("-inf")
-    for epoch in range(1, settings.epochs + 1):
+
+    def batches(epoch: int) -> Iterable[list[int]]:
         model.train()
         order = list(range(len(train.texts)))
         rng.shuffle(order)
-        losses, epoch_began = [], time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{settings.epochs}", unit="step", disable=not progress)
-        for step in range(steps_per_epoch):
-            batch = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            loss = _step_loss(model, train, bank, batch, neg_images, neg_texts, binding, rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            bar.update()
-        bar.close()
+        return (order[step * settings.batch_size : (step + 1) * settings.batch_size] for step in range(steps_per_epoch))
+
+    def step(batch: list[int]) -> Step:
+        loss = _step_loss(model, train, bank, batch, neg_images, neg_texts, binding, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        return Step(float(loss.detach()), len(batch))
+
+    def judge(stats: EpochStats) -> Verdict:
         model.eval()
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - epoch_began}
+        record = {"epoch": stats.epoch, "loss": stats.mean_loss, "seconds": stats.seconds}
         if data.val:
             record["val"] = _validate(model, clip, tokenizer, val, val_trials, settings.rerank_depth)
         report.epochs.append(record)
-        if progress:
-            print(_epoch_line(record), flush=True)
-        score = record.get("val", {}).get("rerank_r1", 0.0) + record.get("val", {}).get("hard_negatives", 0.0)
+        scores = record.get("val", {})
+        return Verdict(scores.get("rerank_r1", 0.0) + scores.get("hard_negatives", 0.0), _epoch_line(record))
+
+    def keep(epoch: int) -> None:
+        report.best_epoch = epoch
+        save_itm(model, out_dir, half=settings.save_fp16)  # written at once: an interrupted run keeps it
+
+    def write_report(_result: FitResult) -> None:
         report.seconds = time.perf_counter() - began
         report.cpu_seconds = time.process_time() - cpu_began
-        if report.best_epoch is None or score > best_score:
-            best_score, report.best_epoch = score, epoch
-            save_itm(model, out_dir, half=settings.save_fp16)  # written at once: an interrupted run keeps it
         report.write(out_dir / REPORT_FILE)
+
+    loop = EpochLoop(settings.epochs, batches, step, judge, keep, lambda _: steps_per_epoch, write_report)
+    if fit(loop, progress).interrupted:
+        raise KeyboardInterrupt  # the best epoch so far and its report are already written
     return report
 
 

@@ -18,13 +18,14 @@ import math
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clipsearch.lab.epochs import EpochLoop, EpochStats, Step, Verdict, fit
 from retrieval.errors import ModelLoadError, UsageError
 from retrieval.model.build import build_model, save_model_dir
 from retrieval.model.device import is_cuda, resolve_device
@@ -383,10 +384,9 @@ def train_model(
 ) -> TrainReport:
     """Train contrastively on the captioned images and write the best epoch's model to ``out_dir``."""
     import torch
-    from tqdm import tqdm
 
     from clipsearch.lab.datasets import load_captioned_set
-    from clipsearch.lab.train_data import CaptionPairs, pair_loader, split_train_val
+    from clipsearch.lab.train_data import CaptionPairs, split_train_val
 
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, settings.overwrite)
@@ -449,60 +449,33 @@ def train_model(
             runner=runner,
         )
 
+    state = _ClipLoop(settings, runner, optimizer, pairs, steps_per_epoch, total_steps, warmup, base_lr)
+
+    def judge(stats: EpochStats) -> Verdict:
+        record = EpochRecord(
+            epoch=stats.epoch,
+            train_loss=stats.mean_loss,
+            learning_rate=optimizer.param_groups[0]["lr"],
+            logit_scale=float(model.logit_scale.detach().exp()),
+            images_per_second=stats.samples_per_second,
+            seconds=stats.seconds,
+            val=validate(),
+        )
+        report.epochs.append(record)
+        return Verdict(_score(record.val), _epoch_line(record))
+
+    def keep(epoch: int) -> None:
+        report.best_epoch = epoch
+        state.best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
     began = time.perf_counter()
     report.initial_val = validate()
-    best_state, best_score, step = None, float("-inf"), 0
     model.train()
-    try:
-        for epoch in range(1, settings.epochs + 1):
-            if step >= total_steps:
-                break
-            epoch_began, losses, seen = time.perf_counter(), [], 0
-            batches = pair_loader(pairs, settings.batch_size, settings.seed, epoch, settings.workers)
-            bar = tqdm(
-                total=min(steps_per_epoch, total_steps - step),
-                desc=f"epoch {epoch}/{settings.epochs}",
-                unit="step",
-                disable=not progress,
-                leave=True,
-            )
-            for batch in batches:
-                if step >= total_steps:
-                    break
-                if batch is None:
-                    continue
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, warmup, base_lr)
-                losses.append(runner.backward(*batch))
-                runner.optimizer_step(optimizer, settings.grad_clip_norm)
-                step += 1
-                seen += len(batch[0])
-                rate = seen / max(1e-9, time.perf_counter() - epoch_began)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{rate:.0f}", refresh=False)
-                bar.update()
-            bar.close()
-            seconds = time.perf_counter() - epoch_began
-            record = EpochRecord(
-                epoch=epoch,
-                train_loss=float(np.mean(losses)) if losses else float("nan"),
-                learning_rate=optimizer.param_groups[0]["lr"],
-                logit_scale=float(model.logit_scale.detach().exp()),
-                images_per_second=seen / max(1e-9, seconds),
-                seconds=seconds,
-                val=validate(),
-            )
-            report.epochs.append(record)
-            if progress:
-                print(_epoch_line(record), flush=True)
-            if best_state is None or _score(record.val) > best_score:
-                best_score, report.best_epoch = _score(record.val), epoch
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    except KeyboardInterrupt:
-        report.interrupted = True
-        if best_state is None:
-            raise
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    loop = EpochLoop(settings.epochs, state.batches, state.step, judge, keep, state.steps_in, rate_label="img_s")
+    result = fit(loop, progress, baseline=_score(report.initial_val) if report.initial_val else None)
+    report.interrupted = result.interrupted
+    if state.best is not None:
+        model.load_state_dict(state.best)
     model.eval()
     report.seconds = time.perf_counter() - began
     save_trained_model(model, start.model_cfg, out_dir, fp16=settings.save_fp16)
@@ -510,6 +483,45 @@ def train_model(
     if report.interrupted:
         raise KeyboardInterrupt
     return report
+
+
+@dataclass
+class _ClipLoop:
+    """CLIP training's part of the epoch skeleton (``clipsearch.lab.epochs``): batches within the step budget, one
+    optimiser step each on the learning-rate schedule."""
+
+    settings: TrainSettings
+    runner: StepRunner
+    optimizer: Any
+    pairs: Any
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    base_lr: float
+    step_count: int = 0
+    best: dict[str, Any] | None = None  # the kept epoch's weights, on the CPU
+
+    def steps_in(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total_steps - self.step_count)
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        from clipsearch.lab.train_data import pair_loader
+
+        s = self.settings
+        for batch in pair_loader(self.pairs, s.batch_size, s.seed, epoch, s.workers):
+            if self.step_count >= self.total_steps:
+                return
+            yield batch
+
+    def step(self, batch: Any) -> Step | None:
+        if batch is None:  # nothing in it could be decoded
+            return None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step_count, self.total_steps, self.warmup, self.base_lr)
+        loss = self.runner.backward(*batch)
+        self.runner.optimizer_step(self.optimizer, self.settings.grad_clip_norm)
+        self.step_count += 1
+        return Step(loss, len(batch[0]))
 
 
 def _epoch_line(record: EpochRecord) -> str:
