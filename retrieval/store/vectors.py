@@ -199,7 +199,7 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query; ids are -1 where fewer than k vectors qualify."""
         if self.needs_rebuild:
-            raise RuntimeError("this hnsw index had removals; rebuild it from the catalog before searching")
+            raise RuntimeError(f"this {self.index_type} index had removals; rebuild it from the catalog first")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(k, len(self)))
         if allowed_ids is not None:
