@@ -28,6 +28,12 @@ class UploadBusy(Exception):
     """Every decode slot is taken (503 with Retry-After)."""
 
 
+def too_large(max_bytes: int) -> str:
+    """Why an upload (or a request body) over ``max_bytes`` is refused (413)."""
+    limit = f"{max_bytes / 2**20:.1f} MiB" if max_bytes >= 2**20 else f"{max_bytes / 1024:.0f} KiB"
+    return f"the upload is larger than the limit of {limit}"
+
+
 def header_size(data: bytes) -> tuple[int, int]:
     """Width and height from the image header alone (nothing is decoded)."""
     try:
