@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -326,6 +327,41 @@ def test_the_http_api_answers_a_query_object_like_the_engine(api, engine, librar
         {"query": {"positive": [{"text": "x"}]}, "sort": "size"},
     ]:
         assert api.post("/api/query", json=bad).status_code in (400, 422), bad
+
+
+def test_an_unknown_key_in_a_query_body_is_refused_with_400_naming_it(api):
+    """A typo in a filter must not widen a search: pydantic would drop the key, the server names it instead."""
+    body = {"query": {"positive": [{"text": "x"}]}, "filters": {"camera": "canon", "has_gps": True}, "colour": 1}
+    refused = api.post("/api/query", json=body)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["detail"] == "unknown field(s) in the request: filters.has_gps, colour"
+    wrong_value = api.post("/api/query", json={"query": {"positive": [{"text": "x"}]}, "filters": {"min_width": 0}})
+    assert wrong_value.status_code == 422  # a known key with a bad value keeps FastAPI's detailed answer
+
+
+def test_the_page_filter_table_agrees_with_the_filters_dataclass():
+    """Filters (retrieval/store/filters.py) is the one declaration: the API and the CLI are built from it; the page's
+    FILTERS table in query.js and the controls in index.html must name the same fields, or this test fails."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    static = REPO / "retrieval" / "search" / "static"
+    script, page = (static / "query.js").read_text(), (static / "index.html").read_text()
+    table_text = re.search(r"const FILTERS = \{(.*?)\n  \};", script, re.S).group(1)
+    entry = r'(\w+): \{ param: "([\w-]+)", id: "([\w-]+)", kind: "(\w+)" \}'
+    table = {name: (param, id_, kind) for name, param, id_, kind in re.findall(entry, table_text)}
+    assert len(table) == table_text.count("param:"), "every FILTERS entry reads as name: { param, id, kind }"
+    hints = get_type_hints(Filters)
+    kinds = {str | None: "text", int | None: "number", tuple[str, ...]: "list"}
+    assert {name: kinds[hints[name]] for name in (f.name for f in fields(Filters))} == {
+        name: kind for name, (_, _, kind) in table.items()
+    }
+    controls = dict(re.findall(r'(\w+): "(f-[\w-]+)"', re.search(r"const CONTROLS = \{(.*?)\};", script).group(1)))
+    form = re.search(r'<form id="filters".*?</form>', page, re.S).group(0)
+    on_page = set(re.findall(r'id="(f-[\w-]+)"', form)) - set(controls.values()) - {"f-rerank"}
+    assert on_page == {id_ for _, id_, _ in table.values()}, "a filter control on the page is missing from FILTERS"
+    params = [param for param, _, _ in table.values()] + list(controls)
+    assert len(set(params)) == len(params)
 
 
 def test_the_client_sends_the_same_query_through_a_server(library, engine):

@@ -11,10 +11,7 @@ import typer
 from clipsearch.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
 from clipsearch.cli.options import (
     AddOption,
-    AfterOption,
-    BeforeOption,
     BF16TextOption,
-    CameraOption,
     DeviceOption,
     IndexBatchOption,
     IndexOption,
@@ -23,9 +20,7 @@ from clipsearch.cli.options import (
     KeywordsOption,
     KOption,
     MaxMemoryOption,
-    MinHeightOption,
     MinScoreOption,
-    MinWidthOption,
     ModelOption,
     NoWaitOption,
     NullOption,
@@ -34,12 +29,12 @@ from clipsearch.cli.options import (
     ServerOption,
     SortOption,
     SubOption,
-    TypeOption,
-    UnderOption,
     WorkersOption,
+    filter_options,
 )
 from clipsearch.cli.output import check_output_mode, print_results, printable
 from retrieval.search.arguments import check_query
+from retrieval.store.filters import Filters
 
 
 @app.command()
@@ -161,11 +156,11 @@ def _watch(index_dir: Path, paths: list[Path], settings, progress: bool) -> None
         typer.echo("clipsearch: stopped watching; work committed so far is kept", err=True)
 
 
-def _query(main, add, sub, sort, keywords, **filters):
+def _query(main, add, sub, sort, keywords, filters: Filters):
     """The CLI's arguments as the one query model (retrieval.search.query)."""
-    from retrieval.search.query import Filters, Query
+    from retrieval.search.query import Query
 
-    return Query.of(main, add or (), sub or (), Filters(**filters), sort, keywords)
+    return Query.of(main, add or (), sub or (), filters, sort, keywords)
 
 
 def _echo(base: dict, query) -> dict:
@@ -179,20 +174,15 @@ def _echo(base: dict, query) -> dict:
 
 @app.command()
 @user_errors
+@filter_options
 def search(
     text: Annotated[str, typer.Argument(help="What to look for, in words.")],
     index_dir: IndexOption = None,
     k: KOption = 10,
     min_score: MinScoreOption = None,
-    under: UnderOption = None,
     add: AddOption = None,
     sub: SubOption = None,
-    after: AfterOption = None,
-    before: BeforeOption = None,
-    camera: CameraOption = None,
-    min_width: MinWidthOption = None,
-    min_height: MinHeightOption = None,
-    types: TypeOption = None,
+    filters: Filters = Filters(),  # noqa: B008  (filter_options makes it one option per field)
     sort: SortOption = "relevance",
     keywords: KeywordsOption = None,
     as_json: JsonOption = False,
@@ -215,12 +205,11 @@ def search(
 ) -> None:
     """Find images matching a text description (plus --add, minus --sub), within the filters."""
     check_output_mode(as_json, as_paths, null)
-    check_query(min_score, under)  # before anything slow: the model, the index
+    check_query(min_score, filters.under)  # before anything slow: the model, the index
     quiet_libraries()
     from retrieval.search.client import open_searcher
 
-    filters = dict(under=under, after=after, before=before, camera=camera, types=types or ())
-    query = _query(text, add, sub, sort, keywords, min_width=min_width, min_height=min_height, **filters)
+    query = _query(text, add, sub, sort, keywords, filters)
     with open_searcher(
         resolve_index_dir(index_dir), device, server, text_bf16=bf16_text, rerank_model=rerank_model
     ) as searcher:
@@ -231,20 +220,15 @@ def search(
 
 @app.command()
 @user_errors
+@filter_options
 def similar(
     image: Annotated[Path, typer.Argument(help="An image file (indexed or not).")],
     index_dir: IndexOption = None,
     k: KOption = 10,
     min_score: MinScoreOption = None,
-    under: UnderOption = None,
     add: AddOption = None,
     sub: SubOption = None,
-    after: AfterOption = None,
-    before: BeforeOption = None,
-    camera: CameraOption = None,
-    min_width: MinWidthOption = None,
-    min_height: MinHeightOption = None,
-    types: TypeOption = None,
+    filters: Filters = Filters(),  # noqa: B008  (filter_options makes it one option per field)
     sort: SortOption = "relevance",
     as_json: JsonOption = False,
     as_paths: PathsOption = False,
@@ -254,14 +238,12 @@ def similar(
 ) -> None:
     """Find images that look like IMAGE (plus --add, minus --sub); IMAGE itself is left out."""
     check_output_mode(as_json, as_paths, null)
-    check_query(min_score, under, image)  # before anything slow: the model, the index
+    check_query(min_score, filters.under, image)  # before anything slow: the model, the index
     quiet_libraries()
     from retrieval.search.client import open_searcher
     from retrieval.search.query import Term
 
-    filters = dict(under=under, after=after, before=before, camera=camera, types=types or ())
-    main = Term(path=str(image))
-    query = _query(main, add, sub, sort, False, min_width=min_width, min_height=min_height, **filters)
+    query = _query(Term(path=str(image)), add, sub, sort, False, filters)
     with open_searcher(resolve_index_dir(index_dir), device, server) as searcher:
         results = searcher.search(query, k=k, min_score=min_score)
     print_results(results, as_json, as_paths, _echo({"image": str(image), "k": k}, query), null)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import fields
+from functools import wraps
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar, get_type_hints
 
 import typer
 
+from retrieval.store.filters import Filters, filter_spec
 from retrieval.store.index_types import choices_help
+
+F = TypeVar("F", bound=Callable[..., object])
 
 IndexOption = Annotated[
     Path | None,
@@ -42,7 +49,6 @@ PretrainedOption = Annotated[
 ]
 KOption = Annotated[int, typer.Option("-k", "--top-k", help="How many results.")]
 MinScoreOption = Annotated[float | None, typer.Option("--min-score", help="Drop results below this cosine score.")]
-UnderOption = Annotated[Path | None, typer.Option("--under", help="Only results inside this folder.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
 PathsOption = Annotated[bool, typer.Option("--paths", help="Print one path per line (for piping).")]
 NullOption = Annotated[
@@ -93,24 +99,50 @@ SubOption = Annotated[
     list[str] | None,
     typer.Option("--sub", help="Look away from this (same forms as --add). Repeatable.", show_default=False),
 ]
-AfterOption = Annotated[
-    str | None,
-    typer.Option(
-        "--after", help="Taken on or after DATE: YYYY, YYYY-MM, YYYY-MM-DD or 'YYYY-MM-DD HH:MM'.", show_default=False
-    ),
-]
-BeforeOption = Annotated[
-    str | None,
-    typer.Option("--before", help="Taken on or before DATE (the whole year, month or day named).", show_default=False),
-]
-CameraOption = Annotated[
-    str | None, typer.Option("--camera", help="Camera make or model contains TEXT (any case).", show_default=False)
-]
-MinWidthOption = Annotated[int | None, typer.Option("--min-width", help="At least this many pixels wide.")]
-MinHeightOption = Annotated[int | None, typer.Option("--min-height", help="At least this many pixels high.")]
-TypeOption = Annotated[
-    str | None, typer.Option("--type", help="File types, comma-separated: jpg,png,webp,gif,bmp,tiff,heic.")
-]
+
+
+_POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
+def _filter_parameters() -> list[inspect.Parameter]:
+    """One option per field of ``Filters``, from its ``FilterSpec`` (a list field is one comma-separated text)."""
+    hints = get_type_hints(Filters)
+    found = []
+    for each in fields(Filters):
+        spec = filter_spec(each)
+        kind = str | None if isinstance(each.default, tuple) else hints[each.name]
+        option = typer.Option(spec.flag, help=spec.description, metavar=spec.metavar, show_default=False)
+        annotation = Annotated[kind, option]
+        found.append(
+            inspect.Parameter(each.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=annotation)
+        )
+    return found
+
+
+def filter_options(command: F) -> F:
+    """The filter option group of search and similar: ``command``'s ``filters`` parameter becomes one option per
+    field of ``Filters``, and ``command`` is called with the ``Filters`` they make. A new filter field needs no
+    change here."""
+    signature = inspect.signature(command)
+    hints = get_type_hints(command, include_extras=True)
+    names = [each.name for each in fields(Filters)]
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name == "filters":
+            parameters += _filter_parameters()
+        else:
+            parameters.append(parameter.replace(annotation=hints[parameter.name]))
+
+    @wraps(command)
+    def with_filters(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in names}
+        return command(*args, filters=Filters(**{k: v for k, v in given.items() if v is not None}), **kwargs)
+
+    with_filters.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    with_filters.__annotations__ = {p.name: p.annotation for p in parameters}
+    return with_filters  # type: ignore[return-value]
+
+
 SortOption = Annotated[str, typer.Option("--sort", help="relevance, or date (newest first, among the same results).")]
 KeywordsOption = Annotated[
     bool | None,

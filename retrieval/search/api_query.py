@@ -9,17 +9,25 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
-from typing import Any, Literal
+from dataclasses import fields
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from retrieval.errors import UsageError
 from retrieval.search.query import Filters, Query, Term
+from retrieval.store.filters import filter_spec
 
 MAX_TERMS = 16  # per list: each image term may be a decode
 
 
-class TermIn(BaseModel):
+class Strict(BaseModel):
+    """A request shape that refuses keys it does not know (the server answers 400 naming them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TermIn(Strict):
     """Exactly one of ``text``, ``image_id`` (an indexed image) or ``image_data`` (base64 bytes of an image)."""
 
     text: str | None = Field(None, max_length=1000)
@@ -28,22 +36,29 @@ class TermIn(BaseModel):
     weight: float = Field(1.0, gt=0, le=100)
 
 
-class QueryIn(BaseModel):
+class QueryIn(Strict):
     positive: list[TermIn] = Field(min_length=1, max_length=MAX_TERMS)
     negative: list[TermIn] = Field(default_factory=list, max_length=MAX_TERMS)
 
 
-class FiltersIn(BaseModel):
-    under: str | None = Field(None, description="Only results inside this folder (one inside the index).")
-    after: str | None = Field(None, description="Taken on or after: YYYY, YYYY-MM, YYYY-MM-DD or 'YYYY-MM-DD HH:MM'.")
-    before: str | None = Field(None, description="Taken on or before (the whole day, month or year named).")
-    camera: str | None = Field(None, max_length=200, description="Any part of the camera's make and model.")
-    min_width: int | None = Field(None, ge=1)
-    min_height: int | None = Field(None, ge=1)
-    types: list[str] = Field(default_factory=list, max_length=20, description="File types: jpg, png, webp, ...")
+def _filters_model() -> type[Strict]:
+    """``FiltersIn``, built from the fields of ``Filters`` (the one declaration) with their help and bounds."""
+    hints = get_type_hints(Filters)
+    declared = {}
+    for each in fields(Filters):
+        spec = filter_spec(each)
+        bounds = {"description": spec.description, "ge": spec.ge, "max_length": spec.max_length}
+        if isinstance(each.default, tuple):  # a list in JSON
+            declared[each.name] = (list[str], Field(default_factory=list, **bounds))
+        else:
+            declared[each.name] = (hints[each.name], Field(each.default, **bounds))
+    return create_model("FiltersIn", __base__=Strict, **declared)
 
 
-class SearchIn(BaseModel):
+FiltersIn = _filters_model()
+
+
+class SearchIn(Strict):
     """A search: what to look for (``query``), which images may come back (``filters``), in which order."""
 
     query: QueryIn

@@ -15,6 +15,8 @@ from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -87,6 +89,7 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
     app.add_middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts)  # outermost: runs first
     for kind, _status in ERROR_STATUS:
         app.add_exception_handler(kind, _error_response)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in ROUTERS:
         app.include_router(router, dependencies=list(GUARDS))
@@ -134,6 +137,15 @@ async def _error_response(_request: Request, error: Exception) -> JSONResponse:
     status = next(code for kind, code in ERROR_STATUS if isinstance(error, kind))
     headers = next((extra for kind, extra in ERROR_HEADERS.items() if isinstance(error, kind)), None)
     return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
+
+
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """Keys a request body does not know: 400 naming them (a typo in a filter must not widen a search).
+    Other invalid values keep FastAPI's 422 with its list of errors."""
+    unknown = [".".join(map(str, e["loc"][1:])) for e in error.errors() if e["type"] == "extra_forbidden"]
+    if unknown:
+        return JSONResponse({"detail": f"unknown field(s) in the request: {', '.join(unknown)}"}, status_code=400)
+    return await request_validation_exception_handler(request, error)
 
 
 class BodyLimitMiddleware:

@@ -2,49 +2,83 @@
 
 Filters become the set of allowed ids handed to the vector search (``VectorIndex.search(allowed_ids=...)``), so a
 filter narrows the search itself instead of cutting a top-k afterwards: k results come back whenever k images match.
+
+``Filters`` is the one declaration of a filter field: the JSON API's model (retrieval/search/api_query.py) and the
+CLI's option group (clipsearch/cli/options.py) are built from its fields and their ``FilterSpec``, and a test holds
+the web page's table (static/query.js) to it. Adding a filter: a field here, its condition in ``conditions``, and
+its control on the page. The command line builds its options from this module at startup, so the database and
+image libraries are imported only where they are used.
 """
 
 from __future__ import annotations
 
 import calendar
 import re
-from dataclasses import dataclass, fields, replace
-
-import numpy as np
-from sqlalchemy import column, func, select, table, text
+from dataclasses import Field, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from retrieval.errors import UsageError
-from retrieval.image_meta import normalise_type
-from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, path_under
-from retrieval.store.keywords import FOLDER_WEIGHT, FTS_TABLE, NAME_WEIGHT, match_expression
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from retrieval.store.catalog import Catalog
 
 _DATE = re.compile(r"^(\d{4})(?:-(\d{1,2})(?:-(\d{1,2})(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?)?)?$")
 
 
 @dataclass(frozen=True)
+class FilterSpec:
+    """How one filter field reads for people: its help text, its command-line flag, and its bounds."""
+
+    description: str
+    flag: str  # the command-line option, also the page's URL parameter (without the dashes)
+    metavar: str | None = None
+    ge: int | None = None  # lowest value allowed (numbers)
+    max_length: int | None = None  # longest text, or most items (lists)
+
+
+def _filter(default: Any, description: str, flag: str, metavar: str | None = None, **bounds: int) -> Any:
+    return field(default=default, metadata={"filter": FilterSpec(description, flag, metavar, **bounds)})
+
+
+def filter_spec(filter_field: Field) -> FilterSpec:
+    return filter_field.metadata["filter"]
+
+
+@dataclass(frozen=True)
 class Filters:
     """Which images a search may return. Dates are inclusive at both ends and as precise as written:
-    ``after="2019"`` starts on 1 January 2019, ``before="2019-06"`` ends on 30 June 2019 at 23:59:59."""
+    ``after="2019"`` starts on 1 January 2019, ``before="2019-06"`` ends on 30 June 2019 at 23:59:59.
+    A tuple field is a list (comma-separated on the command line)."""
 
-    under: str | None = None  # a folder (absolute once resolved by the engine)
-    after: str | None = None  # date taken, YYYY[-MM[-DD[ HH:MM[:SS]]]]
-    before: str | None = None
-    camera: str | None = None  # any part of "make model", case-insensitive
-    min_width: int | None = None  # upright pixels
-    min_height: int | None = None
-    types: tuple[str, ...] = ()  # jpg, png, webp, gif, bmp, tiff, heic
+    under: str | None = _filter(None, "Only results inside this folder (one inside the index).", "--under", "FOLDER")
+    after: str | None = _filter(
+        None, "Taken on or after DATE: YYYY, YYYY-MM, YYYY-MM-DD or 'YYYY-MM-DD HH:MM'.", "--after", "DATE"
+    )
+    before: str | None = _filter(
+        None, "Taken on or before DATE (the whole year, month or day named).", "--before", "DATE"
+    )
+    camera: str | None = _filter(None, "Camera make or model contains TEXT (any case).", "--camera", max_length=200)
+    min_width: int | None = _filter(None, "At least this many pixels wide (upright).", "--min-width", ge=1)
+    min_height: int | None = _filter(None, "At least this many pixels high (upright).", "--min-height", ge=1)
+    types: tuple[str, ...] = _filter(
+        (), "File types, comma-separated: jpg,png,webp,gif,bmp,tiff,heic.", "--type", "TYPES", max_length=20
+    )
 
     def __post_init__(self) -> None:
+        from retrieval.image_meta import normalise_type
+
         object.__setattr__(self, "after", parse_date(self.after, end=False) if self.after else None)
         object.__setattr__(self, "before", parse_date(self.before, end=True) if self.before else None)
         object.__setattr__(self, "camera", (self.camera or "").strip() or None)
         object.__setattr__(self, "under", str(self.under) if self.under else None)
-        types = self.types.split(",") if isinstance(self.types, str) else self.types
+        types = self.types.split(",") if isinstance(self.types, str) else self.types or ()
         object.__setattr__(self, "types", tuple(sorted({normalise_type(t) for t in types if t.strip()})))
-        for name in ("min_width", "min_height"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        for each in fields(self):
+            value, least = getattr(self, each.name), filter_spec(each).ge
+            if value is not None and least is not None and value < least:
+                raise UsageError(f"{filter_spec(each).flag} must be at least {least}")
         if self.after and self.before and self.after > self.before:
             raise UsageError(f"--after {self.after[:10]} is later than --before {self.before[:10]}")
 
@@ -56,7 +90,7 @@ class Filters:
         return replace(self, under=under)
 
     def to_dict(self) -> dict:
-        return {f.name: list(v) if f.name == "types" else v for f in fields(self) if (v := getattr(self, f.name))}
+        return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) if (v := getattr(self, f.name))}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Filters:
@@ -64,8 +98,7 @@ class Filters:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise UsageError(f"unknown filter(s): {', '.join(sorted(unknown))}")
-        data["types"] = tuple(data.get("types") or ())
-        return cls(**data)
+        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in data.items()})
 
 
 def parse_date(value: str, end: bool) -> str:
@@ -94,6 +127,10 @@ def parse_date(value: str, end: bool) -> str:
 
 def conditions(filters: Filters) -> list:
     """The filters as SQLAlchemy conditions on ``images`` (``under`` must already be an absolute folder)."""
+    from sqlalchemy import func
+
+    from retrieval.store.catalog import ImageRow, path_under
+
     found = []
     if filters.under:
         found.append(path_under(ImageRow.path, filters.under))
@@ -115,6 +152,11 @@ def conditions(filters: Filters) -> list:
 
 def allowed_ids(catalog: Catalog, filters: Filters) -> np.ndarray | None:
     """Ids of the indexed images the filters let through; None when no filter is set (everything)."""
+    import numpy as np
+    from sqlalchemy import select
+
+    from retrieval.store.catalog import STATUS_OK, ImageRow
+
     if not filters.active:
         return None
     with catalog.session() as session:
@@ -130,6 +172,10 @@ def scans_every_row(filters: Filters) -> bool:
 
 def passing(catalog: Catalog, ids: list[int], filters: Filters) -> set[int]:
     """Which of ``ids`` (search candidates) are indexed images the filters let through: primary-key lookups."""
+    from sqlalchemy import select
+
+    from retrieval.store.catalog import STATUS_OK, ImageRow
+
     found: set[int] = set()
     with catalog.session() as session:
         for start in range(0, len(ids), 900):
@@ -143,6 +189,11 @@ def passing(catalog: Catalog, ids: list[int], filters: Filters) -> set[int]:
 def keyword_ranking(catalog: Catalog, query: str, filters: Filters, limit: int) -> list[int]:
     """Ids of indexed images whose path holds every token of ``query`` (keywords.match_expression), best bm25
     first (a match in the file name weighs more than one in a folder name), within the filters."""
+    from sqlalchemy import column, select, table, text
+
+    from retrieval.store.catalog import STATUS_OK, ImageRow
+    from retrieval.store.keywords import FOLDER_WEIGHT, FTS_TABLE, NAME_WEIGHT, match_expression
+
     expression = match_expression(query)
     if expression is None:
         return []

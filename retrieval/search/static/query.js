@@ -7,11 +7,26 @@ const QueryModel = (() => {
   const WEIGHTED = /^(\d+(?:\.\d*)?|\.\d+):([\s\S]+)$/;
   const IMAGE = /^img:(\d+)$/;
   const RERANK_DEPTH = 50; // the dual encoder's top N that the re-ranker re-orders
-  // URL parameter -> filter control id; each is read and written as text.
+  // The filters: one entry per field of Filters (retrieval/store/filters.py), which tests/test_query.py holds this
+  // table and the controls in index.html to. param: the URL parameter; id: the control;
+  // kind: how the request body carries the control's text (text, number, or a comma-separated list).
   const FILTERS = {
-    after: "f-after", before: "f-before", camera: "f-camera", type: "f-type", min_width: "f-min-width",
-    min_height: "f-min-height", under: "f-under", min_score: "f-min-score", sort: "f-sort",
+    under: { param: "under", id: "f-under", kind: "text" },
+    after: { param: "after", id: "f-after", kind: "text" },
+    before: { param: "before", id: "f-before", kind: "text" },
+    camera: { param: "camera", id: "f-camera", kind: "text" },
+    min_width: { param: "min_width", id: "f-min-width", kind: "number" },
+    min_height: { param: "min_height", id: "f-min-height", kind: "number" },
+    types: { param: "type", id: "f-type", kind: "list" },
   };
+  const READ = {
+    text: (text) => text || null,
+    number: (text) => (text ? Number(text) : null),
+    list: (text) => text.split(",").map((t) => t.trim()).filter(Boolean),
+  };
+  // The other controls kept in the URL (not filters): URL parameter -> control id.
+  const CONTROLS = { min_score: "f-min-score", sort: "f-sort" };
+  const URL_CONTROLS = [...Object.values(FILTERS).map(({ param, id }) => [param, id]), ...Object.entries(CONTROLS)];
   let chips = []; // {sign: "+" | "-", text?: string, imageId?: number, weight: number}
 
   // --- chips <-> URL ("2:snow", "img:42", "0.5:img:42": the CLI's [WEIGHT:]VALUE form) -------------------------
@@ -38,14 +53,14 @@ const QueryModel = (() => {
       ...params.getAll("add").filter(Boolean).map((p) => parseChip(p, "+")),
       ...params.getAll("sub").filter(Boolean).map((p) => parseChip(p, "-")),
     ];
-    for (const [name, id] of Object.entries(FILTERS)) $(id).value = params.get(name) || (name === "sort" ? "relevance" : "");
+    for (const [name, id] of URL_CONTROLS) $(id).value = params.get(name) || (name === "sort" ? "relevance" : "");
     $("f-rerank").checked = params.get("rerank") === "1";
     renderChips();
   }
 
   function writeUrl(params) {
     for (const chip of chips) params.append(chip.sign === "+" ? "add" : "sub", chipParam(chip));
-    for (const [name, id] of Object.entries(FILTERS)) {
+    for (const [name, id] of URL_CONTROLS) {
       const value = $(id).value.trim();
       if (value && !(name === "sort" && value === "relevance")) params.set(name, value);
     }
@@ -59,18 +74,8 @@ const QueryModel = (() => {
   }
 
   function filters() {
-    const value = (id) => $(id).value.trim();
-    const number = (id) => (value(id) ? Number(value(id)) : null);
-    const found = {
-      after: value("f-after") || null,
-      before: value("f-before") || null,
-      camera: value("f-camera") || null,
-      under: value("f-under") || null,
-      min_width: number("f-min-width"),
-      min_height: number("f-min-height"),
-      types: value("f-type").split(",").map((t) => t.trim()).filter(Boolean),
-    };
-    return Object.fromEntries(Object.entries(found).filter(([, v]) => v !== null && !(Array.isArray(v) && !v.length)));
+    const found = Object.entries(FILTERS).map(([field, { id, kind }]) => [field, READ[kind]($(id).value.trim())]);
+    return Object.fromEntries(found.filter(([, v]) => v !== null && !(Array.isArray(v) && !v.length)));
   }
 
   function body(mainTerm, offset, k) {
@@ -148,6 +153,6 @@ const QueryModel = (() => {
   return {
     readUrl, writeUrl, body, add, click,
     hasPositive: () => chips.some((chip) => chip.sign === "+"),
-    filterIds: [...Object.values(FILTERS), "f-rerank"],
+    filterIds: [...URL_CONTROLS.map(([, id]) => id), "f-rerank"],
   };
 })();
