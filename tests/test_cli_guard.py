@@ -3,6 +3,8 @@ file names cannot drive the terminal, messages say what is wrong, and help reads
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -82,6 +84,57 @@ def test_table_output_escapes_control_characters_and_null_keeps_names_exact(inde
     for flags in (("--json", "--paths"), ("--json", "--null")):
         refused = invoke("search", "x", "--index", index_dir, *flags)
         assert refused.exit_code == 2 and "choose one" in refused.output
+
+
+def test_every_format_of_search_prints_the_same_results(indexed):
+    index_dir, photos = indexed
+    common = ("search", "anything", "--index", index_dir, "-k", "8", "--device", "cpu")
+    as_json = json.loads(invoke(*common, "--format", "json").output)
+    expected = [(r["rank"], r["path"]) for r in as_json["results"]]
+    assert json.loads(invoke(*common, "--json").output) == as_json
+    assert invoke(*common, "--format", "table").output == invoke(*common).output
+    rows = list(csv.DictReader(io.StringIO(invoke(*common, "--format", "csv").stdout)))
+    assert [(int(row["rank"]), row["path"]) for row in rows] == expected  # quoted: the newline in a name survives
+    assert str(photos / "new\nline.jpg") in [row["path"] for row in rows] and float(rows[0]["score"]) <= 1
+    listed = invoke(*common, "--format", "paths").stdout.splitlines()
+    assert listed == invoke(*common, "--paths").stdout.splitlines() and str(photos / EVIL) in listed
+    for flags in (("--format", "csv", "--json"), ("--format", "table", "--paths"), ("--format", "csv", "-0")):
+        refused = invoke("search", "x", "--index", index_dir, *flags)
+        assert refused.exit_code == 2 and "print different things: choose one" in refused.output, flags
+        assert len(refused.output.strip().splitlines()) == 1
+    assert invoke("info", "--index", index_dir, "--format", "csv").exit_code == 2  # a report is no list
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory, model_copy) -> tuple[Path, Path]:
+    """Two copies of one photo whose names carry a terminal escape and a newline, and one other photo."""
+    root = tmp_path_factory.mktemp("copies")
+    photos = root / "photos"
+    write_image(photos / EVIL, seed=81, fmt="JPEG")
+    shutil.copy(photos / EVIL, photos / "copy\nof it.jpg")
+    write_image(photos / "other.png", seed=82)
+    args = ("index", photos, "--index", root / "index", "--model", f"local-dir:{model_copy}", "-q", "--workers", "0")
+    assert invoke(*args, "--device", "cpu").exit_code == 0
+    return root / "index", photos
+
+
+def test_duplicates_escapes_names_in_its_table_and_prints_every_format(copies):
+    index_dir, photos = copies
+    common = ("duplicates", "--index", index_dir, "--threshold", "0.99")
+    table = invoke(*common)
+    assert table.exit_code == 0, table.output
+    assert "\x1b" not in table.output and "\x07" not in table.output and "\x9b" not in table.output
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m.jpg" in table.output and "copy\\nof it.jpg" in table.output
+    assert "1 groups; 1 images besides the best of each" in table.output
+    exact = {str(photos / EVIL), str(photos / "copy\nof it.jpg")}
+    assert set(invoke(*common, "--paths", "-0").stdout.split("\0")) == exact | {""}
+    rows = list(csv.DictReader(io.StringIO(invoke(*common, "--format", "csv").stdout)))
+    assert {row["path"] for row in rows} == exact and {row["group"] for row in rows} == {"1"}
+    assert sorted(row["keep"] for row in rows) == ["False", "True"]
+    document = json.loads(invoke(*common, "--format", "json").output)
+    assert [len(group["members"]) for group in document["groups"]] == [2]
+    refused = invoke(*common, "--json", "--paths")
+    assert refused.exit_code == 2 and "choose one" in refused.output
 
 
 @pytest.mark.parametrize(

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
 from clipsearch.cli.app import app, resolve_index_dir, user_errors
-from clipsearch.cli.options import IndexOption, NoWaitOption
+from clipsearch.cli.options import IndexOption, NoWaitOption, output_options
+from clipsearch.cli.output import FOR_REPORTS, Output, Report, emit, line
 
 
 @app.command()
 @user_errors
+@output_options(FOR_REPORTS)
 def check(
     index_dir: IndexOption = None,
     repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed (takes the write lock).")] = False,
     no_wait: NoWaitOption = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    output: Output = Output(),  # output_options: --format and its aliases
 ) -> None:
     """Verify an index (catalog rows, stored embeddings, FAISS ids); exit code 1 when problems remain."""
     from indexer.check import check_index
@@ -28,22 +29,22 @@ def check(
         wait=not no_wait,
         on_wait=lambda message: typer.echo(f"clipsearch: {message}", err=True),
     )
-    if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
-    else:
-        vectors = "missing or unreadable" if report.vectors_in_file is None else f"{report.vectors_in_file} vectors"
-        typer.echo(f"index:    {report.index_dir} (schema {report.schema_version})")
-        typer.echo(f"images:   {report.images} indexed, {report.failed} failed; FAISS file: {vectors}")
-        for line in report.problems:
-            typer.echo(f"problem:  {line}")
-        for line in report.notices:
-            typer.echo(f"notice:   {line}")
-        for line in report.repairs:
-            typer.echo(f"repaired: {line}")
-        if report.healthy:
-            typer.echo("ok" if not report.problems else "ok after repair")
-        else:
-            hint = "" if repair else " (try --repair)"
-            typer.echo(f"{len(report.remaining)} problem(s) remain{hint}")
+    emit(check_report(report, repair), output)
     if not report.healthy:
         raise typer.Exit(1)
+
+
+def check_report(report, repair: bool) -> Report:
+    vectors = "missing or unreadable" if report.vectors_in_file is None else f"{report.vectors_in_file} vectors"
+    table = [
+        line("index:    {} (schema {})", str(report.index_dir), report.schema_version),
+        line("images:   {} indexed, {} failed; FAISS file: {}", report.images, report.failed, vectors),
+    ]
+    table += [line("problem:  {}", text) for text in report.problems]
+    table += [line("notice:   {}", text) for text in report.notices]
+    table += [line("repaired: {}", text) for text in report.repairs]
+    if report.healthy:
+        table.append(line("{}", "ok" if not report.problems else "ok after repair"))
+    else:
+        table.append(line("{} problem(s) remain{}", len(report.remaining), "" if repair else " (try --repair)"))
+    return Report(document=report.to_dict(), table=table)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -16,23 +15,21 @@ from clipsearch.cli.options import (
     IndexBatchOption,
     IndexOption,
     IndexTypeOption,
-    JsonOption,
     KeywordsOption,
     KOption,
     MaxMemoryOption,
     MinScoreOption,
     ModelOption,
     NoWaitOption,
-    NullOption,
-    PathsOption,
     PretrainedOption,
     ServerOption,
     SortOption,
     SubOption,
     WorkersOption,
     filter_options,
+    output_options,
 )
-from clipsearch.cli.output import check_output_mode, print_results, printable
+from clipsearch.cli.output import FOR_LISTS, FOR_REPORTS, Output, Report, emit, line, results_report
 from retrieval.search.arguments import check_query
 from retrieval.store.filters import Filters
 
@@ -175,6 +172,7 @@ def _echo(base: dict, query) -> dict:
 @app.command()
 @user_errors
 @filter_options
+@output_options(FOR_LISTS)
 def search(
     text: Annotated[str, typer.Argument(help="What to look for, in words.")],
     index_dir: IndexOption = None,
@@ -182,12 +180,10 @@ def search(
     min_score: MinScoreOption = None,
     add: AddOption = None,
     sub: SubOption = None,
-    filters: Filters = Filters(),  # noqa: B008  (filter_options makes it one option per field)
+    filters: Filters = Filters(),  # filter_options: one option per field
     sort: SortOption = "relevance",
     keywords: KeywordsOption = None,
-    as_json: JsonOption = False,
-    as_paths: PathsOption = False,
-    null: NullOption = False,
+    output: Output = Output(),  # output_options: --format and its aliases
     device: DeviceOption = "auto",
     server: ServerOption = None,
     bf16_text: BF16TextOption = False,
@@ -204,7 +200,6 @@ def search(
     ] = None,
 ) -> None:
     """Find images matching a text description (plus --add, minus --sub), within the filters."""
-    check_output_mode(as_json, as_paths, null)
     check_query(min_score, filters.under)  # before anything slow: the model, the index
     quiet_libraries()
     from retrieval.search.client import open_searcher
@@ -215,12 +210,13 @@ def search(
     ) as searcher:
         results = searcher.search(query, k=k, min_score=min_score, rerank=rerank)
     echoed = {"text": text, "k": k} | ({"rerank": rerank} if rerank else {})
-    print_results(results, as_json, as_paths, _echo(echoed, query), null)
+    emit(results_report(results, _echo(echoed, query)), output)
 
 
 @app.command()
 @user_errors
 @filter_options
+@output_options(FOR_LISTS)
 def similar(
     image: Annotated[Path, typer.Argument(help="An image file (indexed or not).")],
     index_dir: IndexOption = None,
@@ -228,16 +224,13 @@ def similar(
     min_score: MinScoreOption = None,
     add: AddOption = None,
     sub: SubOption = None,
-    filters: Filters = Filters(),  # noqa: B008  (filter_options makes it one option per field)
+    filters: Filters = Filters(),  # filter_options: one option per field
     sort: SortOption = "relevance",
-    as_json: JsonOption = False,
-    as_paths: PathsOption = False,
-    null: NullOption = False,
+    output: Output = Output(),  # output_options: --format and its aliases
     device: DeviceOption = "auto",
     server: ServerOption = None,
 ) -> None:
     """Find images that look like IMAGE (plus --add, minus --sub); IMAGE itself is left out."""
-    check_output_mode(as_json, as_paths, null)
     check_query(min_score, filters.under, image)  # before anything slow: the model, the index
     quiet_libraries()
     from retrieval.search.client import open_searcher
@@ -246,38 +239,49 @@ def similar(
     query = _query(Term(path=str(image)), add, sub, sort, False, filters)
     with open_searcher(resolve_index_dir(index_dir), device, server) as searcher:
         results = searcher.search(query, k=k, min_score=min_score)
-    print_results(results, as_json, as_paths, _echo({"image": str(image), "k": k}, query), null)
+    emit(results_report(results, _echo({"image": str(image), "k": k}, query)), output)
 
 
 @app.command()
 @user_errors
+@output_options(FOR_REPORTS)
 def info(
     index_dir: IndexOption = None,
     failed: Annotated[bool, typer.Option("--failed", help="List files that could not be indexed.")] = False,
-    as_json: JsonOption = False,
+    output: Output = Output(),  # output_options: --format and its aliases
 ) -> None:
     """Show the model, image count, folders, failures and size of an index."""
     from retrieval.search.info import index_info
 
-    details = index_info(resolve_index_dir(index_dir), with_failures=failed)
-    if as_json:
-        typer.echo(json.dumps(details.to_dict(), indent=2))
-        return
-    typer.echo(f"index:   {details.index_dir}")
-    typer.echo(f"model:   {details.model or '(none yet)'}")
-    typer.echo(f"images:  {details.images} indexed, {details.failed} failed")
+    emit(info_report(index_info(resolve_index_dir(index_dir), with_failures=failed)), output)
+
+
+def info_report(details) -> Report:
     state = "current" if details.vectors_current else "stale (rebuilt on next use)"
-    typer.echo(f"vectors: {details.index_type} ({details.index_type_requested}), dim {details.embed_dim}, {state}")
-    if details.recall_at_10 is not None:
-        typer.echo(
-            f"recall:  {details.recall_at_10:.3f} recall@10 against exact search "
-            f"({details.recall_queries} {details.recall_query_kind} queries, measured when built)"
-        )
     tower = (
         f"ONNX {details.text_tower} (no torch)" if details.text_tower else "torch (`clipsearch export-text` for faster)"
     )
-    typer.echo(f"text:    {tower}")
-    typer.echo(f"size:    {details.size_bytes / 1e6:.1f} MB")
-    typer.echo("folders: " + (", ".join(map(printable, details.roots)) or "(none)"))
-    for path, reason in details.failures:
-        typer.echo(f"failed:  {printable(path)}: {printable(reason)}")
+    table = [
+        line("index:   {}", str(details.index_dir)),
+        line("model:   {}", details.model or "(none yet)"),
+        line("images:  {} indexed, {} failed", details.images, details.failed),
+        line(
+            "vectors: {} ({}), dim {}, {}", details.index_type, details.index_type_requested, details.embed_dim, state
+        ),
+    ]
+    if details.recall_at_10 is not None:
+        table.append(
+            line(
+                "recall:  {:.3f} recall@10 against exact search ({} {} queries, measured when built)",
+                details.recall_at_10,
+                details.recall_queries,
+                details.recall_query_kind,
+            )  # fmt: skip
+        )
+    table += [
+        line("text:    {}", tower),
+        line("size:    {:.1f} MB", details.size_bytes / 1e6),
+        line("folders: {}", ", ".join(details.roots) or "(none)"),
+    ]
+    table += [line("failed:  {}: {}", path, reason) for path, reason in details.failures]
+    return Report(document=details.to_dict(), table=table)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
 from clipsearch.cli.app import app, resolve_index_dir, user_errors
-from clipsearch.cli.options import IndexOption, JsonOption
+from clipsearch.cli.options import IndexOption, output_options
+from clipsearch.cli.output import FOR_LISTS, Output, Report, emit, line
 
 ThresholdOption = Annotated[
     float,
@@ -17,32 +17,45 @@ ThresholdOption = Annotated[
         help="Cosine similarity at which two photos count as near-duplicates (higher: stricter).",
     ),
 ]
+COLUMNS = ("group", "keep", "score", "width", "height", "size", "path", "image_id")
 
 
 @app.command()
 @user_errors
-def duplicates(index_dir: IndexOption = None, threshold: ThresholdOption = 0.95, as_json: JsonOption = False) -> None:
-    """Find near-duplicate photos (re-encoded, resized, slightly cropped, rotated copies); best file first."""
+@output_options(FOR_LISTS)
+def duplicates(
+    index_dir: IndexOption = None,
+    threshold: ThresholdOption = 0.95,
+    output: Output = Output(),  # output_options: --format and its aliases
+) -> None:
+    """Find near-duplicate photos (re-encoded, resized, slightly cropped, rotated copies); best file first.
+    --paths lists every file of every group, the one to keep first."""
     from retrieval.search.duplicates import duplicates_in_index
 
-    groups = duplicates_in_index(resolve_index_dir(index_dir), threshold)
-    if as_json:
-        payload = {"threshold": threshold, "groups": [group.to_dict() for group in groups]}
-        typer.echo(json.dumps(payload, indent=2))
-        return
-    if not groups:
-        typer.echo(f"no near-duplicates at threshold {threshold}", err=True)
-        return
+    emit(duplicates_report(duplicates_in_index(resolve_index_dir(index_dir), threshold), threshold), output)
+
+
+def duplicates_report(groups, threshold: float) -> Report:
+    table, records = [], []
     for number, group in enumerate(groups, 1):
-        typer.echo(f"group {number} ({len(group.members)} images)")
+        table.append(line("group {} ({} images)", number, len(group.members)))
         for position, member in enumerate(group.members):
             size = f"{member.width}x{member.height}" if member.width and member.height else "?"
             mark = "keep" if position == 0 else "    "
-            typer.echo(
-                f"  {mark}  {member.score:.3f}  {size:>11}  {_bytes(member.size):>8}  {member.to_dict()['path']}"
-            )
-    extra = sum(len(group.members) - 1 for group in groups)
-    typer.echo(f"{len(groups)} groups; {extra} images besides the best of each")
+            table.append(line("  {}  {:.3f}  {:>11}  {:>8}  {}", mark, member.score, size, _bytes(member.size),
+                              member.path))  # fmt: skip
+            records.append({"group": number, "keep": position == 0} | member.to_dict())
+    if groups:
+        extra = sum(len(group.members) - 1 for group in groups)
+        table.append(line("{} groups; {} images besides the best of each", len(groups), extra))
+    return Report(
+        document={"threshold": threshold, "groups": [group.to_dict() for group in groups]},
+        table=table,
+        empty=f"no near-duplicates at threshold {threshold}",
+        columns=COLUMNS,
+        records=records,
+        paths=[member.path for group in groups for member in group.members],
+    )
 
 
 def _bytes(count: int) -> str:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import fields
+from enum import Enum
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, TypeVar, get_type_hints
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 import typer
 
+from clipsearch.cli.output import Format, Output, choose_output
 from retrieval.store.filters import Filters, filter_spec
 from retrieval.store.index_types import choices_help
 
@@ -49,11 +51,6 @@ PretrainedOption = Annotated[
 ]
 KOption = Annotated[int, typer.Option("-k", "--top-k", help="How many results.")]
 MinScoreOption = Annotated[float | None, typer.Option("--min-score", help="Drop results below this cosine score.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
-PathsOption = Annotated[bool, typer.Option("--paths", help="Print one path per line (for piping).")]
-NullOption = Annotated[
-    bool, typer.Option("--null", "-0", help="Print paths ending in NUL instead of a newline (for xargs -0).")
-]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (fp16 on CUDA).")]
 IndexTypeOption = Annotated[
     str | None,
@@ -101,46 +98,72 @@ SubOption = Annotated[
 ]
 
 
-_POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
-
-
-def _filter_parameters() -> list[inspect.Parameter]:
-    """One option per field of ``Filters``, from its ``FilterSpec`` (a list field is one comma-separated text)."""
-    hints = get_type_hints(Filters)
-    found = []
-    for each in fields(Filters):
-        spec = filter_spec(each)
-        kind = str | None if isinstance(each.default, tuple) else hints[each.name]
-        option = typer.Option(spec.flag, help=spec.description, metavar=spec.metavar, show_default=False)
-        annotation = Annotated[kind, option]
-        found.append(
-            inspect.Parameter(each.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=annotation)
-        )
-    return found
-
-
-def filter_options(command: F) -> F:
-    """The filter option group of search and similar: ``command``'s ``filters`` parameter becomes one option per
-    field of ``Filters``, and ``command`` is called with the ``Filters`` they make. A new filter field needs no
-    change here."""
+def expand_parameter(command: F, name: str, options: dict[str, Any], collect: Callable[..., object]) -> F:
+    """``command`` with its parameter ``name`` replaced, for typer, by ``options`` (parameter name -> its
+    ``Annotated[type, typer.Option(...)]``, each defaulting to None); ``collect(**their values)`` makes the value
+    ``command`` receives as ``name``. How one idea (the filters, the output format) becomes one option group."""
     signature = inspect.signature(command)
     hints = get_type_hints(command, include_extras=True)
-    names = [each.name for each in fields(Filters)]
     parameters = []
     for parameter in signature.parameters.values():
-        if parameter.name == "filters":
-            parameters += _filter_parameters()
+        if parameter.name == name:
+            parameters += [
+                inspect.Parameter(key, _POSITIONAL, default=None, annotation=kind) for key, kind in options.items()
+            ]
         else:
             parameters.append(parameter.replace(annotation=hints[parameter.name]))
 
     @wraps(command)
-    def with_filters(*args, **kwargs):
-        given = {name: kwargs.pop(name) for name in names}
-        return command(*args, filters=Filters(**{k: v for k, v in given.items() if v is not None}), **kwargs)
+    def expanded(*args, **kwargs):
+        given = {key: kwargs.pop(key) for key in options}
+        return command(*args, **{name: collect(**given)}, **kwargs)
 
-    with_filters.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
-    with_filters.__annotations__ = {p.name: p.annotation for p in parameters}
-    return with_filters  # type: ignore[return-value]
+    expanded.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    expanded.__annotations__ = {p.name: p.annotation for p in parameters}
+    return expanded  # type: ignore[return-value]
+
+
+_POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
+def filter_options(command: F) -> F:
+    """The filter option group of search and similar: ``command``'s ``filters`` parameter becomes one option per
+    field of ``Filters`` (from its ``FilterSpec``; a list field is one comma-separated text), and ``command``
+    receives the ``Filters`` they make. A new filter field needs no change here."""
+    hints = get_type_hints(Filters)
+    options = {}
+    for each in fields(Filters):
+        spec = filter_spec(each)
+        kind = str | None if isinstance(each.default, tuple) else hints[each.name]
+        option = typer.Option(spec.flag, help=spec.description, metavar=spec.metavar, show_default=False)
+        options[each.name] = Annotated[kind, option]
+    return expand_parameter(command, "filters", options, lambda **given: Filters(**_given(given)))
+
+
+def output_options(formats: tuple[Format, ...]) -> Callable[[F], F]:
+    """The output option group: ``command``'s ``output`` parameter becomes ``--format`` (one of ``formats``) and
+    its aliases ``--json``, and where paths are a format ``--paths`` and ``-0/--null``; ``command`` receives the one
+    ``Output`` they choose (conflicting flags are a one-line usage error, before any work)."""
+    choice = Enum("Format", {kind.name: kind.value for kind in formats}, type=str)  # only these in --help
+    names = "|".join(kind.value for kind in formats)
+    options: dict[str, Any] = {
+        "chosen": Annotated[choice | None, typer.Option("--format", help="How to print the output (default: table).")],
+        "as_json": Annotated[bool | None, typer.Option("--json", help="Same as --format json.", show_default=False)],
+    }
+    if Format.PATHS in formats:
+        paths_help = "Same as --format paths: one path per line (for piping)."
+        null_help = "Print paths ending in NUL instead of a newline (implies --paths; for xargs -0)."
+        options["as_paths"] = Annotated[bool | None, typer.Option("--paths", help=paths_help, show_default=False)]
+        options["null"] = Annotated[bool | None, typer.Option("--null", "-0", help=null_help, show_default=False)]
+
+    def collect(chosen=None, **aliases) -> Output:
+        return choose_output(Format(chosen.value) if chosen else None, **{k: bool(v) for k, v in aliases.items()})
+
+    return lambda command: expand_parameter(command, "output", options, collect)
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
 
 
 SortOption = Annotated[str, typer.Option("--sort", help="relevance, or date (newest first, among the same results).")]
