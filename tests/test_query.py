@@ -331,10 +331,10 @@ def test_the_http_api_answers_a_query_object_like_the_engine(api, engine, librar
 
 def test_an_unknown_key_in_a_query_body_is_refused_with_400_naming_it(api):
     """A typo in a filter must not widen a search: pydantic would drop the key, the server names it instead."""
-    body = {"query": {"positive": [{"text": "x"}]}, "filters": {"camera": "canon", "has_gps": True}, "colour": 1}
+    body = {"query": {"positive": [{"text": "x"}]}, "filters": {"camera": "canon", "has_faces": True}, "colour": 1}
     refused = api.post("/api/query", json=body)
     assert refused.status_code == 400, refused.text
-    assert refused.json()["detail"] == "unknown field(s) in the request: filters.has_gps, colour"
+    assert refused.json()["detail"] == "unknown field(s) in the request: filters.has_faces, colour"
     wrong_value = api.post("/api/query", json={"query": {"positive": [{"text": "x"}]}, "filters": {"min_width": 0}})
     assert wrong_value.status_code == 422  # a known key with a bad value keeps FastAPI's detailed answer
 
@@ -352,7 +352,7 @@ def test_the_page_filter_table_agrees_with_the_filters_dataclass():
     table = {name: (param, id_, kind) for name, param, id_, kind in re.findall(entry, table_text)}
     assert len(table) == table_text.count("param:"), "every FILTERS entry reads as name: { param, id, kind }"
     hints = get_type_hints(Filters)
-    kinds = {str | None: "text", int | None: "number", tuple[str, ...]: "list"}
+    kinds = {str | None: "text", int | None: "number", tuple[str, ...]: "list", bool | None: "flag"}
     assert {name: kinds[hints[name]] for name in (f.name for f in fields(Filters))} == {
         name: kind for name, (_, _, kind) in table.items()
     }

@@ -82,15 +82,19 @@ class Filters:
         if self.after and self.before and self.after > self.before:
             raise UsageError(f"--after {self.after[:10]} is later than --before {self.before[:10]}")
 
+    def _set(self) -> dict[str, Any]:
+        """The fields set: not None and not empty (``False`` is a setting, "without")."""
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None and v != ()}
+
     @property
     def active(self) -> bool:
-        return any(getattr(self, f.name) for f in fields(self))
+        return bool(self._set())
 
     def with_under(self, under: str | None) -> Filters:
         return replace(self, under=under)
 
     def to_dict(self) -> dict:
-        return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) if (v := getattr(self, f.name))}
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in self._set().items()}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Filters:

@@ -8,8 +8,8 @@ const QueryModel = (() => {
   const IMAGE = /^img:(\d+)$/;
   const RERANK_DEPTH = 50; // the dual encoder's top N that the re-ranker re-orders
   // The filters: one entry per field of Filters (retrieval/store/filters.py), which tests/test_query.py holds this
-  // table and the controls in index.html to. param: the URL parameter; id: the control;
-  // kind: how the request body carries the control's text (text, number, or a comma-separated list).
+  // table and the controls in index.html to. param: the URL parameter; id: the control; kind: how the request body
+  // carries the control's state (text, number, a comma-separated list, or a checkbox flag).
   const FILTERS = {
     under: { param: "under", id: "f-under", kind: "text" },
     after: { param: "after", id: "f-after", kind: "text" },
@@ -23,10 +23,24 @@ const QueryModel = (() => {
     text: (text) => text || null,
     number: (text) => (text ? Number(text) : null),
     list: (text) => text.split(",").map((t) => t.trim()).filter(Boolean),
+    flag: (text) => (text ? true : null),
   };
   // The other controls kept in the URL (not filters): URL parameter -> control id.
   const CONTROLS = { min_score: "f-min-score", sort: "f-sort" };
   const URL_CONTROLS = [...Object.values(FILTERS).map(({ param, id }) => [param, id]), ...Object.entries(CONTROLS)];
+
+  // A control's state as URL text: a checkbox is "1" or nothing.
+  function controlText(id) {
+    const control = $(id);
+    return control.type === "checkbox" ? (control.checked ? "1" : "") : control.value.trim();
+  }
+
+  function setControlText(id, text) {
+    const control = $(id);
+    if (control.type === "checkbox") control.checked = text === "1";
+    else control.value = text;
+  }
+
   let chips = []; // {sign: "+" | "-", text?: string, imageId?: number, weight: number}
 
   // --- chips <-> URL ("2:snow", "img:42", "0.5:img:42": the CLI's [WEIGHT:]VALUE form) -------------------------
@@ -53,7 +67,7 @@ const QueryModel = (() => {
       ...params.getAll("add").filter(Boolean).map((p) => parseChip(p, "+")),
       ...params.getAll("sub").filter(Boolean).map((p) => parseChip(p, "-")),
     ];
-    for (const [name, id] of URL_CONTROLS) $(id).value = params.get(name) || (name === "sort" ? "relevance" : "");
+    for (const [name, id] of URL_CONTROLS) setControlText(id, params.get(name) || (name === "sort" ? "relevance" : ""));
     $("f-rerank").checked = params.get("rerank") === "1";
     renderChips();
   }
@@ -61,7 +75,7 @@ const QueryModel = (() => {
   function writeUrl(params) {
     for (const chip of chips) params.append(chip.sign === "+" ? "add" : "sub", chipParam(chip));
     for (const [name, id] of URL_CONTROLS) {
-      const value = $(id).value.trim();
+      const value = controlText(id);
       if (value && !(name === "sort" && value === "relevance")) params.set(name, value);
     }
     if ($("f-rerank").checked) params.set("rerank", "1");
@@ -74,7 +88,7 @@ const QueryModel = (() => {
   }
 
   function filters() {
-    const found = Object.entries(FILTERS).map(([field, { id, kind }]) => [field, READ[kind]($(id).value.trim())]);
+    const found = Object.entries(FILTERS).map(([field, { id, kind }]) => [field, READ[kind](controlText(id))]);
     return Object.fromEntries(found.filter(([, v]) => v !== null && !(Array.isArray(v) && !v.length)));
   }
 
