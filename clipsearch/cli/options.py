@@ -145,7 +145,6 @@ def output_options(formats: tuple[Format, ...]) -> Callable[[F], F]:
     its aliases ``--json``, and where paths are a format ``--paths`` and ``-0/--null``; ``command`` receives the one
     ``Output`` they choose (conflicting flags are a one-line usage error, before any work)."""
     choice = Enum("Format", {kind.name: kind.value for kind in formats}, type=str)  # only these in --help
-    names = "|".join(kind.value for kind in formats)
     options: dict[str, Any] = {
         "chosen": Annotated[choice | None, typer.Option("--format", help="How to print the output (default: table).")],
         "as_json": Annotated[bool | None, typer.Option("--json", help="Same as --format json.", show_default=False)],
