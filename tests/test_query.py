@@ -339,6 +339,16 @@ def test_an_unknown_key_in_a_query_body_is_refused_with_400_naming_it(api):
     assert wrong_value.status_code == 422  # a known key with a bad value keeps FastAPI's detailed answer
 
 
+def test_search_and_similar_take_one_option_per_filter_field():
+    from dataclasses import fields
+
+    from retrieval.store.filters import filter_spec
+
+    for command in ("search", "similar"):
+        text = invoke(command, "--help").output
+        assert all(f" {filter_spec(each).flag} " in text for each in fields(Filters)), command
+
+
 def test_the_page_filter_table_agrees_with_the_filters_dataclass():
     """Filters (retrieval/store/filters.py) is the one declaration: the API and the CLI are built from it; the page's
     FILTERS table in query.js and the controls in index.html must name the same fields, or this test fails."""

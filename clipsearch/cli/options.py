@@ -1,4 +1,4 @@
-"""Options shared by several commands, declared once (typer's declarations are data, not logic)."""
+"""Options shared by several commands, declared once; the option groups (filters, output) built from one idea."""
 
 from __future__ import annotations
 
