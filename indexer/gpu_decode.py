@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from retrieval.images import DecodedItem, DecodeError, ImageFileDataset, content_hash, decode_image_and_size, read_file
-from retrieval.model.device import is_cuda
+from retrieval.model.device import Device
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -44,10 +44,10 @@ class JpegBytesDataset(ImageFileDataset):
         return RawJpeg(position, torch.frombuffer(bytearray(data), dtype=torch.uint8), content_hash(data))
 
 
-def gpu_decode_available(device: str, preprocess_cfg: dict) -> bool:
-    """A (resolved) CUDA device, torchvision's nvJPEG decoder, and a transform this module reproduces
-    (shortest-side resize)."""
-    if not is_cuda(device):
+def gpu_decode_available(device: Device, preprocess_cfg: dict) -> bool:
+    """A CUDA device, torchvision's nvJPEG decoder, and a transform this module reproduces (shortest-side
+    resize)."""
+    if not device.is_cuda:
         return False
     try:
         import torchvision.io  # noqa: F401
@@ -57,7 +57,8 @@ def gpu_decode_available(device: str, preprocess_cfg: dict) -> bool:
 
 
 def decode_batch(items: list, size: int, preprocess_cfg: dict, device: str, cpu_preprocess) -> list[DecodedItem]:
-    """Turn a loader batch (RawJpeg and DecodedItem mixed) into DecodedItems with pixels on ``device``."""
+    """Turn a loader batch (RawJpeg and DecodedItem mixed) into DecodedItems with pixels on ``device`` (a torch
+    device name: ``Device.torch_name``)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     raws = [item for item in items if isinstance(item, RawJpeg)]

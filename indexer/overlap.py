@@ -29,7 +29,7 @@ from indexer.plan import WorkItem
 from indexer.stages import DONE, Channel, Stage, Stopped, first_error
 from retrieval.images import ImageFileDataset, collate_decoded
 from retrieval.model.build import build_image_transform
-from retrieval.model.device import is_cuda
+from retrieval.model.device import Device
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
 
@@ -40,7 +40,7 @@ QUEUED_CHUNKS = 2  # encoded chunks waiting for the writer
 @dataclass(frozen=True)
 class EncodeOptions:
     model: ModelSpec
-    device: str  # resolved: cpu, cuda or cuda:N
+    device: Device
     batch_size: int
     workers: int
     chunk_size: int
@@ -120,16 +120,16 @@ def _side(cfg: dict[str, Any]) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def _feed(batches, out: Channel, on_gpu: bool, size: int, cfg: dict, preprocess, device: str) -> None:
+def _feed(batches, out: Channel, on_gpu: bool, size: int, cfg: dict, preprocess, device: Device) -> None:
     """Loader batches to device tensors. On CUDA on a stream of its own, so copies and nvJPEG decoding overlap
     with the encoder's kernels; the event it records tells the encoder when the batch is ready."""
     import torch
 
-    stream = torch.cuda.Stream(device) if is_cuda(device) else None
+    stream = torch.cuda.Stream(device.torch_name) if device.is_cuda else None
     for batch in batches:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             if on_gpu:
-                batch = decode_batch(batch, size, cfg, device, preprocess)
+                batch = decode_batch(batch, size, cfg, device.torch_name, preprocess)
             ok = [item for item in batch if item.pixels is not None]
             pixels = _to_device([item.pixels for item in ok], device) if ok else None
             ready = stream.record_event() if stream is not None else None
@@ -137,15 +137,16 @@ def _feed(batches, out: Channel, on_gpu: bool, size: int, cfg: dict, preprocess,
     out.put(DONE)
 
 
-def _to_device(pixels: list, device: str):
+def _to_device(pixels: list, device: Device):
     """One batch tensor on ``device``; CPU-decoded batches go through pinned memory (an asynchronous copy)."""
     import torch
 
-    if not is_cuda(device):
+    if not device.is_cuda:
         return torch.stack(pixels)
     if all(p.device.type == "cpu" for p in pixels):
-        return torch.stack(pixels).pin_memory().to(device, non_blocking=True)
-    return torch.stack([p.to(device, non_blocking=True) for p in pixels])  # nvJPEG's, and a few CPU fall-backs
+        return torch.stack(pixels).pin_memory().to(device.torch_name, non_blocking=True)
+    name = device.torch_name
+    return torch.stack([p.to(name, non_blocking=True) for p in pixels])  # nvJPEG's, and a few CPU fall-backs
 
 
 def _encode(work, encoder: Encoder, fed: Channel, out: Channel, options: EncodeOptions, progress: bool, torch):

@@ -10,7 +10,7 @@ import errno
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from retrieval.errors import DiskFullError, Interrupted, ModelLoadError, UsageEr
 from retrieval.faults import fault_point
 from retrieval.image_meta import read_image_meta
 from retrieval.images import hash_file
-from retrieval.model.device import is_cuda, resolve_device
+from retrieval.model.device import Device, resolve_device
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec, check_spec, spec_key
 from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding
@@ -47,7 +47,7 @@ class IndexSettings:
     model: ModelSpec = field(default_factory=ModelSpec)
     batch_size: int | None = None  # None: 32 on the CPU, 256 on CUDA (see default_batch_size)
     workers: int | None = None  # None: one per core, at most 4
-    device: str = "auto"
+    device: Device | str = "auto"  # a string (auto, cpu, cuda) is resolved once, by index_paths
     chunk_size: int = 256  # files per catalog transaction
     wait_for_lock: bool = True
     save_every_s: float = 120.0  # also save the FAISS file during long runs
@@ -100,6 +100,7 @@ def index_paths(
     ``on_wait`` hears why the run pauses when another process holds the write lock.
     """
     started = time.perf_counter()
+    settings = replace(settings, device=resolve_device(settings.device))  # the public entry: resolved here once
     layout = IndexLayout(Path(index_dir))
     folders = [resolve_folder(Path(p)) for p in paths]
     if settings.batch_size is not None and settings.batch_size < 1:
@@ -268,7 +269,7 @@ def _run_plan(
                 raise ModelLoadError(
                     "random weights differ at every load: pass --pretrained TAG|FILE or a local-dir: model"
                 )
-            device = resolve_device(settings.device)
+            device = settings.device
 
             def on_encoder(encoder: Encoder) -> None:
                 if catalog.model_identity() is None:
@@ -314,7 +315,7 @@ def _apply_moves_and_removals(session: Session, plan: Plan, summary: IndexSummar
     return removed, np.zeros(0, dtype=np.int64), None
 
 
-def encoding_source(settings: IndexSettings, device: str) -> EncodedChunkSource:
+def encoding_source(settings: IndexSettings, device: Device) -> EncodedChunkSource:
     """Who decodes and encodes: a Ray cluster (``--ray``) or this machine's overlapped stages. The one place a
     run's shape depends on it (``indexer.encoding``)."""
     batch_size = settings.batch_size or default_batch_size(device)
@@ -360,14 +361,14 @@ def _apply_chunk(session: Session, chunk: Chunk, summary):
     return removed, ids, np.concatenate([new_vectors.astype(np.float32), vectors]) if len(new_ids) else vectors
 
 
-def default_batch_size(device: str) -> int:
+def default_batch_size(device: Device) -> int:
     """CPU: 32 (larger batches gain nothing and delay the first commit). CUDA: 256, where ViT-B-32 in fp16 runs
     near its peak images/s without holding much memory."""
-    return 256 if is_cuda(device) else 32
+    return 256 if device.is_cuda else 32
 
 
-def default_workers(device: str = "cpu") -> int:
+def default_workers(device: Device) -> int:
     """CPU: one per core, at most 4 (the encoder needs the cores too). CUDA: decoding must keep up with the GPU,
     so every core, up to 16."""
-    cap = 16 if is_cuda(device) else 4
+    cap = 16 if device.is_cuda else 4
     return max(1, min(cap, os.cpu_count() or 1))

@@ -176,7 +176,7 @@ def _dataset(ray, work, encoder, spec, ray_settings: RaySettings, batch_size: in
     env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
     return decoded.map_batches(
         EncodeActor,
-        fn_constructor_kwargs={"spec": spec, "int8": int8},
+        fn_constructor_kwargs={"spec": spec, "int8": int8, "on_gpu": bool(ray_settings.gpus_per_worker)},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=ray_settings.gpus_per_worker or None,
@@ -228,14 +228,15 @@ def _facts(items: list[DecodedItem], node: str) -> dict[str, np.ndarray]:
 class EncodeActor:
     """One loaded model per actor (on its GPU when Ray gave it one); turns pixel batches into float16 rows."""
 
-    def __init__(self, spec: ModelSpec, int8: bool = False):
+    def __init__(self, spec: ModelSpec, int8: bool = False, on_gpu: bool = False):
         import torch
 
+        from retrieval.model.device import CPU, Device
         from retrieval.model.encoder import Encoder
 
         cpus = int(os.environ.get("OMP_NUM_THREADS") or 0) or 1
         torch.set_num_threads(max(1, cpus))
-        self.encoder = Encoder.load(spec, "auto", int8=int8)
+        self.encoder = Encoder.load(spec, Device("cuda") if on_gpu else CPU, int8=int8)  # Ray gave it a GPU or none
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

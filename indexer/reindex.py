@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import ClipsearchError, EmptyIndexError
+from retrieval.model.device import Device, resolve_device
 from retrieval.model.spec import ModelIdentity
 from retrieval.store.catalog import STATUS_OK, Catalog
 from retrieval.store.index_types import AUTO, check_index_type, choose_index_type, default_params, kind
@@ -57,9 +58,15 @@ class ReindexSummary:
 
 
 def reindex(
-    index_dir: Path, index_type: str = AUTO, max_memory: int | None = None, device: str = "auto", wait: bool = True
+    index_dir: Path,
+    index_type: str = AUTO,
+    max_memory: int | None = None,
+    device: Device | str = "auto",
+    wait: bool = True,
 ) -> ReindexSummary:
-    """Rebuild as ``index_type`` (``auto``: chosen from size and ``max_memory``) and keep that choice in force."""
+    """Rebuild as ``index_type`` (``auto``: chosen from size and ``max_memory``) and keep that choice in force.
+    ``device`` (where text probes are encoded): a string is resolved here, the public entry."""
+    device = resolve_device(device)
     layout = IndexLayout(Path(index_dir).expanduser())
     check_index_type(index_type)
     if not layout.exists():
@@ -75,7 +82,7 @@ def reindex(
 
 
 def apply_index_type(
-    catalog: Catalog, layout: IndexLayout, index_type: str | None, max_memory: int | None, device: str = "auto"
+    catalog: Catalog, layout: IndexLayout, index_type: str | None, max_memory: int | None, device: Device
 ) -> ReindexSummary | None:
     """After an index run, with the write lock held: rebuild when the type in force calls for another type, or
     when an IVF index has doubled since it was trained. None when nothing needed doing."""
@@ -119,7 +126,7 @@ def planned_type(catalog: Catalog, dim: int) -> str:
     return choose_index_type(catalog.count(STATUS_OK), dim, recorded_budget(catalog))
 
 
-def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: str = "auto") -> ReindexSummary:
+def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: Device) -> ReindexSummary:
     """Build ``index_type`` from stored embeddings, tune and measure it, save it, then record it (write lock held)."""
     started = time.perf_counter()
     identity = _identity(catalog, layout)
@@ -138,7 +145,7 @@ def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: s
     )
 
 
-def probe_queries(catalog: Catalog, identity: ModelIdentity, device: str = "auto") -> tuple[np.ndarray, str]:
+def probe_queries(catalog: Catalog, identity: ModelIdentity, device: Device) -> tuple[np.ndarray, str]:
     """Text probes encoded with the index's own model; stored image vectors when the model cannot be loaded."""
     from retrieval.model.encoder import Encoder
 

@@ -128,7 +128,7 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
     identity = catalog.model_identity()
     spec = identity.spec()
     catalog.check_model(spec_key(spec), spec.describe())  # the weights on disk are the ones the index recorded
-    encoder = Encoder.load_text(spec, "cpu")
+    encoder = Encoder.load_text_only(spec)  # float32 on the CPU: the reference the graph must match
     work = layout.root / f".text-tower-tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -23,6 +23,7 @@ from watchdog.observers import Observer
 from indexer.pipeline import IndexSettings, IndexSummary, index_paths
 from indexer.scan import image_suffixes, resolve_folder
 from retrieval.errors import ClipsearchError, UsageError
+from retrieval.model.device import Device
 from retrieval.store.catalog import Catalog
 from retrieval.store.layout import IndexLayout
 from retrieval.store.recorded_model import recorded_model
@@ -221,7 +222,7 @@ def watching_in_background(
         thread.join(join_timeout_s)
 
 
-def recorded_settings(index_dir: Path, device: str = "auto") -> IndexSettings:
+def recorded_settings(index_dir: Path, device: Device | str = "auto") -> IndexSettings:
     """Index settings for the model an index already records (how ``serve --watch`` indexes)."""
     model = recorded_model(Path(index_dir))
     if model is None:

@@ -19,6 +19,7 @@ from clipsearch.cli import app
 from clipsearch.lab.datasets import DatasetError, load_captioned_set
 from clipsearch.lab.evaluate import AS_INDEXED, REFERENCE, STAGE_FOLDER, EvalSettings, evaluate
 from retrieval.errors import UsageError
+from retrieval.model.device import CPU
 from retrieval.search.engine import SearchEngine
 from tests.test_metrics import brute_force
 from tests.test_shapes_dataset import shapes
@@ -196,7 +197,7 @@ def test_reference_pixels_are_pillows_full_decode_also_in_workers(tiny_spec, tmp
     from tests.conftest import write_image
 
     paths = [write_image(tmp_path / f"{n}.jpg", n, size=(400 + 50 * n, 300)) for n in range(3)]
-    preprocess = Encoder.load(tiny_spec, "cpu").preprocess
+    preprocess = Encoder.load(tiny_spec, CPU).preprocess
     direct = [preprocess(Image.open(path).convert("RGB")) for path in paths]
     loader = DataLoader(ReferenceImages(paths, preprocess), batch_size=2, num_workers=2, collate_fn=list)
 

@@ -12,8 +12,10 @@ import torch
 import retrieval.model.build as build_module
 import retrieval.model.spec as spec_module
 from retrieval.model.build import build_model
-from retrieval.model.encoder import Encoder, encode_text_tokens
+from retrieval.model.device import CPU
+from retrieval.model.encoder import Encoder
 from retrieval.model.spec import file_digest
+from retrieval.model.text_features import text_features
 from retrieval.search.engine import SearchEngine
 from tests.conftest import make_images, write_image
 
@@ -35,8 +37,8 @@ def test_trimmed_text_encoding_equals_the_full_77_tokens(tiny_spec):
     tokens = open_clip.get_tokenizer(tiny_spec.name)(TEXTS)
     with torch.inference_mode():
         full = model.encode_text(tokens, normalize=True)
-        trimmed = encode_text_tokens(model, tokens)
-        one = encode_text_tokens(model, tokens[:1])
+        trimmed = text_features(model, tokens)
+        one = text_features(model, tokens[:1])
     np.testing.assert_allclose(trimmed.numpy(), full.numpy(), atol=1e-6)
     np.testing.assert_allclose(one.numpy(), full[:1].numpy(), atol=1e-6)
 
@@ -51,16 +53,16 @@ def test_skipping_random_init_loads_the_same_weights(tiny_spec, monkeypatch):
 
 
 def test_text_only_encoder_matches_the_full_one_and_refuses_images(tiny_spec, fresh_encoders):
-    text_only = Encoder.load_text(tiny_spec, "cpu")
+    text_only = Encoder.load_text_only(tiny_spec)
     assert text_only.text_only
     assert all(p.device.type == "meta" for p in text_only.model.visual.parameters())
     vectors = text_only.encode_texts(TEXTS)
     with pytest.raises(RuntimeError, match="text tower"):
         text_only.encode_images(torch.zeros(1, 3, 64, 64))
-    full = Encoder.load(tiny_spec, "cpu")
+    full = Encoder.load(tiny_spec, CPU)
     assert not full.text_only and full.identity == text_only.identity
     np.testing.assert_allclose(vectors, full.encode_texts(TEXTS), atol=1e-6)
-    assert Encoder.load_text(tiny_spec, "cpu") is full  # a loaded full encoder is reused for text
+    assert Encoder.load_text_only(tiny_spec) is full  # a loaded full encoder is reused for text
 
 
 def test_text_search_loads_only_the_text_tower_then_image_search_the_rest(tmp_path, settings, fresh_encoders):
@@ -79,8 +81,8 @@ def test_text_search_loads_only_the_text_tower_then_image_search_the_rest(tmp_pa
 
 def test_int8_image_encoder_stays_close_to_fp32(tiny_spec, fresh_encoders):
     pixels = torch.randn(4, 3, 64, 64)
-    reference = Encoder.load(tiny_spec, "cpu").encode_images(pixels)
-    quantized = Encoder.load(tiny_spec, "cpu", int8=True).encode_images(pixels)
+    reference = Encoder.load(tiny_spec, CPU).encode_images(pixels)
+    quantized = Encoder.load(tiny_spec, CPU, int8=True).encode_images(pixels)
     assert np.all(np.sum(reference * quantized, axis=1) > 0.98)
 
 

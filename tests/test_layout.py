@@ -148,3 +148,60 @@ def test_docs_layout_lists_every_module():
         if path.name != "__init__.py" and path.name not in text
     ]
     assert not missing, f"docs/layout.md does not mention: {missing}"
+
+
+# Where ``resolve_device`` may be called: the top. Every CLI command, and the public entries that take a string
+# from a library caller (each resolves it once, at its first line, and passes the ``Device`` down).
+DEVICE_ENTRIES = {
+    ("retrieval/search/engine.py", "__init__"),  # SearchEngine(index_dir, device="auto")
+    ("indexer/pipeline.py", "index_paths"),
+    ("indexer/reindex.py", "reindex"),
+    ("clipsearch/lab/evaluate.py", "evaluate"),
+    ("clipsearch/lab/training.py", "train_model"),
+}
+
+
+def calls_in_functions(tree: ast.Module, name: str) -> list[tuple[str, int]]:
+    """(enclosing function, line) of every call of ``name`` (a bare name or an attribute) in the module."""
+    found = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Call):
+                called = child.func.id if isinstance(child.func, ast.Name) else getattr(child.func, "attr", None)
+                if called == name:
+                    found.append((function, child.lineno))
+            visit(child, inner)
+
+    visit(tree, "<module>")
+    return found
+
+
+def test_device_is_resolved_only_at_the_top():
+    """``--device`` becomes a ``Device`` once, in the CLI command or the public entry a library caller uses;
+    below that the value is passed, never resolved again (issue 22, item 5)."""
+    offenders = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            relative = str(path.relative_to(ROOT))
+            for function, line in calls_in_functions(ast.parse(path.read_text()), "resolve_device"):
+                if relative.startswith("clipsearch/cli/") or (relative, function) in DEVICE_ENTRIES:
+                    continue
+                offenders.append(f"{relative}:{line} in {function}()")
+    assert not offenders, "resolve_device below the top:\n" + "\n".join(offenders)
+
+
+def test_one_definition_of_the_end_of_text_truncation():
+    """The text tower up to the last end-of-text token is one function (``retrieval/model/text_features.py``):
+    no other model module finds the end-of-text position (an argmax over token ids) or cuts the causal mask."""
+    offenders = []
+    for path in sorted((ROOT / "retrieval").rglob("*.py")):
+        if path.name == "text_features.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "argmax":
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+            if isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("attn_mask"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "\n".join(offenders)

@@ -26,6 +26,7 @@ from indexer.scan import FileFacts
 from retrieval.errors import DiskFullError, ModelLoadError
 from retrieval.faults import FAULT_ENV, reset_faults
 from retrieval.model.build import build_image_transform
+from retrieval.model.device import CPU
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
 from retrieval.store.catalog import STATUS_OK, Catalog
@@ -48,7 +49,7 @@ def test_the_workers_transform_is_the_models(tiny_spec, tmp_path):
     """Workers start decoding with a transform built without weights; it must be the loaded model's own."""
     image = Image.open(write_image(tmp_path / "a.jpg", seed=3, size=(200, 120)))
     weightless, cfg = build_image_transform(tiny_spec)
-    encoder = Encoder.load(tiny_spec, "cpu")
+    encoder = Encoder.load(tiny_spec, CPU)
     assert cfg == encoder.identity.preprocess
     assert torch.equal(weightless(image), encoder.preprocess(image))
 

@@ -10,7 +10,7 @@ import torch
 
 from retrieval.errors import UsageError
 from retrieval.model.build import build_model, model_identity
-from retrieval.model.device import is_cuda, precision_for, resolve_device
+from retrieval.model.device import CPU, Device, resolve_device
 from retrieval.model.encoder import Encoder, image_input_dtype
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -18,7 +18,7 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def cpu_encoder(spec, precision: str) -> Encoder:
     model, preprocess = build_model(spec, device="cpu", precision=precision)
-    return Encoder(model, preprocess, open_clip.get_tokenizer(spec.name), model_identity(spec, model), "cpu")
+    return Encoder(model, preprocess, open_clip.get_tokenizer(spec.name), model_identity(spec, model), CPU)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,10 @@ def test_image_batches_are_cast_to_what_the_tower_computes_in(tiny_spec, pixels)
 
 
 def test_one_device_rule():
-    assert resolve_device("cpu") == "cpu" and precision_for("cpu") == "fp32"
-    assert precision_for("cuda:1") == "fp16" and is_cuda("cuda:1") and not is_cuda("cpu")
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") is CPU and CPU.precision == "fp32" and not CPU.is_cuda
+    assert Device("cuda:1").precision == "fp16" and Device("cuda:1").is_cuda
+    assert resolve_device("auto").torch_name == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(CPU) is CPU  # a Device passes through: resolved once, at the top
     with pytest.raises(UsageError, match="unknown device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
@@ -67,9 +68,9 @@ def test_one_device_rule():
 def test_the_cuda_encoder_agrees_with_the_cpu_one(tiny_spec, pixels):
     """On CUDA the encoder runs open_clip's mixed fp16 (the default there): same vectors as float32 on the CPU."""
     texts = ["a red square", "two blue circles"]
-    cpu = Encoder.load(tiny_spec, "cpu")
+    cpu = Encoder.load(tiny_spec, CPU)
     want_images, want_texts = cpu.encode_images(pixels), cpu.encode_texts(texts)
-    cuda = Encoder.load(tiny_spec, "cuda")
+    cuda = Encoder.load(tiny_spec, resolve_device("cuda"))
     assert cuda.dtype == torch.float16
     assert np.all(np.sum(cuda.encode_images(pixels) * want_images, axis=1) > 0.98)
     assert np.all(np.sum(cuda.encode_texts(texts) * want_texts, axis=1) > 0.98)

@@ -88,7 +88,7 @@ def test_export_matches_torch_and_is_recorded_with_its_digest(exported, tiny_spe
 
     queries = ["a dog on a beach", "東京の夜景", "red car " * 30, "<end_of_text> x"]
     tower = OnnxTextEncoder(index_dir / record.folder, record)
-    torch_vectors = Encoder.load_text(tiny_spec, "cpu").encode_texts(queries)
+    torch_vectors = Encoder.load_text_only(tiny_spec).encode_texts(queries)
     assert np.min(np.sum(tower.encode_texts(queries) * torch_vectors, axis=1)) >= MIN_COSINE
     with SearchEngine(index_dir, device="cpu") as engine:
         assert isinstance(engine.text_encoder, OnnxTextEncoder)

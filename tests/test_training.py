@@ -28,6 +28,7 @@ from clipsearch.lab.training import (
     train_model,
 )
 from retrieval.errors import UsageError
+from retrieval.model.device import CPU
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import WEIGHTS_FILE, ModelSpec, file_digest
 from retrieval.testing import TINY_MODEL_CFG, make_random_model_dir
@@ -74,11 +75,11 @@ def trained(shapes_set: Path, tiny_config: Path, tmp_path_factory) -> Path:
 
 def test_a_few_steps_lower_the_loss(shapes_set: Path, tiny_config: Path) -> None:
     torch.manual_seed(0)
-    start = load_start_model(tiny_settings(tiny_config), "cpu")
+    start = load_start_model(tiny_settings(tiny_config), CPU)
     items = load_captioned_set(shapes_set, shapes_set.parent / "images", "train").items[:16]
     pairs = CaptionPairs(items, start.tokenizer, start.preprocess)
     pixels, tokens = collate_pairs([pairs[pair] for pair in epoch_pairs(pairs.caption_counts, seed=0, epoch=0)])
-    step = StepRunner(start.model, "cpu", "fp32", None)
+    step = StepRunner(start.model, CPU, "fp32", None)
     optimizer = make_optimizer(start.model, 2e-3, 0.1)
 
     losses = []
@@ -91,14 +92,14 @@ def test_a_few_steps_lower_the_loss(shapes_set: Path, tiny_config: Path) -> None
 
 def test_micro_batches_give_the_gradient_of_the_whole_batch(shapes_set: Path, tiny_config: Path) -> None:
     torch.manual_seed(0)
-    start = load_start_model(tiny_settings(tiny_config), "cpu")
+    start = load_start_model(tiny_settings(tiny_config), CPU)
     items = load_captioned_set(shapes_set, shapes_set.parent / "images", "train").items[:10]
     pairs = CaptionPairs(items, start.tokenizer, start.preprocess)
     pixels, tokens = collate_pairs([pairs[(i, 0)] for i in range(10)])
 
     def gradients(micro_batch_size: int | None) -> tuple[float, dict[str, torch.Tensor]]:
         start.model.zero_grad(set_to_none=True)
-        loss = StepRunner(start.model, "cpu", "fp32", micro_batch_size).backward(pixels, tokens)
+        loss = StepRunner(start.model, CPU, "fp32", micro_batch_size).backward(pixels, tokens)
         return loss, {n: p.grad.clone() for n, p in start.model.named_parameters() if p.grad is not None}
 
     whole_loss, whole = gradients(None)
@@ -128,7 +129,7 @@ def test_each_epoch_draws_a_random_caption_per_image_reproducibly() -> None:
 
 
 def test_output_is_a_model_folder_every_command_loads(trained: Path) -> None:
-    encoder = Encoder.load(ModelSpec(f"local-dir:{trained}", None), device="cpu")
+    encoder = Encoder.load(ModelSpec(f"local-dir:{trained}", None), device=CPU)
     assert encoder.dim == TINY_MODEL_CFG["embed_dim"]
     vectors = encoder.encode_texts(["a small red circle on the left"])
     assert vectors.shape == (1, encoder.dim) and np.linalg.norm(vectors) == pytest.approx(1, abs=1e-5)
@@ -176,7 +177,7 @@ def test_a_config_json_needs_from_scratch(shapes_set: Path, tiny_config: Path, t
 @pytest.mark.parametrize("fp16", [False, True])
 def test_save_then_load_gives_the_same_embeddings(tiny_config: Path, tmp_path: Path, fp16: bool) -> None:
     torch.manual_seed(0)
-    start = load_start_model(tiny_settings(tiny_config, seed=5), "cpu")
+    start = load_start_model(tiny_settings(tiny_config, seed=5), CPU)
     images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "navy", "gold")]
     texts = ["a big blue star at the top", "small green square, left"]
     with torch.no_grad():
@@ -184,7 +185,7 @@ def test_save_then_load_gives_the_same_embeddings(tiny_config: Path, tmp_path: P
         before_texts = start.model.encode_text(start.tokenizer(texts), normalize=True)
 
     save_trained_model(start.model, start.model_cfg, tmp_path / "saved", fp16=fp16)
-    loaded = Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'saved'}", None), device="cpu")
+    loaded = Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'saved'}", None), device=CPU)
 
     if not fp16:  # the very same numbers, so embeddings differ only by float32 rounding of batched kernels
         saved, reloaded = start.model.state_dict(), loaded.model.state_dict()
@@ -199,8 +200,8 @@ def bundled_test_split():
 
 
 def recall_of(spec_dir: Path, items) -> dict[str, float]:
-    encoder = Encoder.load(ModelSpec(f"local-dir:{spec_dir}", None), device="cpu")
-    return evaluate_recall(encoder.model, encoder.preprocess, encoder.tokenizer, items, "cpu")
+    encoder = Encoder.load(ModelSpec(f"local-dir:{spec_dir}", None), device=CPU)
+    return evaluate_recall(encoder.model, encoder.preprocess, encoder.tokenizer, items, CPU)
 
 
 def test_bundled_model_beats_random_weights_by_a_wide_margin(tmp_path: Path) -> None:
@@ -226,7 +227,7 @@ def test_mixed_precision_training_on_cuda(shapes_set: Path, tiny_config: Path, t
 
     assert all(math.isfinite(epoch.train_loss) for epoch in report.epochs)
     assert report.epochs[-1].train_loss < report.epochs[0].train_loss * 1.1
-    assert Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'gpu'}", None), device="cpu").dim == 32
+    assert Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'gpu'}", None), device=CPU).dim == 32
 
 
 def test_fine_tuning_starts_from_the_given_weights(shapes_set: Path, tiny_spec: ModelSpec, tmp_path: Path) -> None:
@@ -234,8 +235,8 @@ def test_fine_tuning_starts_from_the_given_weights(shapes_set: Path, tiny_spec: 
     report = train_model(shapes_set.parent / "images", shapes_set, tmp_path / "tuned", settings, progress=False)
 
     assert report.start == {"model": tiny_spec.describe()} and report.settings["lr"] == 1e-5
-    start = Encoder.load(tiny_spec, device="cpu")
-    tuned = Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'tuned'}", None), device="cpu")
+    start = Encoder.load(tiny_spec, device=CPU)
+    tuned = Encoder.load(ModelSpec(f"local-dir:{tmp_path / 'tuned'}", None), device=CPU)
     texts = ["a small red circle on the left", "big blue star, top right"]
     before, after = start.encode_texts(texts), tuned.encode_texts(texts)
     assert np.abs(after - before).max() > 1e-4  # trained ...

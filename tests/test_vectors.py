@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from retrieval.errors import UsageError
+from retrieval.model.device import CPU
 from retrieval.store.index_types import EXACT_LIMIT, bytes_per_vector, choose_index_type, parse_memory
 from retrieval.store.tuning import exact_top_k, recall_at_k, tune
 from retrieval.store.vectors import VectorIndex
@@ -200,7 +201,7 @@ def test_gpu_flat_scan_logic_agrees_with_the_cpu_scan(collection, text_queries):
     expected = index.search(text_queries, 10)
     np.testing.assert_array_equal(found[1], expected[1])
     np.testing.assert_allclose(found[0], expected[0], atol=1e-6)
-    assert index.use_device("cpu").device == "cpu"
+    assert not index.use_device(CPU).device.is_cuda
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from clipsearch.cli.options import (
     output_options,
 )
 from clipsearch.cli.output import FOR_LISTS, FOR_REPORTS, Output, Report, emit, line, results_report
+from retrieval.model.device import resolve_device
 from retrieval.search.arguments import check_query
 from retrieval.store.filters import Filters
 
@@ -76,6 +77,7 @@ def index(
     """Index folders of images (only what changed since the last run)."""
     from indexer.preflight import check_folders
 
+    device = resolve_device(device)  # once, here: everything below takes the Device
     check_folders(resolve_index_dir(index_dir), paths or [])  # before torch and the model load
     quiet_libraries()
     from indexer.pipeline import IndexSettings, index_paths
@@ -200,6 +202,7 @@ def search(
     ] = None,
 ) -> None:
     """Find images matching a text description (plus --add, minus --sub), within the filters."""
+    device = resolve_device(device)
     check_query(min_score, filters.under)  # before anything slow: the model, the index
     quiet_libraries()
     from retrieval.search.client import open_searcher
@@ -231,6 +234,7 @@ def similar(
     server: ServerOption = None,
 ) -> None:
     """Find images that look like IMAGE (plus --add, minus --sub); IMAGE itself is left out."""
+    device = resolve_device(device)
     check_query(min_score, filters.under, image)  # before anything slow: the model, the index
     quiet_libraries()
     from retrieval.search.client import open_searcher
@@ -249,18 +253,17 @@ def info(
     index_dir: IndexOption = None,
     failed: Annotated[bool, typer.Option("--failed", help="List files that could not be indexed.")] = False,
     output: Output = Output(),  # output_options: --format and its aliases
+    device: DeviceOption = "auto",
 ) -> None:
-    """Show the model, image count, folders, failures and size of an index."""
+    """Show the model, image count, folders, failures and size of an index, and what answers text queries."""
     from retrieval.search.info import index_info
 
-    emit(info_report(index_info(resolve_index_dir(index_dir), with_failures=failed)), output)
+    device = resolve_device(device)
+    emit(info_report(index_info(resolve_index_dir(index_dir), with_failures=failed, device=device)), output)
 
 
 def info_report(details) -> Report:
     state = "current" if details.vectors_current else "stale (rebuilt on next use)"
-    tower = (
-        f"ONNX {details.text_tower} (no torch)" if details.text_tower else "torch (`clipsearch export-text` for faster)"
-    )
     table = [
         line("index:   {}", str(details.index_dir)),
         line("model:   {}", details.model or "(none yet)"),
@@ -279,7 +282,7 @@ def info_report(details) -> Report:
             )  # fmt: skip
         )
     table += [
-        line("text:    {}", tower),
+        line("text:    {}", details.text_queries or "(no model yet)"),
         line("size:    {:.1f} MB", details.size_bytes / 1e6),
         line("folders: {}", ", ".join(details.roots) or "(none)"),
     ]

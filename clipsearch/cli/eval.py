@@ -138,6 +138,7 @@ def protocols_from(options: dict) -> tuple[str, ...]:
 def _run(options: dict, benchmark: str | None) -> None:
     quiet_libraries()
     from clipsearch.lab.evaluate import EvalSettings, evaluate_annotations
+    from retrieval.model.device import resolve_device
     from retrieval.store.recorded_model import model_for_index
 
     settings = EvalSettings(
@@ -145,7 +146,7 @@ def _run(options: dict, benchmark: str | None) -> None:
         prompt=options["prompt"],
         batch_size=options["batch_size"],
         workers=options["workers"],
-        device=options["device"],
+        device=resolve_device(options["device"]),  # once, here: evaluation takes the Device
         index_dir=options["index_dir"],
         allow_missing=options["allow_missing"],
         protocols=protocols_from(options),

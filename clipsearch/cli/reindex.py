@@ -29,7 +29,9 @@ def reindex(
     """Rebuild the vector index as another type from the stored embeddings, tuned for recall@10 >= 0.95."""
     quiet_libraries()
     from indexer.reindex import reindex as rebuild
+    from retrieval.model.device import resolve_device
     from retrieval.store.index_types import parse_memory
 
+    device = resolve_device(device)
     summary = rebuild(resolve_index_dir(index_dir), index_type, parse_memory(max_memory), device, wait=not no_wait)
     typer.echo(summary.line())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from clipsearch.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
 from clipsearch.cli.options import BF16TextOption, DeviceOption, IndexOption
+
+if TYPE_CHECKING:
+    from retrieval.model.device import Device
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -40,7 +43,9 @@ def serve(
     """Serve a search page and JSON API (schema at /openapi.json) for an index; the model loads once."""
     quiet_libraries()
     from retrieval.errors import UsageError
+    from retrieval.model.device import resolve_device
 
+    device = resolve_device(device)  # once, here: the engine and the watcher take the Device
     if max_upload_mb <= 0:
         raise UsageError("--max-upload-mb must be positive")
     if max_upload_mp <= 0:
@@ -63,7 +68,7 @@ def serve(
     run_server(index, host=host, port=port, settings=settings, alongside=_watcher(index, device) if watch else None)
 
 
-def _watcher(index, device: str):
+def _watcher(index, device: Device):
     """``serve --watch``: the folder watcher on a background thread of the server process (the server itself,
     on the read side, never imports the indexer)."""
     from functools import partial

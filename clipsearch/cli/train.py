@@ -63,6 +63,7 @@ def train(
     """Train CLIP contrastively on your captioned images; the best epoch by validation recall is kept."""
     quiet_libraries()
     from clipsearch.lab.training import REPORT_FILE, TrainSettings, train_model
+    from retrieval.model.device import resolve_device
     from retrieval.model.spec import ModelSpec
 
     settings = TrainSettings(
@@ -75,7 +76,7 @@ def train(
         weight_decay=weight_decay,
         warmup_steps=warmup_steps,
         seed=seed,
-        device=device,
+        device=resolve_device(device),  # once, here: training takes the Device
         workers=workers,
         threads=threads,
         val_split=val_split,

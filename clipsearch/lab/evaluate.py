@@ -37,6 +37,7 @@ from clipsearch.lab.metrics import (
 )
 from retrieval.atomic import atomic_write
 from retrieval.errors import UsageError
+from retrieval.model.device import Device, resolve_device
 from retrieval.model.spec import ModelSpec
 from retrieval.unit import unit_rows
 
@@ -64,7 +65,7 @@ class EvalSettings:
     prompt: str = ""
     batch_size: int = 64
     workers: int | None = None
-    device: str = "auto"
+    device: Device | str = "auto"  # a string is resolved once, by evaluate
     index_dir: Path | None = None
     allow_missing: bool = False
     protocols: tuple[str, ...] = (REFERENCE,)
@@ -195,15 +196,13 @@ def evaluate_annotations(
 
 def evaluate(captioned: CaptionedSet, settings: EvalSettings, progress: bool = True) -> EvalReport:
     """Run each of ``settings.protocols`` on the set (each cached) and report them in that order."""
-    from retrieval.model.device import resolve_device
-
     if not captioned.items:
         raise DatasetError("the captioned set is empty")
     unknown = [p for p in settings.protocols if p not in PROTOCOLS]
     if unknown or not settings.protocols:
         raise UsageError(f"unknown eval protocol {unknown[:1]}: use {' or '.join(PROTOCOLS)}")
     index_dir = (settings.index_dir or default_eval_dir(captioned, settings.model)).expanduser().resolve()
-    settings = replace(settings, device=resolve_device(settings.device))
+    settings = replace(settings, device=resolve_device(settings.device))  # the public entry: resolved here once
     if (settings.rerank or settings.hard_negatives) and AS_INDEXED not in settings.protocols:
         settings = replace(settings, protocols=settings.protocols + (AS_INDEXED,))  # re-ranking reads the index
     runs, problems, model = [], [], settings.model.describe()
@@ -254,7 +253,7 @@ def _reference_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: P
         # clip_benchmark on the kept images batches them afresh: so do we
         embedded, dropped = embed(CaptionedSet(kept, captioned.source_format, captioned.missing)), [note]
     metrics, ties = reference_recall(
-        embedded.texts, embedded.images, embedded.owners, settings.ks, settings.batch_size, settings.device
+        embedded.texts, embedded.images, embedded.owners, settings.ks, settings.batch_size, settings.device.torch_name
     )
     encoded = 0 if embedded.cached else len(embedded.images)
     run = ProtocolRun(REFERENCE, metrics, ties, encoded, embedded.seconds, 0.0, embedded.cached)
@@ -289,7 +288,7 @@ def _as_indexed_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: 
         text_seconds = time.perf_counter() - started
         owners_array = np.asarray(owners, dtype=np.int64)
         metrics, ties = reference_recall(
-            text_emb, unit_rows(image_emb), owners_array, settings.ks, settings.batch_size, settings.device
+            text_emb, unit_rows(image_emb), owners_array, settings.ks, settings.batch_size, settings.device.torch_name
         )
         image_ids = _ids_of(engine, staged)
         faiss = check_faiss_search(engine, text_emb, image_emb, owners_array, image_ids, settings.ks, texts)

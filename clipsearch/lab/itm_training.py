@@ -89,6 +89,7 @@ def train_itm(
     """Train the fusion model on the train split, validate on ``val_split``, write the best epoch to ``out_dir``."""
     from clipsearch.lab.datasets import load_captioned_set
     from clipsearch.lab.train_data import split_train_val
+    from retrieval.model.device import CPU
     from retrieval.model.encoder import Encoder
     from retrieval.model.spec import spec_key
 
@@ -103,7 +104,7 @@ def train_itm(
     captioned = load_captioned_set(Path(annotations), Path(images_dir))
     data = split_train_val(captioned, settings.val_split, settings.seed)
     table = read_hard_negatives(annotations)
-    encoder = Encoder.load(settings.clip, "cpu")
+    encoder = Encoder.load(settings.clip, CPU)
     clip, tokenizer = encoder.model.eval(), encoder.tokenizer
     for param in clip.parameters():
         param.requires_grad_(False)

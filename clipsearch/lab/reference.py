@@ -24,6 +24,7 @@ from PIL import Image
 import retrieval.images  # noqa: F401  (sets Pillow's decompression-bomb limit, which applies here too)
 from clipsearch.lab.datasets import CaptionedSet
 from retrieval.atomic import atomic_write
+from retrieval.model.device import CPU, Device
 from retrieval.model.spec import ModelSpec, spec_key
 
 CACHE_FORMAT = 1
@@ -71,7 +72,7 @@ def reference_embeddings(
     prompt: str = "",
     batch_size: int = 64,
     workers: int = 0,
-    device: str = "cpu",
+    device: Device = CPU,
     progress: bool = False,
 ) -> ReferenceEmbeddings:
     """Embed the set's images and captions the reference way (cached in ``cache_dir``)."""
@@ -101,7 +102,7 @@ def reference_embeddings(
     return result
 
 
-def _load(spec: ModelSpec, device: str) -> tuple[Any, Any, Any, str]:
+def _load(spec: ModelSpec, device: Device) -> tuple[Any, Any, Any, str]:
     """The float32 model: the process's shared encoder when that is float32 (the CPU), else a float32 build."""
     import open_clip
     import torch
@@ -109,11 +110,11 @@ def _load(spec: ModelSpec, device: str) -> tuple[Any, Any, Any, str]:
     from retrieval.model.build import build_model, model_identity
     from retrieval.model.encoder import Encoder
 
-    if device == "cpu":
+    if not device.is_cuda:
         encoder = Encoder.load(spec, device)
         if encoder.dtype == torch.float32:
             return encoder.model, encoder.preprocess, encoder.tokenizer, encoder.identity.describe()
-    model, preprocess = build_model(spec, device=device, precision="fp32")
+    model, preprocess = build_model(spec, device=device.torch_name, precision="fp32")
     return model, preprocess, open_clip.get_tokenizer(spec.name), model_identity(spec, model).describe()
 
 
@@ -133,8 +134,8 @@ def _encode(captioned, model, preprocess, tokenizer, prompt, batch_size, workers
             continue
         captions = [(prompt + c, position) for position, _ in good for c in captioned.items[position].captions]
         with torch.no_grad():
-            pixels = torch.stack([p for _, p in good]).to(device)
-            tokens = tokenizer([text for text, _ in captions]).to(device)
+            pixels = torch.stack([p for _, p in good]).to(device.torch_name)
+            tokens = tokenizer([text for text, _ in captions]).to(device.torch_name)
             image_rows.append(F.normalize(model.encode_image(pixels), dim=-1).float().cpu())
             text_rows.append(F.normalize(model.encode_text(tokens), dim=-1).float().cpu())
         owners += [position for _, position in captions]
@@ -144,12 +145,12 @@ def _encode(captioned, model, preprocess, tokenizer, prompt, batch_size, workers
     return images, texts, np.asarray(owners, dtype=np.int64), tuple(failed)
 
 
-def _cache_key(captioned: CaptionedSet, spec: ModelSpec, prompt: str, batch_size: int, device: str) -> str:
+def _cache_key(captioned: CaptionedSet, spec: ModelSpec, prompt: str, batch_size: int, device: Device) -> str:
     import open_clip
     import torch
 
     digest = hashlib.sha256(
-        f"{CACHE_FORMAT}\n{spec_key(spec)}\n{device}\n{batch_size}\n{prompt}\n"
+        f"{CACHE_FORMAT}\n{spec_key(spec)}\n{device.torch_name}\n{batch_size}\n{prompt}\n"
         f"{torch.__version__}\n{open_clip.__version__}\n".encode()
     )
     for item in captioned.items:

@@ -28,7 +28,7 @@ import numpy as np
 from clipsearch.lab.epochs import EpochLoop, EpochStats, Step, Verdict, fit
 from retrieval.errors import ModelLoadError, UsageError
 from retrieval.model.build import build_model, save_model_dir
-from retrieval.model.device import is_cuda, resolve_device
+from retrieval.model.device import Device, resolve_device
 from retrieval.model.spec import CONFIG_FILE, WEIGHTS_FILE, ModelSpec
 
 REPORT_FILE = "train_report.json"
@@ -54,7 +54,7 @@ class TrainSettings:
     warmup_steps: int | None = None
     grad_clip_norm: float | None = 1.0
     seed: int = 0
-    device: str = "auto"
+    device: Device | str = "auto"  # a string is resolved once, by train_model
     precision: str = "auto"
     workers: int = 0
     threads: int | None = None
@@ -187,7 +187,7 @@ def _scratch_config(settings: TrainSettings) -> tuple[dict[str, Any], dict[str, 
     return model_cfg, {}, spec.name
 
 
-def load_start_model(settings: TrainSettings, device: str) -> StartModel:
+def load_start_model(settings: TrainSettings, device: Device) -> StartModel:
     """The model to train: random weights of a config (seeded), or a pretrained tag / checkpoint / folder."""
     import open_clip
     import torch
@@ -201,7 +201,7 @@ def load_start_model(settings: TrainSettings, device: str) -> StartModel:
             spec = ModelSpec(f"local-dir:{folder}", None)
             logging.disable(logging.WARNING)  # open_clip warns that the folder has no weights: that is the point
             try:
-                model, preprocess = build_model(spec, device=device)
+                model, preprocess = build_model(spec, device=device.torch_name)
             finally:
                 logging.disable(logging.NOTSET)
             tokenizer = open_clip.get_tokenizer(spec.name)
@@ -209,7 +209,7 @@ def load_start_model(settings: TrainSettings, device: str) -> StartModel:
     spec = settings.model
     if spec.name.endswith(".json"):
         raise UsageError(f"{spec.name} is a model config: pass --from-scratch to train it from random weights")
-    model, preprocess = build_model(spec, device=device)
+    model, preprocess = build_model(spec, device=device.torch_name)
     model_cfg = open_clip.get_model_config(spec.name if spec.local_dir else spec.name.replace("/", "-"))
     tokenizer = open_clip.get_tokenizer(spec.name)
     return StartModel(model, preprocess, tokenizer, copy.deepcopy(model_cfg), {"model": spec.describe()})
@@ -221,12 +221,12 @@ def load_start_model(settings: TrainSettings, device: str) -> StartModel:
 class StepRunner:
     """Forward, loss and backward for one batch, with autocast and exact accumulation over micro-batches."""
 
-    def __init__(self, model: Any, device: str, precision: str, micro_batch_size: int | None):
+    def __init__(self, model: Any, device: Device, precision: str, micro_batch_size: int | None):
         import torch
 
         self.model = model
         self.device = device
-        use_amp = is_cuda(device) and precision in ("auto", "amp")
+        use_amp = device.is_cuda and precision in ("auto", "amp")
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.micro_batch_size = micro_batch_size
@@ -248,8 +248,8 @@ class StepRunner:
         """Accumulate the gradients of the batch's loss; return the loss."""
         import torch
 
-        pixels = pixels.to(self.device, non_blocking=True)
-        tokens = tokens.to(self.device, non_blocking=True)
+        pixels = pixels.to(self.device.torch_name, non_blocking=True)
+        tokens = tokens.to(self.device.torch_name, non_blocking=True)
         size = self.micro_batch_size or len(pixels)
         if size >= len(pixels):
             image, text = self.features(pixels, tokens)
@@ -302,7 +302,7 @@ def evaluate_recall(
     preprocess: Any,
     tokenizer: Any,
     items: Sequence[Any],
-    device: str,
+    device: Device,
     ks: Sequence[int] = (1, 5, 10),
     batch_size: int = 256,
     workers: int = 0,
@@ -323,13 +323,13 @@ def evaluate_recall(
             if pixels is None:
                 continue
             with autocast():
-                features = model.encode_image(pixels.to(device), normalize=True)
+                features = model.encode_image(pixels.to(device.torch_name), normalize=True)
             image_rows.update(zip(indices, features.float().cpu().numpy(), strict=True))
         kept = sorted(image_rows)
         captions = [(row, caption) for row, index in enumerate(kept) for caption in items[index].captions]
         text_chunks = []
         for start in range(0, len(captions), batch_size):
-            tokens = tokenizer([caption for _, caption in captions[start : start + batch_size]]).to(device)
+            tokens = tokenizer([caption for _, caption in captions[start : start + batch_size]]).to(device.torch_name)
             with autocast():
                 text_chunks.append(model.encode_text(tokens, normalize=True).float().cpu().numpy())
     model.train(was_training)
@@ -357,12 +357,12 @@ def save_trained_model(model: Any, model_cfg: dict[str, Any], out_dir: Path, fp1
     return out_dir
 
 
-def _environment(device: str) -> dict[str, Any]:
+def _environment(device: Device) -> dict[str, Any]:
     import open_clip
     import torch
 
     return {
-        "device": torch.cuda.get_device_name() if is_cuda(device) else device,
+        "device": torch.cuda.get_device_name() if device.is_cuda else device.torch_name,
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "threads": torch.get_num_threads(),
@@ -392,7 +392,7 @@ def train_model(
     _check_out_dir(out_dir, settings.overwrite)
     if settings.epochs < 1 or settings.batch_size < 2:
         raise UsageError("--epochs must be at least 1 and --batch-size at least 2")
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device)  # the public entry: resolved here once
     if settings.threads:
         torch.set_num_threads(settings.threads)
     captioned = load_captioned_set(Path(annotations), Path(images_dir))
@@ -425,6 +425,7 @@ def train_model(
         start=start.description,
         settings={
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+            "device": device.torch_name,
             "lr": base_lr,
             "warmup_steps": warmup,
             "total_steps": total_steps,

@@ -163,8 +163,10 @@ def quantize_image_tower(model: Any) -> Any:
 
 def build_text_model(spec: ModelSpec) -> tuple[Any, Any] | None:
     """The model with only its text tower in memory, for text queries on the CPU: the image tower is built on
-    PyTorch's meta device (no memory, no initialisation) and its weights are never read. None when this does not
-    apply (not a standard open_clip CLIP, or weights not a plain state dict); the caller builds the whole model."""
+    PyTorch's meta device (no memory, no initialisation) and its weights are never read. Weights are float32 as
+    ``build_model`` gives them, also from a file that stores them in fp16 (``assign`` would keep the file's dtype).
+    None when this does not apply (not a standard open_clip CLIP, or weights not a plain state dict); the caller
+    builds the whole model."""
     import open_clip
     import torch
 
@@ -192,6 +194,7 @@ def build_text_model(spec: ModelSpec) -> tuple[Any, Any] | None:
     state = _read_tensors(weights, wanted)
     if state is None or set(state) != wanted:
         return None
+    state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}  # fp16 files
     model.load_state_dict(state, strict=False, assign=True)
     length = model.attn_mask.shape[0]  # a non-persistent buffer: rebuilt as open_clip builds it
     model.attn_mask = torch.full((length, length), float("-inf")).triu_(1)

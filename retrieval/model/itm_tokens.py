@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from retrieval.model.text_features import eos_id_of, pooled_features, text_states, truncated
+
 
 @dataclass(frozen=True)
 class ImageTokens:
@@ -53,18 +55,7 @@ def image_tokens(model: Any, pixels: torch.Tensor) -> ImageTokens:
 
 def text_tokens(model: Any, tokens: torch.Tensor) -> TextTokens:
     """Per-token states of the (causal) text tower up to the batch's last end-of-text token, and the pooled
-    normalised vector that ``encode_text`` would give."""
-    ends = tokens.argmax(dim=-1)  # CLIP's end-of-text token has the largest id
-    length = int(ends.max()) + 1
-    tokens = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    pooled = x[torch.arange(x.shape[0]), ends]
-    pooled = (
-        pooled @ model.text_projection
-        if not hasattr(model.text_projection, "in_features")
-        else model.text_projection(pooled)
-    )
-    positions = torch.arange(length, device=tokens.device)[None, :]
-    return TextTokens(x.float(), positions > ends[:, None], F.normalize(pooled.float(), dim=-1))
+    normalised vector the encoder gives (``retrieval.model.text_features``)."""
+    states, ends = text_states(model, truncated(tokens, eos_id_of(model)))
+    positions = torch.arange(states.shape[1], device=tokens.device)[None, :]
+    return TextTokens(states.float(), positions > ends[:, None], pooled_features(model, states, ends))

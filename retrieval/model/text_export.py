@@ -1,8 +1,8 @@
 """Write a CLIP text tower as ONNX (float32, then optionally dynamic int8), for torch-free text queries.
 
 The graph takes token ids trimmed to the batch's last end-of-text token (dynamic batch and length) and returns
-L2-normalised features, exactly as ``retrieval.model.encoder.encode_text_tokens`` computes them: the tower is
-causal and pools at the end-of-text position (the argmax of the ids), so positions after it never matter.
+L2-normalised features: ``retrieval.model.text_features`` traced, the function the torch encoder runs (the tower
+is causal and pools at the end-of-text position, the argmax of the ids, so positions after it never matter).
 Needs torch and ``onnxscript`` (torch's exporter) and ``onnx`` (int8): export time only.
 """
 
@@ -69,20 +69,15 @@ def _text_tower(model: Any) -> Any:
     """The tower as a module of its own (defined here: this file imports without torch)."""
     import torch
 
+    from retrieval.model.text_features import pooled_features, text_states
+
     class TextTower(torch.nn.Module):
         def __init__(self, clip: Any):
             super().__init__()
             self.clip = clip
 
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            clip, length = self.clip, tokens.shape[1]
-            x = clip.token_embedding(tokens) + clip.positional_embedding[:length]
-            x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
-            x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
-            projection = clip.text_projection
-            if projection is not None:
-                x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
-            return torch.nn.functional.normalize(x, dim=-1)
+            return pooled_features(self.clip, *text_states(self.clip, tokens))  # tokens arrive cut (text_onnx)
 
     return TextTower(model)
 

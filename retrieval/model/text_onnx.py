@@ -20,6 +20,7 @@ import numpy as np
 
 from retrieval.model.clip_tokenizer import ClipTokenizer
 from retrieval.model.spec import file_digest
+from retrieval.model.text_features import truncated
 from retrieval.unit import unit_rows
 
 TOWER_FILE = "text.onnx"
@@ -78,7 +79,7 @@ def files_match(folder: Path, record: TextTowerRecord) -> bool:
 
 
 class OnnxTextEncoder:
-    """Normalised float32 text features from an exported tower: ``encode_texts`` as ``Encoder`` has it."""
+    """Normalised float32 text features from an exported tower: a ``TextEncoder`` (``text_encoder``)."""
 
     def __init__(self, folder: Path, record: TextTowerRecord, graph_file: str = TOWER_FILE, threads: int | None = None):
         import onnxruntime
@@ -94,10 +95,12 @@ class OnnxTextEncoder:
         )
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
+    def describe(self) -> str:
+        return f"ONNX {self.record.precision or 'float32'} text tower"
+
     def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Features of (n, context) token rows, run only up to the batch's last end-of-text token."""
-        length = int(tokens.argmax(axis=1).max()) + 1
-        (features,) = self.session.run(None, {"tokens": np.ascontiguousarray(tokens[:, :length])})
+        (features,) = self.session.run(None, {"tokens": np.ascontiguousarray(truncated(tokens))})
         return unit_rows(np.asarray(features, dtype=np.float32))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -108,19 +111,37 @@ class OnnxTextEncoder:
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), dtype=np.float32)
 
 
-def open_text_tower(root: Path, record_json: str | None, model_key: str) -> OnnxTextEncoder | None:
-    """The index's exported tower when it belongs to ``model_key`` and its files are intact; else None (the
-    caller uses the torch tower). A broken file or a missing onnxruntime is also None, never an error."""
+@dataclass(frozen=True)
+class ExportedTower:
+    """What an index's exported tower is worth to text queries: current (``problem`` None) or why not."""
+
+    folder: Path | None
+    record: TextTowerRecord | None
+    problem: str | None  # None: current for the index's model, every file as recorded
+
+    @property
+    def current(self) -> bool:
+        return self.problem is None
+
+    def open(self) -> OnnxTextEncoder:
+        """The tower in ONNX Runtime (raises when onnxruntime is missing or the graph cannot be read)."""
+        if self.folder is None or self.record is None or self.problem is not None:
+            raise ValueError(self.problem or "no exported tower")
+        return OnnxTextEncoder(self.folder, self.record)
+
+
+def exported_tower(root: Path, record_json: str | None, model_key: str | None) -> ExportedTower:
+    """The export the catalog records (``record_json``) for an index at ``root`` whose model has ``model_key``:
+    current when it belongs to that model and its files are intact; else the reason it is not used."""
     if not record_json:
-        return None
+        return ExportedTower(None, None, "no exported tower: run clipsearch export-text")
     try:
         record = TextTowerRecord.from_json(record_json)
     except (ValueError, TypeError):
-        return None
+        return ExportedTower(None, None, "the recorded export is unreadable: run clipsearch export-text")
     folder = root / record.folder
-    if record.model_key != model_key or os.sep in record.folder or not files_match(folder, record):
-        return None
-    try:
-        return OnnxTextEncoder(folder, record)
-    except Exception:  # noqa: BLE001  (no onnxruntime, an unreadable graph: the torch path still answers)
-        return None
+    if record.model_key != model_key:
+        return ExportedTower(folder, record, "the export is of another model: run clipsearch export-text")
+    if os.sep in record.folder or not files_match(folder, record):
+        return ExportedTower(folder, record, "the exported files changed: run clipsearch export-text")
+    return ExportedTower(folder, record, None)

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from retrieval.errors import ClipsearchError, UsageError
+from retrieval.model.device import Device
 from retrieval.search.engine import SearchEngine, SearchResult
 from retrieval.search.query import Query, Term
 from retrieval.store.paths import catalog_path
@@ -183,7 +184,7 @@ def _multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
 
 def open_searcher(
     index_dir: Path,
-    device: str = "auto",
+    device: Device | str = "auto",
     server: str | None = None,
     text_bf16: bool = False,
     rerank_model: Path | None = None,

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retrieval.errors import EmptyIndexError, UsageError
-from retrieval.model.device import resolve_device
+from retrieval.model.device import Device, resolve_device
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelIdentity, ModelSpec, spec_key
-from retrieval.model.text_onnx import OnnxTextEncoder, open_text_tower
+from retrieval.model.text_encoder import TextChoice, TextEncoder, open_text_encoder
+from retrieval.model.text_onnx import exported_tower
 from retrieval.search.arguments import check_image_file
 from retrieval.search.fusion import KEYWORD_WEIGHT, newest_first, reciprocal_rank_fusion
 from retrieval.search.query import Filters, Query, Term
@@ -62,28 +63,28 @@ class SearchEngine:
     def __init__(
         self,
         index_dir: Path | str,
-        device: str = "auto",
+        device: Device | str = "auto",
         model: ModelSpec | None = None,
         text_bf16: bool = False,
         rerank_model: Path | str | None = None,
     ):
         self.layout = IndexLayout(Path(index_dir).expanduser())
         self.catalog = Catalog(self.layout.catalog, create=False)
-        self.device = device
-        self.text_bf16 = text_bf16  # CPU: encode text queries with a bfloat16 text tower (see Encoder.load_text)
+        self.device = resolve_device(device)  # the public entry: a string from a library caller resolves here
+        self.text_bf16 = text_bf16  # CPU: encode text queries with a bfloat16 text tower (see Encoder.load_text_only)
         self.identity: ModelIdentity | None = self.catalog.model_identity()
         if model is not None:
             self.catalog.check_model(spec_key(model), model.describe())
         self._encoder: Encoder | None = None
         self._vectors: VectorIndex | None = None
-        self._tower: tuple[str | None, OnnxTextEncoder | None] | None = None  # (record it was opened from, tower)
+        self._text: tuple[tuple, TextEncoder, TextChoice] | None = None  # (what it was chosen from, encoder, choice)
         self.rerank_model = rerank_model  # ITM re-ranker folder; None: FOLDER-itm beside a local-dir:FOLDER model
         self._reranker = None
 
     def close(self) -> None:
         """Close the catalog and let go of the mapped FAISS file and the text tower (an unmount can follow)."""
         self.catalog.close()
-        self._vectors, self._tower = None, None
+        self._vectors, self._text = None, None
 
     def __enter__(self) -> SearchEngine:
         return self
@@ -106,28 +107,26 @@ class SearchEngine:
         return self._encoder
 
     @property
-    def text_encoder(self) -> Encoder | OnnxTextEncoder:
-        """For text queries: the full encoder once loaded; else on the CPU the exported ONNX tower when the index
-        has a current one (no torch: ``retrieval.model.text_onnx``); else only the torch text tower (faster start,
-        less memory than the whole model)."""
-        if self._encoder is not None and not self.text_bf16:
-            return self._encoder
-        spec = self.model_spec
-        exported = None if self.text_bf16 else self.exported_text_tower()
-        if exported is not None:
-            return exported
-        self.catalog.check_model(spec_key(spec), spec.describe())
-        return Encoder.load_text(spec, self.device, bf16=self.text_bf16)
+    def text_encoder(self) -> TextEncoder:
+        """For text queries: the backend ``retrieval.model.text_encoder`` chooses; chosen again only when the
+        catalog's export record changes or this engine loads the whole model."""
+        return self._text_backend()[0]
 
-    def exported_text_tower(self) -> OnnxTextEncoder | None:
-        """The index's exported text tower when it is current for the index's model and queries run on the CPU;
-        opened again only when the catalog's record changes."""
+    @property
+    def text_choice(self) -> TextChoice:
+        """Which backend answers text queries, and why."""
+        return self._text_backend()[1]
+
+    def _text_backend(self) -> tuple[TextEncoder, TextChoice]:
+        spec = self.model_spec
         record = self.catalog.get_meta(MetaKey.TEXT_TOWER)
-        if self._tower is None or self._tower[0] != record:
-            usable = self.identity is not None and resolve_device(self.device) == "cpu"
-            tower = open_text_tower(self.layout.root, record, self.identity.key()) if usable else None
-            self._tower = (record, tower)
-        return self._tower[1]
+        facts = (record, self._encoder is not None)
+        if self._text is None or self._text[0] != facts:
+            tower = exported_tower(self.layout.root, record, self.identity.key())
+            check = lambda: self.catalog.check_model(spec_key(spec), spec.describe())  # noqa: E731
+            encoder, choice = open_text_encoder(spec, self.device, tower, self.text_bf16, facts[1], check)
+            self._text = (facts, encoder, choice)
+        return self._text[1], self._text[2]
 
     @property
     def vectors(self) -> VectorIndex:

@@ -6,11 +6,13 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from retrieval.model.device import Device
+from retrieval.model.text_encoder import choose_text_backend
 from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import display_path
 from retrieval.store.sync import faiss_file_current, recorded_recall, recorded_type, requested_type
-from retrieval.store.text_tower import current_text_tower
+from retrieval.store.text_tower import recorded_tower
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class IndexInfo:
     recall_queries: int = 0
     recall_query_kind: str | None = None  # "text" (or "image" when the model could not be loaded)
     text_tower: str | None = None  # the exported ONNX text tower's precision when current (None: queries use torch)
+    text_queries: str | None = None  # which backend answers text queries on the device asked about, and why
 
     def to_dict(self) -> dict:
         """JSON-ready: folder and file names that are not valid UTF-8 show their odd bytes as ``\\xNN``."""
@@ -39,13 +42,15 @@ class IndexInfo:
         }
 
 
-def index_info(index_dir: Path, with_failures: bool = False) -> IndexInfo:
+def index_info(index_dir: Path, with_failures: bool = False, device: Device | None = None) -> IndexInfo:
+    """``device``: also say which backend answers text queries there (``retrieval.model.text_encoder``)."""
     layout = IndexLayout(Path(index_dir).expanduser())
     catalog = Catalog(layout.catalog, create=False)
     try:
         identity = catalog.model_identity()
         failures = [(row.path, row.error or "") for row in catalog.failed_rows()] if with_failures else []
         recall = recorded_recall(catalog)
+        tower = recorded_tower(catalog, layout)
         return IndexInfo(
             index_dir=str(layout.root),
             model=identity.describe() if identity else None,
@@ -61,7 +66,8 @@ def index_info(index_dir: Path, with_failures: bool = False) -> IndexInfo:
             recall_at_10=recall.recall if recall else None,
             recall_queries=recall.queries if recall else 0,
             recall_query_kind=recall.kind if recall else None,
-            text_tower=tower.precision if (tower := current_text_tower(catalog, layout)) else None,
+            text_tower=tower.record.precision if tower.current and tower.record else None,
+            text_queries=choose_text_backend(device, tower).line() if device is not None and identity else None,
         )
     finally:
         catalog.close()

@@ -17,6 +17,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 
 from retrieval.errors import EmptyIndexError, UsageError
+from retrieval.model.device import Device
 from retrieval.search.duplicates import DuplicateGroup, find_duplicates
 from retrieval.search.engine import SearchEngine
 from retrieval.search.file_guard import OpenedFile, open_indexed
@@ -34,8 +35,8 @@ T = TypeVar("T")
 class ServerSettings:
     """Limits of the HTTP API; the defaults suit a personal photo collection."""
 
-    device: str = "auto"
-    text_bf16: bool = False  # CPU: text queries through a bfloat16 text tower (see Encoder.load_text)
+    device: Device | str = "auto"  # a string is resolved once, by SearchEngine
+    text_bf16: bool = False  # CPU: text queries through a bfloat16 text tower (see Encoder.load_text_only)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_pixels: int = 40_000_000  # checked from the header, before decoding (retrieval/search/uploads.py)
     max_upload_decodes: int = 2  # uploads decoded at once; more get 503 with Retry-After
@@ -144,7 +145,7 @@ class SearchService:
             raise UsageError(f"cannot use the upload as a query: {error}") from None
 
     def index_info(self, with_failures: bool) -> dict:
-        return index_info(self.engine.layout.root, with_failures=with_failures).to_dict()
+        return index_info(self.engine.layout.root, with_failures, self.engine.device).to_dict()
 
     def duplicate_groups(self, threshold: float) -> tuple[list[DuplicateGroup], float]:
         """Near-duplicate groups and the milliseconds they took: computed once per index state and threshold."""

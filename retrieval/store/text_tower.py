@@ -3,21 +3,18 @@ with every file as it was checked (``retrieval.model.text_onnx``)."""
 
 from __future__ import annotations
 
-from retrieval.model.text_onnx import TextTowerRecord, files_match
+from retrieval.model.text_onnx import ExportedTower, TextTowerRecord, exported_tower
 from retrieval.store.catalog import Catalog, MetaKey
 from retrieval.store.layout import IndexLayout
 
 
 def current_text_tower(catalog: Catalog, layout: IndexLayout) -> TextTowerRecord | None:
     """The recorded export when it belongs to the index's model and its files are intact, else None."""
+    tower = recorded_tower(catalog, layout)
+    return tower.record if tower.current else None
+
+
+def recorded_tower(catalog: Catalog, layout: IndexLayout) -> ExportedTower:
+    """The catalog's export, current or with the reason it is not used (``retrieval.model.text_onnx``)."""
     identity = catalog.model_identity()
-    text = catalog.get_meta(MetaKey.TEXT_TOWER)
-    if identity is None or not text:
-        return None
-    try:
-        record = TextTowerRecord.from_json(text)
-    except (ValueError, TypeError):
-        return None
-    if record.model_key != identity.key() or not files_match(layout.root / record.folder, record):
-        return None
-    return record
+    return exported_tower(layout.root, catalog.get_meta(MetaKey.TEXT_TOWER), identity.key() if identity else None)

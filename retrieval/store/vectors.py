@@ -15,6 +15,7 @@ import numpy as np
 
 from retrieval.atomic import atomic_write
 from retrieval.errors import IndexCorruptError
+from retrieval.model.device import CPU, Device
 from retrieval.store.index_types import (
     DEFAULT_TYPE,
     RESCORE_MARGIN,
@@ -44,7 +45,7 @@ class VectorIndex:
         self.needs_rebuild = False  # set when a type that cannot remove was asked to (hnsw)
         self.read_only = False  # a mapped view of a file (load(read_only=True)): FAISS aborts on writes to it
         self.rescore_source: RescoreSource | None = None
-        self.device = "cpu"  # where searches run (use_device)
+        self.device: Device = CPU  # where searches run (use_device)
         self.version = 0  # bumped by every change: the device copy is refreshed from it
         self._device_copy: tuple[int, Any] | None = None  # (version, copy on self.device) for GPU searches
 
@@ -123,19 +124,17 @@ class VectorIndex:
         self.read_only = other.read_only
         self.version += 1
 
-    def use_device(self, device: str) -> VectorIndex:
-        """Search on the GPU when ``device`` is CUDA (or auto) and one is present: flat through torch, the IVF types
-        through faiss-gpu when installed (``retrieval.store.gpu``). The index itself stays in host memory."""
-        from retrieval.model.device import resolve_device
-
-        self.device = resolve_device(device)
+    def use_device(self, device: Device) -> VectorIndex:
+        """Search on the GPU when ``device`` is CUDA: flat through torch, the IVF types through faiss-gpu when
+        installed (``retrieval.store.gpu``). The index itself stays in host memory."""
+        self.device = device
         return self
 
     def _device_copy_now(self) -> Any:
         """The kind's copy of this index on ``self.device`` (None: searched on the host), made again only after a
         change."""
         if self._device_copy is None or self._device_copy[0] != self.version:
-            self._device_copy = (self.version, self.kind.device_copy(self.index, self.device))
+            self._device_copy = (self.version, self.kind.device_copy(self.index, self.device.torch_name))
         return self._device_copy[1]
 
     @property
@@ -205,10 +204,10 @@ class VectorIndex:
         if allowed_ids is not None:
             return self._search_allowed(queries, k, np.asarray(allowed_ids, dtype=np.int64))
         if self.kind.exact and len(self) and len(queries):
-            if self.device != "cpu":
+            if self.device.is_cuda:
                 return self._device_copy_now().search(queries, k)
             return self._scan_flat(queries, k)
-        searcher = (self._device_copy_now() if self.device != "cpu" else None) or self.index
+        searcher = (self._device_copy_now() if self.device.is_cuda else None) or self.index
         if self.kind.rescores and self.rescore_source is not None and self.params.rescore > 1:
             scores, ids = searcher.search(queries, k * self.params.rescore)
             return _rescore(queries, ids, k, self.rescore_source)
