@@ -233,6 +233,7 @@ def int8_cost(model: str, tensors: list) -> dict:
     """How far int8 image vectors move from fp32 ones, and what that does to text-query top-10s."""
     import torch
 
+    from retrieval.model.device import CPU
     from retrieval.model.encoder import Encoder
     from retrieval.model.spec import ModelSpec
     from retrieval.store.topk import top_k
@@ -240,9 +241,9 @@ def int8_cost(model: str, tensors: list) -> dict:
 
     spec = ModelSpec(model, None)
     pixels = torch.stack(tensors)
-    full = Encoder.load(spec, "cpu")
+    full = Encoder.load(spec, CPU)
     reference, texts = full.encode_images(pixels), full.encode_texts(probe_texts())
-    quantized = Encoder.load(spec, "cpu", int8=True).encode_images(pixels)
+    quantized = Encoder.load(spec, CPU, int8=True).encode_images(pixels)
     exact = top_k(texts @ reference.T, 10)[1]
     approx = top_k(texts @ quantized.T, 10)[1]
     return {
@@ -252,18 +253,17 @@ def int8_cost(model: str, tensors: list) -> dict:
     }
 
 
-def encoder_only_pinned(model: str, device: str, batch_size: int, seconds: float = 3.0) -> dict:
+def encoder_only_pinned(model: str, device, batch_size: int, seconds: float = 3.0) -> dict:
     """Images/s of the encoder alone on a host batch (pinned on CUDA, as the pipeline feeds it)."""
     import torch
 
-    from retrieval.model.device import is_cuda
     from retrieval.model.encoder import Encoder
     from retrieval.model.spec import ModelSpec
 
     encoder = Encoder.load(ModelSpec(model, None), device)
     size = encoder.identity.image_size
     batch = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    if is_cuda(device):
+    if device.is_cuda:
         batch = batch.pin_memory()
     for _ in range(2):
         encoder.encode_images(batch)  # warm-up (cuDNN / kernel selection)
@@ -299,10 +299,11 @@ def decode_bound(folder: Path, model: str, count: int) -> dict:
     """The decode+encode bound of this machine: every image costs the encoder C / E core-seconds (E: encoder-only
     images/s on all C cores) and its decoding 1 / D (D: one worker's images/s on one core), so no schedule of both
     on C cores beats C / (C / E + 1 / D) images/s."""
+    from retrieval.model.device import CPU
     from retrieval.model.encoder import Encoder
     from retrieval.model.spec import ModelSpec
 
-    encoder = Encoder.load(ModelSpec(model, None), "cpu")
+    encoder = Encoder.load(ModelSpec(model, None), CPU)
     paths = sorted(folder.glob("photo_*.jpg"))[:count]
     decode, tensors = decode_rate(paths, encoder)
     encode = encoder_rate(encoder, tensors, 32, 64)
@@ -361,7 +362,7 @@ def figures(args) -> None:
     device = resolve_device(args.device)
     model = ensure_model(args.model)
     batch = args.batch_size or default_batch_size(device)
-    common = {"device": device, "cores": os.cpu_count(), "model": "ViT-B-32 (seeded random weights)"}
+    common = {"device": device.torch_name, "cores": os.cpu_count(), "model": "ViT-B-32 (seeded random weights)"}
 
     def emit(figure: str, **values) -> None:
         print(json.dumps({"figure": figure, **values, **common, "load": round(os.getloadavg()[0], 2)}), flush=True)
@@ -385,19 +386,21 @@ def figures(args) -> None:
         )
         if set_name == "small":
             small_index = index_dir
-            wall = timed_index_command(ROOT, folder, model, args.scratch, "--device", device, env_extra=NO_EXPORT)
+            wall = timed_index_command(
+                ROOT, folder, model, args.scratch, "--device", device.torch_name, env_extra=NO_EXPORT
+            )
             emit(
                 f"cli_index_{width}x{height}", images=count, images_per_s=round(count / wall, 1), seconds=round(wall, 2)
             )
     ensure_photos(CACHE / SETS["small"][2], batch, *SETS["small"][:2])
     one_batch = _exactly(CACHE / SETS["small"][2], batch)
-    wall = timed_index_command(ROOT, one_batch, model, args.scratch, "--device", device, env_extra=NO_EXPORT)
+    wall = timed_index_command(ROOT, one_batch, model, args.scratch, "--device", device.torch_name, env_extra=NO_EXPORT)
     emit("cli_start_to_first_batch", seconds=round(wall, 2), images=batch, note="process start to exit, one batch")
     emit("query_warm", **warm_queries(small_index, device))
-    emit("query_cold", seconds=cold_search(small_index, device=device))
+    emit("query_cold", seconds=cold_search(small_index, device=device.torch_name))
 
 
-def warm_queries(index_dir: Path, device: str, count: int = 100) -> dict:
+def warm_queries(index_dir: Path, device, count: int = 100) -> dict:
     """Text queries of every length through one SearchEngine: p50, p99 and max (an outlier shows in max)."""
     from retrieval.search.engine import SearchEngine
 
@@ -455,9 +458,11 @@ def main() -> None:
 
     import torch
 
+    from retrieval.model.device import resolve_device
     from retrieval.model.encoder import Encoder
     from retrieval.model.spec import ModelSpec
 
+    args.device = resolve_device(args.device)  # once, here: the script's top
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}")
     paths = sorted(args.photos.glob("photo_*.jpg"))
     size_mb = np.mean([p.stat().st_size for p in paths]) / 1e6

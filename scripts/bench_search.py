@@ -55,6 +55,7 @@ def load_text_encoder(model: str | None, bf16: bool = False):
     bfloat16 text tower (`clipsearch search --bf16-text`)."""
     if model == "none":
         return None
+    from retrieval.model.device import CPU
     from retrieval.model.encoder import Encoder
     from retrieval.model.spec import ModelSpec
     from retrieval.testing import make_random_model_dir
@@ -67,8 +68,8 @@ def load_text_encoder(model: str | None, bf16: bool = False):
             make_random_model_dir(folder, model_cfg=open_clip.get_model_config("ViT-B-32"), seed=0)
         model = f"local-dir:{folder}"
     if bf16:
-        return Encoder.load_text(ModelSpec(model, None), "cpu", bf16=True)
-    return Encoder.load(ModelSpec(model, None), "cpu")
+        return Encoder.load_text_only(ModelSpec(model, None), bf16=True)
+    return Encoder.load(ModelSpec(model, None), CPU)
 
 
 def time_text_encoding(encoder, captions: list[str]) -> list[float]:
@@ -257,7 +258,7 @@ def build_cold_index(n: int, space: EmbeddingSpace, model: str | None, args) -> 
     from retrieval.store.sync import open_vectors, save_vectors
 
     spec_name = load_text_encoder(model).identity.name if model != "none" else None
-    identity = Encoder.load_text(ModelSpec(spec_name, None), "cpu").identity
+    identity = Encoder.load_text_only(ModelSpec(spec_name, None)).identity
     scratch = Path(tempfile.mkdtemp(prefix="bench-cold-", dir=args.scratch))
     index_dir, photos = scratch / "index", scratch / "photos"
     photos.mkdir()

@@ -78,7 +78,7 @@ def shapes_recall(work: Path) -> dict:
     captions = [s["raw"] for image in test for s in image["sentences"]]
     owners = np.array([i for i, image in enumerate(test) for _ in image["sentences"]])
     probes = probe_captions()
-    by_torch = Encoder.load_text(spec, "cpu").encode_texts(captions)
+    by_torch = Encoder.load_text_only(spec).encode_texts(captions)
     float_report = export_text_tower(index_dir, precision="float32").record
     as_float = tower(index_dir)
     float_captions, float_probes = as_float.encode_texts(captions), as_float.encode_texts(probes)
@@ -144,7 +144,7 @@ def vitb32_speed(work: Path) -> dict:
         catalog.bump_generation(session)
     catalog.close()
     results = {}
-    torch_encoder = Encoder.load_text(identity.spec(), "cpu")
+    torch_encoder = Encoder.load_text_only(identity.spec())
     torch_encoder.encode_texts(["warm up"])
     times = []
     for i in range(100):

@@ -41,8 +41,12 @@ def test_user_story_index_search_similar_info(cli_index, photo_folder, tiny_mode
     listed = paths.output.strip().splitlines()
     assert len(listed) == 3 and str(photo_folder / "img_1_000.jpg") not in listed
 
-    info = invoke("info", "--index", cli_index)
+    info = invoke("info", "--index", cli_index, *CPU)
     assert info.exit_code == 0 and "16 indexed, 0 failed" in info.output and str(photo_folder) in info.output
+    # which backend answers text queries, and why (retrieval.model.text_encoder)
+    assert "text:    torch text tower (no exported tower: run clipsearch export-text)" in info.output
+    as_json = json.loads(invoke("info", "--index", cli_index, "--json", *CPU).output)
+    assert as_json["text_queries"] == "torch text tower (no exported tower: run clipsearch export-text)"
 
 
 def test_json_output_schema(cli_index):

@@ -19,6 +19,7 @@ from clipsearch.cli import app
 from indexer.pipeline import index_paths
 from indexer.text_export import MIN_COSINE, tower_current
 from retrieval.model.clip_tokenizer import ClipTokenizer, save_tokenizer
+from retrieval.model.device import CPU
 from retrieval.model.encoder import Encoder
 from retrieval.model.text_onnx import TOWER_FILE, OnnxTextEncoder, TextTowerRecord
 from retrieval.search.engine import SearchEngine
@@ -91,13 +92,30 @@ def test_export_matches_torch_and_is_recorded_with_its_digest(exported, tiny_spe
     torch_vectors = Encoder.load_text_only(tiny_spec).encode_texts(queries)
     assert np.min(np.sum(tower.encode_texts(queries) * torch_vectors, axis=1)) >= MIN_COSINE
     with SearchEngine(index_dir, device="cpu") as engine:
-        assert isinstance(engine.text_encoder, OnnxTextEncoder)
+        assert isinstance(engine.text_encoder, OnnxTextEncoder) and engine.text_choice.backend == "onnx"
         for query, vector in zip(queries, torch_vectors):
             by_torch = [r.image_id for r in engine.search_vectors(vector[None, :], k=5)[0]]
             assert [r.image_id for r in engine.search_text(query, k=5)] == by_torch
 
     again = CliRunner().invoke(app, ["export-text", "--index", str(index_dir), "--precision", "float32"])
     assert again.exit_code == 0 and "is current" in again.output
+
+
+@pytest.mark.slow
+def test_the_three_text_backends_agree(exported, tiny_spec):
+    """The whole torch model, its text tower alone and the exported ONNX tower: one function, one vector."""
+    index_dir, _ = exported
+    Encoder.unload_all()
+    texts = ["a dog on a beach", "東京の夜景", "red car " * 30, "", "<end_of_text> x"]
+    with SearchEngine(index_dir, device="cpu") as engine:
+        onnx = engine.text_encoder
+        assert isinstance(onnx, OnnxTextEncoder) and onnx.describe() == "ONNX float32 text tower"
+        by_onnx = onnx.encode_texts(texts)
+    by_text_tower = Encoder.load_text_only(tiny_spec).encode_texts(texts)
+    by_model = Encoder.load(tiny_spec, CPU).encode_texts(texts)
+    np.testing.assert_allclose(by_text_tower, by_model, atol=1e-6)
+    np.testing.assert_allclose(by_onnx, by_model, atol=1e-5)
+    Encoder.unload_all()
 
 
 @pytest.mark.slow
@@ -116,7 +134,7 @@ def test_a_changed_or_foreign_export_falls_back_to_torch_until_exported_again(
     graph = index_dir / record.folder / TOWER_FILE
     graph.write_bytes(graph.read_bytes() + b"\0")  # another file than the one checked and recorded
     with SearchEngine(index_dir, device="cpu") as engine:
-        assert isinstance(engine.text_encoder, Encoder)
+        assert isinstance(engine.text_encoder, Encoder) and "files changed" in engine.text_choice.reason
         assert [r.image_id for r in engine.search_text("a dog", k=5)] == expected
 
     foreign = json.loads(record.to_json()) | {"model_key": "sha256:another-model"}
@@ -176,4 +194,5 @@ def test_query_commands_never_import_torch(exported):
         ):
             printed = json.loads(outputs[command])["results"]
             assert [item["image_id"] for item in printed] == [r.image_id for r in results]
-    assert "12 indexed" in outputs["info"] and "text:    ONNX float32" in outputs["info"]
+    assert "12 indexed" in outputs["info"]
+    assert "text:    ONNX float32 text tower (exported, current)" in outputs["info"]  # what answers, and why

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from retrieval.errors import UsageError
+from retrieval.model.device import CPU, Device
 from retrieval.model.itm import FusionItm, load_itm
 from retrieval.model.itm_tokens import ImageTokens, image_tokens, text_tokens
 
@@ -17,8 +18,8 @@ from retrieval.model.itm_tokens import ImageTokens, image_tokens, text_tokens
 class ItmScorer:
     """A loaded re-ranker: CLIP tokens in, match probabilities out. ``clip`` is the open_clip model (frozen)."""
 
-    def __init__(self, itm: FusionItm, clip: Any, tokenizer: Any, preprocess: Any, device: str = "cpu"):
-        self.itm = itm.to(device).eval()
+    def __init__(self, itm: FusionItm, clip: Any, tokenizer: Any, preprocess: Any, device: Device = CPU):
+        self.itm = itm.to(device.torch_name).eval()
         self.clip = clip
         self.tokenizer = tokenizer
         self.preprocess = preprocess
@@ -44,7 +45,7 @@ class ItmScorer:
     def image_tokens(self, pixels: torch.Tensor, batch_size: int = 128) -> ImageTokens:
         dtype = next(self.clip.parameters()).dtype
         parts = [
-            image_tokens(self.clip, pixels[i : i + batch_size].to(self.device, dtype=dtype))
+            image_tokens(self.clip, pixels[i : i + batch_size].to(self.device.torch_name, dtype=dtype))
             for i in range(0, len(pixels), batch_size)
         ]
         return ImageTokens(torch.cat([p.grid for p in parts]), torch.cat([p.pooled for p in parts]))
@@ -57,7 +58,7 @@ class ItmScorer:
         out = []
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start : start + batch_size])
-            text = text_tokens(self.clip, self.tokenizer(chunk).to(self.device))
+            text = text_tokens(self.clip, self.tokenizer(chunk).to(self.device.torch_name))
             grid = images.grid[start : start + batch_size].float()
             pooled = images.pooled[start : start + batch_size].float()
             out.append(self.itm.match_probability(grid, pooled, text.states, text.mask).float().cpu().numpy())

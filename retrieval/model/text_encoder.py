@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from retrieval.model.spec import ModelSpec
 from retrieval.model.text_onnx import ExportedTower
 
 
+@runtime_checkable
 class TextEncoder(Protocol):
     """Text to L2-normalised float32 vectors (n, dim)."""
 
