@@ -75,3 +75,29 @@ def test_the_cuda_encoder_agrees_with_the_cpu_one(tiny_spec, pixels):
     assert np.all(np.sum(cuda.encode_images(pixels) * want_images, axis=1) > 0.98)
     assert np.all(np.sum(cuda.encode_texts(texts) * want_texts, axis=1) > 0.98)
     Encoder.unload_all()
+
+
+LAZY_AUTO = """
+import sys
+import retrieval.model.device as device_module
+device_module._cuda_impossible = lambda: False  # as on a machine with an NVIDIA driver
+device = device_module.resolve_device("auto")
+assert "torch" not in sys.modules, "auto resolved eagerly"
+assert device.torch_name in ("cpu", "cuda") and "torch" in sys.modules
+print(device.torch_name, device.torch_name is device.torch_name)
+"""
+
+
+def test_auto_asks_torch_only_when_the_answer_is_needed():
+    """With a driver present, ``auto`` needs torch to decide; the CLI resolves --device at the top, so the Device
+    asks torch the first time ``torch_name`` is read (once), and a refresh with nothing to encode stays torch-free."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", LAZY_AUTO], capture_output=True, text=True, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["cuda" if torch.cuda.is_available() else "cpu", "True"]

@@ -68,9 +68,9 @@ class SearchEngine:
         text_bf16: bool = False,
         rerank_model: Path | str | None = None,
     ):
+        self.device = resolve_device(device)  # the public entry: a string from a library caller resolves here
         self.layout = IndexLayout(Path(index_dir).expanduser())
         self.catalog = Catalog(self.layout.catalog, create=False)
-        self.device = resolve_device(device)  # the public entry: a string from a library caller resolves here
         self.text_bf16 = text_bf16  # CPU: encode text queries with a bfloat16 text tower (see Encoder.load_text_only)
         self.identity: ModelIdentity | None = self.catalog.model_identity()
         if model is not None:
