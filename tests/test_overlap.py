@@ -63,11 +63,11 @@ def test_a_source_feeds_the_sink_every_item_once_in_work_order_after_the_model(s
     work = [WorkItem(FileFacts(path, os.path.getsize(path), 0), None) for path in paths]
     events: list = []
     sink = ChunkSink(
-        load=lambda: Encoder.load(settings.model, "cpu"),
+        load=lambda: Encoder.load(settings.model, CPU),
         ready=lambda encoder: events.append(("ready", encoder.dim)),
         write=lambda chunk: events.append(("chunk", [(item.facts.path, vector is None) for item, _, vector in chunk])),
     )
-    source = encoding_source(settings, "cpu")
+    source = encoding_source(settings, CPU)
     assert isinstance(source, OverlappedSource)
     assert source.run(work, sink, progress=False) > 0
     assert events[0] == ("ready", 32) and all(kind == "chunk" for kind, _ in events[1:])
@@ -75,7 +75,7 @@ def test_a_source_feeds_the_sink_every_item_once_in_work_order_after_the_model(s
     assert all(len(chunk) <= settings.chunk_size for chunk in chunks)
     assert [path for chunk in chunks for path, _ in chunk] == paths
     assert [path for chunk in chunks for path, failed in chunk if failed] == [paths[4]]
-    assert isinstance(encoding_source(replace(settings, ray=RaySettings()), "cpu"), RaySource)
+    assert isinstance(encoding_source(replace(settings, ray=RaySettings()), CPU), RaySource)
 
 
 def test_a_failing_writer_stops_the_run_with_its_error(settings, tmp_path, monkeypatch):
