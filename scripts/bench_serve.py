@@ -17,6 +17,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from retrieval.search.credential import find_token
+
 WORDS = ["dog", "cat", "beach", "sunset", "mountain", "river", "car", "bicycle", "city", "night", "snow", "forest"]
 
 
@@ -24,7 +26,7 @@ def wait_until_up(base: str, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(base + "/api/stats", timeout=1)
+            urllib.request.urlopen(base + "/api/health", timeout=1)
             return
         except OSError:
             time.sleep(0.2)
@@ -39,12 +41,14 @@ def main() -> None:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until_up(base)
+        token = find_token(base)  # the server's token file
         queries = [f"a {a} near a {b}" for a in WORDS for b in WORDS][:61]
         http_ms, server_ms = [], []
         for number, query in enumerate(queries):
             started = time.perf_counter()
             url = f"{base}/api/search?" + urllib.parse.urlencode({"q": query, "k": 48})
-            body = json.load(urllib.request.urlopen(url))
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+            body = json.load(urllib.request.urlopen(request))
             if number:  # the first query warms up
                 http_ms.append((time.perf_counter() - started) * 1000)
                 server_ms.append(body["took_ms"])

@@ -31,6 +31,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 PAGE_SIZE = 12
+TOKEN = "browser-test-token"
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +69,7 @@ def server_url(tmp_path_factory, tiny_spec):
         os.utime(png, ns=(stamp, stamp))
     settings = IndexSettings(model=tiny_spec, batch_size=16, workers=0, chunk_size=64, device="cpu")
     index_paths(root / "index", [photos], settings, progress=False)
-    with running_server(create_app(root / "index", ServerSettings(device="cpu"))) as url:
+    with running_server(create_app(root / "index", ServerSettings(device="cpu", token=TOKEN))) as url:
         yield url
 
 
@@ -81,9 +82,12 @@ def browser():
 
 
 @pytest.fixture
-def page(browser):
+def page(browser, server_url):
+    """A fresh browser tab that opened the URL `serve` prints (the token, traded for a cookie), as a user does."""
     context = browser.new_context(viewport={"width": 1100, "height": 760})
     page = context.new_page()
+    page.goto(f"{server_url}/?token={TOKEN}")
+    assert "token" not in page.url  # the page kept the cookie and dropped the token from the address bar
     page.errors = []
     page.on("pageerror", lambda error: page.errors.append(str(error)))
     page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))

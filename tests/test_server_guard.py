@@ -170,7 +170,7 @@ def test_a_pixel_bomb_under_pillows_limit_is_refused_from_its_header(client):
 
 def test_uploads_past_the_decode_slots_get_503_with_retry_after(client):
     small = png_bytes(1, size=(640, 480))
-    slots = client.app.state.service.uploads.slots  # max_upload_decodes=1: hold the one slot
+    slots = client.app.state.service.decodes.slots  # max_upload_decodes=1: hold the one slot
     assert slots.acquire(blocking=False)
     try:
         busy = client.post("/api/search/image", files={"image": ("a.png", small, "image/png")})
@@ -182,9 +182,9 @@ def test_uploads_past_the_decode_slots_get_503_with_retry_after(client):
 
 PEAK_RSS_SCRIPT = """
 import threading, zlib
-from retrieval.search.uploads import UploadDecoder, UploadTooLarge
+from retrieval.search.uploads import DecodeBudget, UploadTooLarge
 bomb = png_of_zeros(13370, 13370)
-decoder = UploadDecoder(max_pixels=40_000_000, max_concurrent=2)
+decoder = DecodeBudget(max_pixels=40_000_000, max_concurrent=2)
 refused = []
 def upload():
     try:

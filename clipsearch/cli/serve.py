@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -39,6 +40,14 @@ def serve(
         bool,
         typer.Option("--watch", help="Also index new, changed, moved and deleted photos in the indexed folders."),
     ] = False,
+    no_token: Annotated[
+        bool,
+        typer.Option(
+            "--no-token",
+            help="Answer without a token (behind your own authenticating proxy): then any user or page that can "
+            "reach the port reads every indexed photo.",
+        ),
+    ] = False,
 ) -> None:
     """Serve a search page and JSON API (schema at /openapi.json) for an index; the model loads once."""
     quiet_libraries()
@@ -51,8 +60,9 @@ def serve(
     if max_upload_mp <= 0:
         raise UsageError("--max-upload-mp must be positive")
     _require_web_extra()
+    from retrieval.search.credential import new_token, page_url, published_token
     from retrieval.search.security import allowed_host_names
-    from retrieval.search.server import ServerSettings, run_server
+    from retrieval.search.server import ServerSettings, check_port_free, run_server
 
     if host not in LOOPBACK_HOSTS:
         typer.echo(f"clipsearch: warning: listening on {host}: anyone who can reach it can see your photos", err=True)
@@ -64,8 +74,26 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 2**20),
         max_upload_pixels=int(max_upload_mp * 1e6),
         allowed_hosts=allowed_host_names(host, allowed_host or ()),
+        token=None if no_token else new_token(),
     )
-    run_server(index, host=host, port=port, settings=settings, alongside=_watcher(index, device) if watch else None)
+    alongside = _watcher(index, device) if watch else None
+    if no_token:
+        typer.echo(
+            "clipsearch: warning: --no-token: any user or web page that reaches the port reads your photos", err=True
+        )
+        typer.echo(f"clipsearch: open {page_url(host, port, None)}", err=True)
+        run_server(index, host=host, port=port, settings=settings, alongside=alongside)
+        return
+    check_port_free(host, port)  # before the token file of a server already on that port is replaced
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `kill` too removes the token file (uvicorn re-raises it)
+    with published_token(settings.token, port) as token_path:
+        typer.echo(f"clipsearch: open {page_url(host, port, settings.token)}", err=True)
+        typer.echo(f"clipsearch: the token is in {token_path} (search --server reads it from there)", err=True)
+        run_server(index, host=host, port=port, settings=settings, alongside=alongside)
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _watcher(index, device: Device):

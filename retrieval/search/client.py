@@ -1,7 +1,9 @@
 """Search through a running `clipsearch serve` (``--server URL``): repeated searches skip loading the model.
 
 Standard library only, so the CLI needs no HTTP package. Results come back as the same ``SearchResult`` the
-local engine returns, so the CLI prints them the same way.
+local engine returns, so the CLI prints them the same way. The server's token is found without being asked for
+(credential.find_token), and what comes back is checked: at most ``MAX_ANSWER_BYTES``, JSON of the expected shape,
+else one line naming the server.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from pathlib import Path
 
 from retrieval.errors import ClipsearchError, UsageError
 from retrieval.model.device import Device
+from retrieval.search.credential import TOKEN_ENV, find_token, token_dir
 from retrieval.search.engine import SearchEngine, SearchResult
 from retrieval.search.query import Query, Term
 from retrieval.store.paths import catalog_path
 
+MAX_ANSWER_BYTES = 32 * 2**20  # a page of 1000 results is well under 1 MB: a larger answer is not a clipsearch one
 RESULT_FIELDS = ("rank", "score", "path", "image_id", "width", "height", "taken_at")
 RERANK_FIELDS = ("stage", "clip_score")  # on re-ranked results only
 
@@ -30,10 +34,12 @@ class ServerClient:
     """The search API of one server. Paths of query images and ``under`` folders are resolved here, on the
     client, the way the local engine would resolve them."""
 
-    def __init__(self, url: str, timeout: float = 120.0):
+    def __init__(self, url: str, timeout: float = 120.0, token: str | None = None):
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--server must be an http:// or https:// URL, not {url!r}")
-        self.base = url.rstrip("/")
+        self.token = token or find_token(url)
+        parts = urllib.parse.urlsplit(url)
+        self.base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server: no proxy
 
@@ -123,27 +129,55 @@ class ServerClient:
         request = urllib.request.Request(url, data=body, method=method)
         if content_type:
             request.add_header("Content-Type", content_type)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
-                return json.load(response)
+                return self._checked_json(response.read(MAX_ANSWER_BYTES + 1))
         except urllib.error.HTTPError as error:
             detail = _detail(error)
             if error.code == 404 and route == "/api/images":
                 raise _NotFound(detail) from None
+            if error.code == 401:
+                where = (
+                    "" if self.token else f" (none found in {token_dir()}; pass ?token= in the URL or set {TOKEN_ENV})"
+                )
+                raise ClipsearchError(f"the server at {self.base} refused the token{where}") from None
             kind = UsageError if error.code in (400, 404, 413, 422) else ClipsearchError
             raise kind(f"{detail} (server {self.base})") from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise ClipsearchError(f"cannot reach a clipsearch server at {self.base}: {reason}") from None
 
-    @staticmethod
-    def _results(page: dict) -> list[SearchResult]:
-        return [
-            SearchResult(
-                **{name: item.get(name) for name in RESULT_FIELDS}, **{n: item[n] for n in RERANK_FIELDS if n in item}
+    def _checked_json(self, data: bytes) -> dict:
+        """The answer as a JSON object, or one line saying why it is not a clipsearch answer."""
+        if len(data) > MAX_ANSWER_BYTES:
+            raise ClipsearchError(
+                f"the answer of {self.base} is over {MAX_ANSWER_BYTES // 2**20} MiB: not a clipsearch server"
             )
-            for item in page["results"]
-        ]
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise ClipsearchError(f"the answer of {self.base} is not JSON: is it a clipsearch server?") from None
+        if not isinstance(answer, dict):
+            raise ClipsearchError(
+                f"the answer of {self.base} is not a clipsearch answer (a JSON {type(answer).__name__})"
+            )
+        return answer
+
+    def _results(self, page: dict) -> list[SearchResult]:
+        try:
+            return [
+                SearchResult(
+                    **{name: item.get(name) for name in RESULT_FIELDS},
+                    **{n: item[n] for n in RERANK_FIELDS if n in item},
+                )
+                for item in page["results"]
+            ]
+        except (KeyError, TypeError, AttributeError):
+            raise ClipsearchError(
+                f"the answer of {self.base} has no list of results: is it a clipsearch server?"
+            ) from None
 
 
 class _NotFound(Exception):

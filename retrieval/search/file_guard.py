@@ -41,7 +41,11 @@ class OpenedFile:
 
 def open_indexed(path: str, size: int, mtime_ns: int, roots: Iterable[str], image_id: int) -> OpenedFile:
     """Open ``path`` for reading if it is still the file the catalog describes; else raise with the reason."""
-    real = os.path.realpath(path)
+    roots = tuple(roots)
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):  # a link swapped in while it was being resolved
+        raise FileChanged(f"the file of image {image_id} changed since indexing") from None
     if not any(_inside(real, root) for root in roots):
         raise FileNotServed(f"the file of image {image_id} now leads outside the indexed folders")
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -53,6 +57,10 @@ def open_indexed(path: str, size: int, mtime_ns: int, roots: Iterable[str], imag
         if error.errno == errno.ELOOP:  # became a link between the resolve and the open
             raise FileChanged(f"the file of image {image_id} changed since indexing") from None
         raise FileNotServed(f"the file of image {image_id} cannot be read ({error.strerror})") from None
+    opened = _opened_path(fd)
+    if opened is not None and not any(_inside(opened, root) for root in roots):
+        os.close(fd)  # a folder on the way was swapped for a link between the resolve and the open
+        raise FileChanged(f"the file of image {image_id} changed since indexing")
     facts = os.fstat(fd)
     if not stat.S_ISREG(facts.st_mode):
         os.close(fd)
@@ -63,6 +71,24 @@ def open_indexed(path: str, size: int, mtime_ns: int, roots: Iterable[str], imag
             f"the file of image {image_id} changed since indexing: run `clipsearch index` to pick up the change"
         )
     return OpenedFile(fd, real, facts.st_size)
+
+
+def _opened_path(fd: int) -> str | None:
+    """Where an open descriptor really leads (Linux: ``/proc/self/fd``); None where that cannot be known."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def read_opened(opened: OpenedFile, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the open file, from its start, read from the descriptor (never the path)."""
+    chunks, left, offset = [], min(limit, opened.size), 0
+    while left > 0 and (chunk := os.pread(opened.fd, min(left, CHUNK_BYTES * 16), offset)):
+        chunks.append(chunk)
+        left -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def stream(opened: OpenedFile) -> Iterator[bytes]:

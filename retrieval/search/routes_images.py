@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from retrieval.search.file_guard import content_disposition, stream
 from retrieval.search.responses import ImageOut, image_out
@@ -32,22 +32,27 @@ def image_details(service: Service, image_id: int) -> ImageOut:
     return image_out(service.row(image_id))
 
 
-@router.get("/{image_id}/thumbnail", response_class=FileResponse, responses={200: {"content": {"image/jpeg": {}}}})
+@router.get("/{image_id}/thumbnail", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
 def thumbnail(
     service: Service, image_id: int, size: Annotated[int, Query(description=f"One of {THUMBNAIL_SIZES}.")] = 256
-):
-    """An upright JPEG thumbnail (made on first request, then cached in the index folder)."""
+) -> Response:
+    """An upright JPEG thumbnail (made on first request, then cached in the index folder); a grey placeholder
+    (``X-Clipsearch-Placeholder: too-large``) for a file over the server's decode budget."""
     if size not in THUMBNAIL_SIZES:
         raise HTTPException(400, f"size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}")
-    opened = service.open_file(service.indexed_row(image_id))
+    row = service.indexed_row(image_id)
+    opened = service.open_file(row)
     try:
-        cached = service.thumbnails.get(image_id, opened.real_path, size)
+        made = service.thumbnails.get(image_id, opened, row.mtime_ns, size)
     finally:
         opened.close()
-    return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+    headers = {"Cache-Control": "private, max-age=86400"}
+    if made.placeholder:
+        headers["X-Clipsearch-Placeholder"] = "too-large"
+    return Response(made.data, media_type="image/jpeg", headers=headers)
 
 
-@router.get("/{image_id}/file", response_class=FileResponse)
+@router.get("/{image_id}/file", response_class=StreamingResponse)
 def original(service: Service, image_id: int):
     """The original file, as it was indexed: 409 when it changed since, 404 when it is gone or now leads
     outside the indexed folders (retrieval/search/file_guard.py)."""

@@ -1,5 +1,6 @@
-"""What every response of the server is guarded by: the Host check against DNS rebinding, and headers that keep
-the page from being framed, sniffed or fed scripts from elsewhere.
+"""What every request and response of the server is guarded by: the token (``require_token``, credential.py), the
+Host check against DNS rebinding, and headers that keep the page from being framed, sniffed, embedded by other
+sites or fed scripts from elsewhere.
 
 A web page the user visits can point its own DNS name at 127.0.0.1 and then read the local server as a same-origin
 site. Its requests still carry that name in ``Host:``, so answering only the names the server was bound for
@@ -12,7 +13,10 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 
+from starlette.requests import Request
 from starlette.responses import PlainTextResponse
+
+from retrieval.search.credential import BEARER, PAGE_PATHS, TokenRequired, cookie_name, same_token, token_dir
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -21,6 +25,7 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),  # no other site may embed a photo, even with a cookie
     (
         b"content-security-policy",
         b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -91,3 +96,30 @@ class GuardMiddleware:
             await send(message)
 
         return send_with_headers
+
+
+def request_token(request: Request) -> str | None:
+    """The token a request carries: ``Authorization: Bearer``, the page's cookie, or ``?token=`` on a page."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith(BEARER):
+        return header[len(BEARER) :].strip()
+    if request.url.path in PAGE_PATHS and "token" in request.query_params:
+        return request.query_params["token"]
+    return request.cookies.get(cookie_name(request.url.port))
+
+
+def require_token(request: Request) -> None:
+    """The guard every route runs first (server.GUARDS): 401 without the server's token; nothing when the
+    server was started with ``--no-token``."""
+    token = request.app.state.settings.token
+    if token is None or same_token(request_token(request), token):
+        return
+    if request.url.path in PAGE_PATHS:
+        raise TokenRequired(
+            "this clipsearch server needs its token: open the URL that `clipsearch serve` printed "
+            "(it ends in ?token=...)",
+        )
+    raise TokenRequired(
+        "this clipsearch server needs its token: send 'Authorization: Bearer TOKEN' "
+        f"(the token is in {token_dir()}/serve-PORT.token)"
+    )

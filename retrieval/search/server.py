@@ -30,22 +30,32 @@ from retrieval.errors import (
     UsageError,
 )
 from retrieval.search import routes_images, routes_index, routes_pages, routes_search
+from retrieval.search.credential import TokenRequired
 from retrieval.search.file_guard import FileChanged, FileNotServed
 from retrieval.search.routes_pages import STATIC_DIR
-from retrieval.search.security import GuardMiddleware
+from retrieval.search.security import GuardMiddleware, require_token
 from retrieval.search.service import NoSuchImage, SearchService, ServerSettings
 from retrieval.search.thumbnails import ThumbnailError
 from retrieval.search.uploads import RETRY_AFTER_S, UploadBusy, UploadTooLarge, too_large
 
-__all__ = ["MULTIPART_SLACK", "STATIC_DIR", "SearchService", "ServerSettings", "create_app", "run_server"]
+__all__ = [
+    "MULTIPART_SLACK",
+    "STATIC_DIR",
+    "SearchService",
+    "ServerSettings",
+    "check_port_free",
+    "create_app",
+    "run_server",
+]
 
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around an uploaded file
 ROUTERS = (routes_pages.router, routes_search.router, routes_images.router, routes_index.router)
-GUARDS: tuple[Depends, ...] = ()  # dependencies every route runs first (none yet)
+GUARDS: tuple[Depends, ...] = (Depends(require_token),)  # dependencies every route runs first
 
 # The one table from an exception to its HTTP status; the body is always {"detail": the exception's message}.
 ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (UsageError, 400),
+    (TokenRequired, 401),
     (NoSuchImage, 404),
     (FileNotServed, 404),
     (ThumbnailError, 404),
@@ -58,7 +68,10 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (UploadBusy, 503),
     (ClipsearchError, 500),  # any other error of ours: its message, not a traceback
 )
-ERROR_HEADERS: dict[type[Exception], dict[str, str]] = {UploadBusy: {"Retry-After": str(RETRY_AFTER_S)}}
+ERROR_HEADERS: dict[type[Exception], dict[str, str]] = {
+    UploadBusy: {"Retry-After": str(RETRY_AFTER_S)},
+    TokenRequired: {"WWW-Authenticate": "Bearer"},
+}
 
 
 def create_app(index_dir: Path | str, settings: ServerSettings | None = None, warm: bool = True) -> FastAPI:
@@ -81,6 +94,7 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
         version="1",
         docs_url=None,  # Swagger and ReDoc load from a CDN: the schema stays at /openapi.json, offline
         redoc_url=None,
+        openapi_url=None,  # served by routes_pages, behind the token
     )
     app.state.service = service
     app.state.settings = settings
@@ -93,7 +107,13 @@ def create_app(index_dir: Path | str, settings: ServerSettings | None = None, wa
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in ROUTERS:
         app.include_router(router, dependencies=list(GUARDS))
+    app.add_api_route("/api/health", health, include_in_schema=False)  # the one route without the token
     return app
+
+
+def health() -> dict:
+    """Whether the server is up (for a proxy or a supervisor): nothing about the index, so no token."""
+    return {"status": "ok"}
 
 
 def run_server(
@@ -108,13 +128,13 @@ def run_server(
     does, started once the model is warm; new vectors reach queries through the generation check."""
     import uvicorn
 
-    _check_port_free(host, port)
+    check_port_free(host, port)
     app = create_app(index_dir, settings)
     with alongside() if alongside is not None else nullcontext():
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
     """Fail in one line, before the model loads, when the port is taken (uvicorn would say so only after)."""
     import socket
 

@@ -24,7 +24,7 @@ from retrieval.search.file_guard import OpenedFile, open_indexed
 from retrieval.search.info import index_info
 from retrieval.search.security import LOOPBACK_NAMES
 from retrieval.search.thumbnails import ThumbnailCache, cache_dir_for
-from retrieval.search.uploads import UploadDecoder
+from retrieval.search.uploads import DecodeBudget
 from retrieval.store.catalog import STATUS_OK, ImageRow
 
 MAX_IMAGE_ID = 2**63 - 1  # SQLite's largest integer: a larger id can name no image (and must not overflow)
@@ -39,8 +39,10 @@ class ServerSettings:
     text_bf16: bool = False  # CPU: text queries through a bfloat16 text tower (see Encoder.load_text_only)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_pixels: int = 40_000_000  # checked from the header, before decoding (retrieval/search/uploads.py)
-    max_upload_decodes: int = 2  # uploads decoded at once; more get 503 with Retry-After
+    max_upload_decodes: int = 2  # decodes at once (uploads, thumbnails); more uploads get 503 with Retry-After
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host: names answered (DNS rebinding); see security.py
+    token: str | None = None  # asked of every request (credential.py); `serve` always sets one but for --no-token
+    max_thumbnail_bytes: int = 128 * 2**20  # larger files get a placeholder thumbnail instead of being read
     max_results: int = 1000  # offset + k of one request: deeper scrolling stops here
     default_k: int = 48
 
@@ -57,9 +59,10 @@ class SearchService:
     def __init__(self, index_dir: Path, settings: ServerSettings):
         self.settings = settings
         self.engine = SearchEngine(index_dir, device=settings.device, text_bf16=settings.text_bf16)
-        self.thumbnails = ThumbnailCache(cache_dir_for(self.engine.layout.root, self.engine.catalog.read_only))
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-query")
-        self.uploads = UploadDecoder(settings.max_upload_pixels, settings.max_upload_decodes)
+        self.decodes = DecodeBudget(settings.max_upload_pixels, settings.max_upload_decodes)  # uploads, thumbnails
+        cache_dir = cache_dir_for(self.engine.layout.root, self.engine.catalog.read_only)
+        self.thumbnails = ThumbnailCache(cache_dir, self.decodes, settings.max_thumbnail_bytes)
         self._generation = self.engine.catalog.vectors_generation()
         self._duplicates: dict[tuple[int, float], tuple[list[DuplicateGroup], float]] = {}
 
@@ -140,7 +143,7 @@ class SearchService:
 
         image_size = self.engine.identity.image_size if self.engine.identity else None
         try:
-            return self.uploads.decode(data, image_size)
+            return self.decodes.decode(data, image_size)
         except DecodeError as error:
             raise UsageError(f"cannot use the upload as a query: {error}") from None
 
