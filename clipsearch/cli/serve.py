@@ -65,7 +65,7 @@ def serve(
     from retrieval.search.server import ServerSettings, check_port_free, run_server
 
     if host not in LOOPBACK_HOSTS:
-        typer.echo(f"clipsearch: warning: listening on {host}: anyone who can reach it can see your photos", err=True)
+        typer.echo(f"clipsearch: warning: listening on {host}: the token crosses the network in clear", err=True)
     index = resolve_index_dir(index_dir)
     typer.echo(f"clipsearch: loading the model and the index at {index} ...", err=True)
     settings = ServerSettings(
