@@ -9,9 +9,7 @@ from pathlib import Path
 from stat import S_ISREG
 
 from retrieval.errors import UsageError
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-HEIF_SUFFIXES = frozenset({".heic", ".heif"})
+from retrieval.file_types import HEIF_SUFFIXES, IMAGE_SUFFIXES
 
 
 def image_suffixes() -> frozenset[str]:

@@ -115,6 +115,20 @@ def test_terms_parse_weights_texts_and_files(tmp_path):
             bad()
 
 
+def test_a_mistyped_image_path_is_an_error_not_a_text(tmp_path):
+    """`--add /nonexistent.jpg` used to search for the words "nonexistent jpg"; a path must name a file."""
+    for typo in ("/nonexistent.jpg", "0.5:./missing/ref.png", "~/no-such-folder/x", "IMG_0412.JPG"):
+        with pytest.raises(UsageError, match="no such image file"):
+            parse_term(typo)
+    for text in ("AC/DC at night", "snow", "2:a dog", "1:12:30", "the 2.5 mm jack"):
+        assert parse_term(text).text is not None
+    result = CliRunner().invoke(
+        cli_app, ["search", "cat", "--add", "/nonexistent.jpg", "--index", str(tmp_path / "none")]
+    )
+    assert result.exit_code != 0 and "no such image file: /nonexistent.jpg" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_terms_that_cancel_out_are_refused(engine):
     with pytest.raises(UsageError, match="cancel"):
         engine.search(Query.of("a red car", sub=["a red car"]), k=3)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.errors import UsageError
+from retrieval.file_types import ALL_IMAGE_SUFFIXES
 from retrieval.store.filters import Filters
 from retrieval.store.keywords import looks_like_file_name
 
@@ -67,12 +68,21 @@ def parse_term(spec: str, image: bool | None = None) -> Term:
         weight, value = float(match.group(1)), match.group(2)
     as_file = Path(value).expanduser()
     if image is None:
-        image = as_file.is_file()
+        image = as_file.is_file() or looks_like_image_path(value)  # a typo in a path must not become words
     if image:
         if not as_file.is_file():
             raise UsageError(f"no such image file: {as_file}")
         return Term(path=str(as_file), weight=weight)
     return Term(text=value, weight=weight)
+
+
+def looks_like_image_path(value: str) -> bool:
+    """A term written as a path (``/x``, ``./x``, ``~/x``, ``../x``) or a file name with an image suffix: meant as
+    an image, so a missing file is an error rather than a text query made of its letters."""
+    stripped = value.strip()
+    if stripped.startswith(("/", "./", "../", "~/")) and " " not in stripped:
+        return True
+    return " " not in stripped and Path(stripped).suffix.lower() in ALL_IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
