@@ -30,7 +30,7 @@ from retrieval.images import hash_file
 from retrieval.model.device import Device, resolve_device
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec, check_spec, spec_key
-from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding
+from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding, is_under
 from retrieval.store.index_types import check_index_type
 from retrieval.store.keywords import fill_keywords
 from retrieval.store.layout import IndexLayout
@@ -158,22 +158,27 @@ def _interrupted(committed: bool) -> str:
 
 
 def _plan_and_run(catalog: Catalog, layout: IndexLayout, folders, settings: IndexSettings, summary, progress) -> None:
-    present = []
-    for folder in folders:
-        if os.path.isdir(folder):
-            present.append(folder)
-        else:  # an unmounted drive must not erase its images from the index
-            summary.warnings.append(f"skipped {folder}: folder not found (its images stay indexed)")
+    present = [folder for folder in folders if os.path.isdir(folder)]
+    missing = [root for root in catalog.roots() if not os.path.isdir(root)]
     with catalog.session() as session:
         roots = [*present, *catalog.roots()]  # a link to a file the walk of any of them finds is not indexed twice
         scans = {folder: scan_folder(folder, roots) for folder in present}
-        plan = plan_changes(catalog, session, scans, hash_file)
+        orphans = [row for root in missing for row in catalog.rows_under(session, root)]
+        plan = plan_changes(catalog, session, scans, hash_file, orphans)
     fault_point("planned")
     for folder, scan in scans.items():
         if not scan.files and not scan.unreadable and not plan.known_under(folder):
             raise UsageError(f"no images found in {folder}")
     catalog.add_roots(present)
     _run_plan(catalog, layout, plan, settings, summary, progress)
+    for root in missing:  # renamed (every image found again elsewhere) or unmounted (its images stay)
+        if catalog.ids_under(root, status=None).size == 0:
+            catalog.remove_roots([root])
+            summary.warnings.append(f"{root} is gone and its images were found elsewhere: it is no longer indexed")
+        elif root in folders:
+            summary.warnings.append(
+                f"skipped {root}: folder not found (its images stay indexed; `clipsearch forget` removes them)"
+            )
     rebuilt = apply_index_type(catalog, layout, settings.index_type, settings.max_memory, settings.device)
     if rebuilt is None and catalog.model_identity() and not faiss_file_current(catalog, layout):
         rebuilt = rebuild_as(catalog, layout, recorded_type(catalog), settings.device)  # built at the end after all
@@ -372,3 +377,60 @@ def default_workers(device: Device) -> int:
     so every core, up to 16."""
     cap = 16 if device.is_cuda else 4
     return max(1, min(cap, os.cpu_count() or 1))
+
+
+@dataclass
+class ForgetSummary:
+    folders: list[str]
+    removed: int
+
+    def line(self) -> str:
+        return f"forgot {', '.join(self.folders)}: {self.removed} images removed from the index"
+
+
+def forget_folders(index_dir: Path, paths: Sequence[Path], wait_for_lock: bool = True) -> ForgetSummary:
+    """Remove folders and every image under them from the index (the files on disk are not touched).
+
+    A folder inside an indexed folder that still exists is refused: the next refresh would index it again."""
+    layout = IndexLayout(Path(index_dir))
+    if not layout.catalog.is_file():
+        raise UsageError(f"no index at {layout.root}")
+    wanted = [os.path.abspath(Path(p).expanduser()) for p in paths]
+    with write_lock(layout, wait_for_lock):
+        catalog = Catalog(layout.catalog)
+        try:
+            return _forget_locked(catalog, layout, wanted)
+        finally:
+            catalog.close()
+
+
+def _forget_locked(catalog: Catalog, layout: IndexLayout, folders: list[str]) -> ForgetSummary:
+    roots = catalog.roots()
+    for folder in folders:
+        inside = [root for root in roots if folder != root and is_under(folder, root)]
+        if inside and os.path.isdir(inside[0]):
+            raise UsageError(
+                f"{folder} is inside the indexed folder {inside[0]}: the next refresh would index it again "
+                f"(forget {inside[0]}, or move the photos out)"
+            )
+        if not any(root == folder or is_under(root, folder) or is_under(folder, root) for root in roots):
+            raise UsageError(f"{folder} is not an indexed folder (`clipsearch info` lists them)")
+    identity = catalog.model_identity()
+    vectors = open_vectors(catalog, layout, identity.embed_dim, persist=True) if identity else None
+    writer = _Writer(catalog, layout, vectors, save_every_s=float("inf"))
+    removed: list[int] = []
+
+    def forget(session: Session):
+        for folder in folders:
+            for row in catalog.rows_under(session, folder):
+                if row.status == STATUS_OK:
+                    removed.append(row.id)
+                session.delete(row)
+        return np.asarray(removed, dtype=np.int64), np.zeros(0, dtype=np.int64), None
+
+    try:
+        writer.commit(forget)
+    finally:
+        writer.save()
+    catalog.remove_roots([root for root in roots if any(root == f or is_under(root, f) for f in folders)])
+    return ForgetSummary(folders, len(removed))

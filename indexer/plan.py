@@ -1,13 +1,15 @@
 """Diff what is on disk against the catalog: new, changed, moved, gone, unchanged.
 
 Unchanged means same size and mtime (no read needed). A file that appears while another of the same size
-disappears is hashed: same content means a move or rename, and it keeps its vector without re-encoding.
+disappears is hashed: same content means a move or rename, and it keeps its vector without re-encoding. Rows
+under an indexed folder that is missing now (``orphans``: renamed, or an unmounted drive) are candidates too, so a
+renamed photos folder is recognised as a move; unmatched orphans stay (the drive may come back).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
@@ -40,7 +42,11 @@ class Plan:
 
 
 def plan_changes(
-    catalog: Catalog, session: Session, scans: dict[str, ScanResult], hash_file: Callable[[str], str]
+    catalog: Catalog,
+    session: Session,
+    scans: dict[str, ScanResult],
+    hash_file: Callable[[str], str],
+    orphans: Sequence[ImageRow] = (),
 ) -> Plan:
     plan = Plan()
     known: dict[str, ImageRow] = {}
@@ -71,7 +77,7 @@ def plan_changes(
             plan.work.append(WorkItem(facts, row.id))
 
     gone = [row for path, row in known.items() if path not in on_disk and path not in unreadable_paths]
-    moved_ids = _match_moves(new, gone, hash_file, plan)
+    moved_ids = _match_moves(new, [*gone, *orphans], hash_file, plan)
     plan.gone = [row.id for row in gone if row.id not in moved_ids]
     return plan
 

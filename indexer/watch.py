@@ -24,7 +24,7 @@ from indexer.pipeline import IndexSettings, IndexSummary, index_paths
 from indexer.scan import image_suffixes, resolve_folder
 from retrieval.errors import ClipsearchError, UsageError
 from retrieval.model.device import Device
-from retrieval.store.catalog import Catalog
+from retrieval.store.catalog import Catalog, is_under
 from retrieval.store.layout import IndexLayout
 from retrieval.store.recorded_model import recorded_model
 
@@ -95,7 +95,7 @@ def folders_to_scan(changed: Iterable[str], roots: Sequence[str]) -> list[str]:
     too many."""
     folders: set[str] = set()
     for path in changed:
-        root = next((r for r in roots if _is_under(path, r)), None)
+        root = next((r for r in roots if is_under(path, r)), None)
         if root is None:
             continue
         folder = os.path.dirname(path) if path != root else root
@@ -107,7 +107,7 @@ def folders_to_scan(changed: Iterable[str], roots: Sequence[str]) -> list[str]:
     ordered = sorted(folders, key=len)
     kept: list[str] = []
     for folder in ordered:
-        if not any(_is_under(folder, outer) for outer in kept):
+        if not any(is_under(folder, outer) for outer in kept):
             kept.append(folder)
     return sorted(kept)
 
@@ -250,7 +250,7 @@ class _EventHandler(FileSystemEventHandler):
     def _relevant(self, path: str, is_directory: bool) -> bool:
         if any(path == prefix or path.startswith(prefix + os.sep) for prefix in self.ignored):
             return False
-        root = next((r for r in self.roots if _is_under(path, r)), None)
+        root = next((r for r in self.roots if is_under(path, r)), None)
         if root is None or any(part.startswith(".") for part in Path(os.path.relpath(path, root)).parts):
             return False
         return is_directory or os.path.splitext(path)[1].lower() in self.suffixes
@@ -259,7 +259,3 @@ class _EventHandler(FileSystemEventHandler):
 def _ignored_prefixes(index_dir: Path) -> tuple[str, ...]:
     """The index folder (its catalog and FAISS writes are events too, when it lies inside a watched folder)."""
     return tuple({str(index_dir.absolute()), str(index_dir.resolve())})
-
-
-def _is_under(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")

@@ -138,6 +138,55 @@ def test_missing_root_keeps_its_images(tmp_path, settings):
     assert len(indexed_paths(index_dir)) == 3
 
 
+def test_a_renamed_photos_folder_is_a_move_not_a_second_copy(tmp_path, settings):
+    """Renaming the indexed folder and indexing it under its new name used to double every result for good."""
+    old, new = tmp_path / "photos", tmp_path / "pictures"
+    make_images(old, 4, seed=9)
+    index_dir = tmp_path / "index"
+    index_paths(index_dir, [old], settings, progress=False)
+    before = catalog_and_faiss_agree(index_dir)
+    old.rename(new)
+    write_image(new / "added.jpg", seed=99)
+    summary = index_paths(index_dir, [new], settings, progress=False)
+    assert (summary.moved, summary.added, summary.encoded, summary.removed) == (4, 1, 1, 0)
+    paths = indexed_paths(index_dir)
+    assert len(paths) == 5 and all(path.startswith(str(new) + "/") for path in paths)
+    assert before < catalog_and_faiss_agree(index_dir)  # the same rows (vectors kept) plus the new one
+    assert any("no longer indexed" in w for w in summary.warnings)
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    assert catalog.roots() == [str(new)]
+    catalog.close()
+    assert index_paths(index_dir, [], settings, progress=False).warnings == []
+
+
+def test_forget_removes_a_folder_and_its_images_only(tmp_path, settings):
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+
+    keep, drop = tmp_path / "keep", tmp_path / "drop"
+    make_images(keep, 3, seed=10)
+    make_images(drop, 2, seed=11)
+    index_dir = tmp_path / "index"
+    index_paths(index_dir, [keep], settings, progress=False)
+    index_paths(index_dir, [drop], settings, progress=False)
+    shutil.rmtree(drop)  # a folder that no longer exists can be forgotten too
+
+    def forget(*args):
+        return CliRunner().invoke(app, ["forget", *map(str, args), "--index", str(index_dir)])
+
+    inside = forget(keep / "sub")
+    assert inside.exit_code != 0 and "inside the indexed folder" in inside.output
+    assert forget(tmp_path / "never").exit_code != 0
+    done = forget(drop)
+    assert done.exit_code == 0 and "2 images removed" in done.output, done.output
+    assert set(indexed_paths(index_dir)) == {str(p) for p in keep.iterdir()}
+    assert len(catalog_and_faiss_agree(index_dir)) == 3
+    again = index_paths(index_dir, [], settings, progress=False)
+    assert again.warnings == [] and again.unchanged == 3
+    assert all(path.exists() for path in keep.iterdir())
+
+
 def test_each_kind_of_bad_input_is_recorded_and_the_rest_indexed(tmp_path, settings):
     folder = tmp_path / "messy"
     make_images(folder, 4, seed=9)

@@ -5,6 +5,7 @@ from clipsearch.cli import commands  # noqa: F401  (registers index, search, sim
 from clipsearch.cli import duplicates as duplicates_command  # noqa: F401  (registers duplicates)
 from clipsearch.cli import eval as eval_commands  # noqa: F401  (registers eval flickr30k, eval captions)
 from clipsearch.cli import export_text as export_text_command  # noqa: F401  (registers export-text)
+from clipsearch.cli import forget as forget_command  # noqa: F401  (registers forget)
 from clipsearch.cli import itm as itm_command  # noqa: F401  (registers train-itm)
 from clipsearch.cli import reindex as reindex_command  # noqa: F401  (registers reindex)
 from clipsearch.cli import serve as serve_command  # noqa: F401  (registers serve)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -274,24 +275,30 @@ class Catalog:
         with self.session() as session, session.begin():
             known = list(session.scalars(select(Root)))
             for folder in folders:
-                if any(_is_under(folder, root.path) for root in known):
+                if any(is_under(folder, root.path) for root in known):
                     continue
-                for root in [r for r in known if _is_under(r.path, folder)]:
+                for root in [r for r in known if is_under(r.path, folder)]:
                     session.delete(root)
                     known.remove(root)
                 root = Root(path=folder)
                 session.add(root)
                 known.append(root)
 
+    def remove_roots(self, folders: Iterable[str]) -> None:
+        """Stop refreshing these folders (their rows are the caller's business)."""
+        with self.session() as session, session.begin():
+            session.execute(delete(Root).where(Root.path.in_(list(folders))))
+
     def rows_under(self, session: Session, folder: str) -> list[ImageRow]:
         return list(session.scalars(select(ImageRow).where(path_under(ImageRow.path, folder))))
 
-    def ids_under(self, folder: str) -> np.ndarray:
+    def ids_under(self, folder: str, status: str | None = STATUS_OK) -> np.ndarray:
+        """Ids of rows inside ``folder`` (``status`` None: failed rows too)."""
         with self.session() as session:
-            ids = session.scalars(
-                select(ImageRow.id).where(ImageRow.status == STATUS_OK, path_under(ImageRow.path, folder))
-            )
-            return np.fromiter(ids, dtype=np.int64)
+            query = select(ImageRow.id).where(path_under(ImageRow.path, folder))
+            if status is not None:
+                query = query.where(ImageRow.status == status)
+            return np.fromiter(session.scalars(query), dtype=np.int64)
 
     def rows_by_id(self, ids: Sequence[int]) -> dict[int, ImageRow]:
         with self.session() as session:
@@ -349,5 +356,6 @@ def path_under(column, folder: str):
     return (column >= prefix) & (column < prefix[:-1] + "0")  # "0" is the character after "/"
 
 
-def _is_under(path: str, folder: str) -> bool:
+def is_under(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or inside it (by name: no file system access)."""
     return path == folder or path.startswith(folder.rstrip("/") + "/")
