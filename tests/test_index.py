@@ -299,6 +299,28 @@ def test_stale_or_missing_faiss_file_is_rebuilt_from_the_catalog(tmp_path, photo
     np.testing.assert_allclose([r.score for r in after], [r.score for r in before], atol=1e-6)
 
 
+@pytest.mark.parametrize("part", ["vectors", "ids"])
+def test_a_current_faiss_file_with_flipped_bytes_is_rebuilt_not_used(tmp_path, photo_folder, settings, part):
+    """The generation says the file is current, but its bytes were damaged: the sample check on open notices,
+    and the answers are the catalog's, not a wrong image at rank 1 with score 1.000."""
+    index_dir = tmp_path / "index"
+    index_paths(index_dir, [photo_folder], settings, progress=False)
+    with SearchEngine(index_dir, device="cpu") as engine:
+        before = engine.search_text("a photo", k=5)
+    path = IndexLayout(index_dir).vectors
+    data = bytearray(path.read_bytes())
+    ids_bytes = 16 * 8  # IndexIDMap2 ends with its int64 id map
+    start, end = (
+        (len(data) // 3, len(data) - ids_bytes - 64) if part == "vectors" else (len(data) - ids_bytes, len(data))
+    )
+    data[start:end] = bytes(b ^ 0x5A for b in data[start:end])
+    path.write_bytes(bytes(data))
+    with SearchEngine(index_dir, device="cpu") as engine:
+        after = engine.search_text("a photo", k=5)
+    assert [r.path for r in after] == [r.path for r in before]
+    np.testing.assert_allclose([r.score for r in after], [r.score for r in before], atol=1e-6)
+
+
 @pytest.mark.slow
 def test_worker_processes_give_the_same_vectors_as_in_process_decoding(tmp_path, photo_folder, settings):
     in_process = index_paths(tmp_path / "a", [photo_folder], settings, progress=False)

@@ -330,6 +330,29 @@ class Catalog:
                 session.scalars(select(ImageRow).where(ImageRow.status == STATUS_FAILED).order_by(ImageRow.path))
             )
 
+    def sample_embeddings(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``n`` (ids, normalised float32 vectors) of ok rows spread over the id range, found by index
+        seeks (no scan of the table, so it costs the same at 10 rows and at 10 million)."""
+        with self.session() as session:
+            low, high = session.execute(
+                select(func.min(ImageRow.id), func.max(ImageRow.id)).where(ImageRow.status == STATUS_OK)
+            ).one()
+            if low is None:
+                return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+            starts = np.random.default_rng(seed).integers(low, high + 1, size=n)
+            found: dict[int, bytes] = {}
+            for start in sorted({int(s) for s in starts}):
+                row = session.execute(
+                    select(ImageRow.id, ImageRow.embedding)
+                    .where(ImageRow.status == STATUS_OK, ImageRow.id >= start)
+                    .order_by(ImageRow.id)
+                    .limit(1)
+                ).first()
+                if row is not None:
+                    found[row[0]] = row[1]
+        ids = np.fromiter(found, dtype=np.int64)
+        return ids, unit_rows(np.stack([decode_embedding(blob) for blob in found.values()]))
+
     def iter_embeddings(self, batch: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (ids, normalised float32 vectors) of ok rows, in id order, in batches."""
         last = 0

@@ -24,6 +24,7 @@ from retrieval.store.vectors import VectorIndex
 from retrieval.unit import unit_rows
 
 FETCH_CHUNK = 500  # ids per SQL IN (...)
+SAMPLE_CHECK = 16  # stored embeddings looked up in a FAISS file on open (a few ms even at 1M vectors)
 
 
 def open_vectors(
@@ -38,11 +39,26 @@ def open_vectors(
         except IndexCorruptError:  # a damaged derived file is rebuilt, never fatal
             index = None
         if index is not None and index.dim == dim and len(index) == catalog.count(STATUS_OK):
-            return attach_catalog(index, catalog)
+            index = attach_catalog(index, catalog)
+            if agrees_with_catalog(index, catalog):
+                return index
     index = build_from_catalog(catalog, dim)
     if persist:
         save_vectors(catalog, layout, index, generation)
     return index
+
+
+def agrees_with_catalog(index: VectorIndex, catalog: Catalog, sample: int = SAMPLE_CHECK) -> bool:
+    """A cheap look inside a file that claims to be current: a sample of stored embeddings, searched for, must
+    find their own ids near the top with a cosine of about 1. Flipped bytes in the vectors or the id map fail it,
+    so a damaged file is rebuilt instead of answering with the wrong images (an approximate index may miss a
+    few of its own vectors: most must be found)."""
+    ids, vectors = catalog.sample_embeddings(sample)
+    if not len(ids):
+        return True
+    scores, found = index.search(vectors, min(10, len(index)))
+    hits = [bool(np.any((row_ids == i) & (row_scores > 0.98))) for i, row_ids, row_scores in zip(ids, found, scores)]
+    return float(np.mean(hits)) >= 0.75
 
 
 def faiss_file_current(catalog: Catalog, layout: IndexLayout) -> bool:
