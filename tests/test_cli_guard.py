@@ -236,3 +236,22 @@ def test_serve_without_the_web_extra_names_it_in_one_line(monkeypatch, tmp_path)
     result = invoke("serve", "--index", tmp_path)
     assert result.exit_code == 2 and "pip install 'clipsearch[serve]'" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["text", "image", "other architecture"])
+def test_a_pretrained_file_that_is_no_checkpoint_of_the_model_is_one_line(tmp_path, model_copy, kind):
+    """`--pretrained` given a text file, a photo, or another model's weights used to print 80 lines of traceback."""
+    photos = tmp_path / "photos"
+    make_images(photos, 2, seed=5)
+    given = {
+        "text": tmp_path / "notes.bin",
+        "image": write_image(tmp_path / "photo.pt", seed=1, fmt="JPEG"),
+        "other architecture": model_copy / "open_clip_model.safetensors",
+    }[kind]
+    if kind == "text":
+        given.write_text("hello")
+    result = invoke("index", photos, "--index", tmp_path / "i", "--model", "ViT-B-32", "--pretrained", given, "-q")
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [result.output.strip()], result.output
+    assert f"{given} is not a ViT-B-32 checkpoint" in result.output and "Traceback" not in result.output

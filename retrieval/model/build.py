@@ -98,19 +98,26 @@ def build_model(spec: ModelSpec, device: str = "cpu", precision: str = "fp32") -
                 f"could not download weights for {spec.describe()} (offline?): pass a local checkpoint with "
                 f"--pretrained /path/to/open_clip_pytorch_model.bin, or --model local-dir:FOLDER"
             ) from error
-        raise ModelLoadError(f"could not load model {spec.describe()}: {error}") from error
-    except (OSError, ValueError, KeyError, _weights_file_error()) as error:  # a missing, corrupt or truncated file
-        raise ModelLoadError(f"could not load model {spec.describe()}: {error}") from error
+        raise ModelLoadError(load_failure(spec, error)) from error
+    except Exception as error:  # noqa: BLE001  (a missing, corrupt, truncated or foreign file: pickle, asserts, ...)
+        raise ModelLoadError(load_failure(spec, error)) from error
     model.eval()
     return model, preprocess
 
 
-def _weights_file_error() -> type[Exception]:
-    try:
-        from safetensors import SafetensorError
-    except ImportError:
-        return OSError
-    return SafetensorError
+def load_failure(spec: ModelSpec, error: BaseException) -> str:
+    """One line for a model that did not load: what was asked for and the first line of why (torch.load and
+    open_clip's state-dict checks write paragraphs and tracebacks a user cannot act on)."""
+    import pickle
+
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
+        reason = "not a PyTorch or safetensors checkpoint file"
+    checkpoint = spec.checkpoint_file
+    if checkpoint is not None:
+        return f"{checkpoint} is not a {spec.name} checkpoint that open_clip can load ({reason})"
+    return f"could not load model {spec.describe()} ({reason})"
 
 
 _INIT_FUNCTIONS = (
