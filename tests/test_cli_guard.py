@@ -255,3 +255,14 @@ def test_a_pretrained_file_that_is_no_checkpoint_of_the_model_is_one_line(tmp_pa
     assert result.exit_code != 0
     assert result.output.strip().splitlines() == [result.output.strip()], result.output
     assert f"{given} is not a ViT-B-32 checkpoint" in result.output and "Traceback" not in result.output
+
+
+def test_bare_command_version_and_the_order_commands_are_listed_in():
+    bare = invoke()
+    assert bare.exit_code == 0 and "Commands:" in bare.output
+    version = invoke("--version")
+    assert version.exit_code == 0 and version.output.startswith("clipsearch ")
+    listed = [line.split()[0] for line in bare.output.split("Commands:")[1].strip().splitlines()]
+    assert listed[:4] == ["index", "search", "similar", "info"] and listed[-3:] == ["eval", "train", "train-itm"]
+    assert "one per core, at most 4" in invoke("index", "--help").output.replace("\n", " ")
+    assert "The model to evaluate" in invoke("eval", "captions", "--help").output

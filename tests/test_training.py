@@ -161,6 +161,7 @@ def test_same_seed_gives_the_same_model_through_the_cli(
 
     assert result.exit_code == 0, result.output
     assert "best epoch" in result.output and f"local-dir:{tmp_path / 'again'}" in result.output
+    assert "by rsum" in result.output and "image→text R@" in result.output  # what picked the epoch is shown
     assert file_digest(tmp_path / "again" / WEIGHTS_FILE) == file_digest(trained / WEIGHTS_FILE)
 
     refused = runner.invoke(app, [*args, "--out", str(tmp_path / "again")])

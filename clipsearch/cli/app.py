@@ -9,21 +9,67 @@ from functools import wraps
 from pathlib import Path
 from typing import TypeVar
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from clipsearch.cli.help_format import use_plain_types
 from retrieval.errors import ClipsearchError, Interrupted
 
+# The order a newcomer needs them in: the daily commands first, maintenance next, the lab last.
+COMMAND_ORDER = (
+    "index", "search", "similar", "info", "duplicates", "serve",
+    "check", "forget", "reindex", "export-text",
+    "eval", "train", "train-itm",
+)  # fmt: skip
+
+
+class CommandsInOrder(TyperGroup):
+    """`clipsearch --help` lists commands in ``COMMAND_ORDER`` (any not named there after them), not in the order
+    their modules happen to be imported."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda name: rank.get(name, len(rank)))
+
+
 app = typer.Typer(
     name="clipsearch",
+    cls=CommandsInOrder,
     help="Search your photos by text or by example with CLIP.",
-    no_args_is_help=True,
+    invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain click help: `--model TEXT`, flags without `<bool>`, and [brackets] kept as text
 )
 
 use_plain_types()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"clipsearch {version('clipsearch')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("clipsearch (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Search your photos by text or by example with CLIP."""
+    if ctx.invoked_subcommand is None:  # bare `clipsearch`: the help, and success (it is not a mistake)
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
 
 F = TypeVar("F", bound=Callable[..., object])
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from clipsearch.cli.app import app, quiet_libraries, user_errors
-from clipsearch.cli.options import DeviceOption, ModelOption, PretrainedOption, WorkersOption
+from clipsearch.cli.options import DeviceOption, EvalModelOption, PretrainedOption, WorkersOption
 from retrieval.errors import ClipsearchError
 
 eval_app = typer.Typer(
@@ -71,7 +71,7 @@ def flickr30k(
     split: Annotated[str, typer.Option("--split", help="test (the 1K test protocol), val, train, or all.")] = "test",
     split_file: SplitFileOption = None,
     prompt: PromptOption = "",
-    model: ModelOption = None,
+    model: EvalModelOption = None,
     pretrained: PretrainedOption = None,
     index_dir: EvalIndexOption = None,
     device: DeviceOption = "auto",
@@ -95,7 +95,7 @@ def captions(
     split: Annotated[str | None, typer.Option("--split", help="Only this split (default: every image).")] = None,
     split_file: SplitFileOption = None,
     prompt: PromptOption = "",
-    model: ModelOption = None,
+    model: EvalModelOption = None,
     pretrained: PretrainedOption = None,
     index_dir: EvalIndexOption = None,
     device: DeviceOption = "auto",

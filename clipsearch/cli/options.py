@@ -41,6 +41,15 @@ ModelOption = Annotated[
         show_default=False,
     ),
 ]
+EvalModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="The model to evaluate: an open_clip model name, or local-dir:FOLDER with a saved model (default: "
+        "ViT-B-32, or the model an --index folder was made with).",
+        show_default=False,
+    ),
+]
 PretrainedOption = Annotated[
     str | None,
     typer.Option(
@@ -80,7 +89,14 @@ BatchOption = Annotated[int, typer.Option("--batch-size", help="Images per encod
 IndexBatchOption = Annotated[
     int | None, typer.Option("--batch-size", help="Images per encoder batch (default: 32 on the CPU, 256 on CUDA).")
 ]
-WorkersOption = Annotated[int | None, typer.Option("--workers", help="Decoding processes (default: cores).")]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Decoding processes (default: one per core, at most 4; on CUDA up to 16; 0 decodes in this process).",
+        show_default=False,
+    ),
+]
 
 # --- combined queries and filters (search, similar) ---------------------------------------------------------------
 AddOption = Annotated[

@@ -86,9 +86,10 @@ def train(
     report = train_model(images, annotations, out, settings, progress=not quiet)
     best = report.best_val
     summary = f"best epoch {report.best_epoch} of {len(report.epochs)}"
-    if best:
-        summary += ", val " + ", ".join(
-            f"text→image R@{k} {100 * best[f'text_to_image_recall@{k}']:.1f}" for k in settings.recall_ks
-        )
+    if best:  # the best epoch is the one with the highest rsum (every recall@k, both directions): show them all
+        t2i = "/".join(f"{100 * best[f'text_to_image_recall@{k}']:.1f}" for k in settings.recall_ks)
+        i2t = "/".join(f"{100 * best[f'image_to_text_recall@{k}']:.1f}" for k in settings.recall_ks)
+        ks = "/".join(str(k) for k in settings.recall_ks)
+        summary += f" by rsum {best['rsum']:.1f}: val text→image R@{ks} {t2i}, image→text R@{ks} {i2t}"
     typer.echo(f"{summary}; {report.seconds:.0f} s")
     typer.echo(f"wrote {out} (use --model local-dir:{out}); report in {out / REPORT_FILE}")
