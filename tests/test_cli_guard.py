@@ -266,3 +266,17 @@ def test_bare_command_version_and_the_order_commands_are_listed_in():
     assert listed[:4] == ["index", "search", "similar", "info"] and listed[-3:] == ["eval", "train", "train-itm"]
     assert "one per core, at most 4" in " ".join(invoke("index", "--help").output.split())
     assert "The model to evaluate" in invoke("eval", "captions", "--help").output
+
+
+def test_tables_say_why_a_result_matched_and_show_the_date_they_are_sorted_by(indexed):
+    index_dir, photos = indexed
+    named = invoke("search", "img_71_003", "--index", index_dir, "-k", "3")
+    assert named.exit_code == 0, named.output
+    header, first = named.output.splitlines()[:2]
+    assert header.split()[:3] == ["rank", "score", "match"]
+    assert first.split()[2] == "name" and first.endswith("img_71_003.jpg")
+    dated = invoke("search", "a photo", "--index", index_dir, "--sort", "date", "-k", "3", "--min-score", "-1")
+    assert dated.output.splitlines()[0].split()[:4] == ["rank", "score", "match", "taken"]
+    assert all(len(row.split()) >= 6 for row in dated.output.splitlines()[1:])  # the date (day and time) shown
+    echoed = json.loads(invoke("search", "a photo", "--index", index_dir, "--min-score", "-1", "--json").output)
+    assert echoed["query"]["min_score"] == -1 and echoed["results"][0]["matched"] == "clip"

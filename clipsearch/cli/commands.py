@@ -162,9 +162,10 @@ def _query(main, add, sub, sort, keywords, filters: Filters):
     return Query.of(main, add or (), sub or (), filters, sort, keywords)
 
 
-def _echo(base: dict, query) -> dict:
+def _echo(base: dict, query, min_score: float | None = None) -> dict:
     """What --json repeats of the query: the main term and k, plus whatever else was asked."""
     full = query.to_dict()
+    base = base | ({"min_score": min_score} if min_score is not None else {})
     extras = {"add": full["positive"][1:], "sub": full["negative"], "filters": full["filters"]}
     extras |= {"sort": query.sort} if query.sort != "relevance" else {}
     extras |= {"keywords": query.keywords} if query.keywords is not None else {}
@@ -213,7 +214,7 @@ def search(
     ) as searcher:
         results = searcher.search(query, k=k, min_score=min_score, rerank=rerank)
     echoed = {"text": text, "k": k} | ({"rerank": rerank} if rerank else {})
-    emit(results_report(results, _echo(echoed, query)), output)
+    emit(results_report(results, _echo(echoed, query, min_score)), output)
 
 
 @app.command()
@@ -243,7 +244,7 @@ def similar(
     query = _query(Term(path=str(image)), add, sub, sort, False, filters)
     with open_searcher(resolve_index_dir(index_dir), device, server) as searcher:
         results = searcher.search(query, k=k, min_score=min_score)
-    emit(results_report(results, _echo({"image": str(image), "k": k}, query)), output)
+    emit(results_report(results, _echo({"image": str(image), "k": k}, query, min_score)), output)
 
 
 @app.command()

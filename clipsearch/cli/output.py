@@ -134,7 +134,7 @@ def emit(report: Report, output: Output) -> None:
     RENDERERS[output.format](report, output)
 
 
-RESULT_COLUMNS = ("rank", "score", "clip_score", "path", "image_id", "width", "height", "taken_at")
+RESULT_COLUMNS = ("rank", "score", "clip_score", "matched", "path", "image_id", "width", "height", "taken_at")
 
 
 def results_report(results, query: dict) -> Report:
@@ -142,9 +142,14 @@ def results_report(results, query: dict) -> Report:
     if results and results[0].stage == "itm":  # re-ranked: the re-ranker's match probability, then the cosine
         table = [line("{:>4}  {:>6}  {:>6}  {}", "rank", "itm", "clip", "path")]
         table += [line("{:>4}  {:6.3f}  {:6.3f}  {}", r.rank, r.score, r.clip_score, r.path) for r in results]
-    else:
-        table = [line("{:>4}  {:>6}  {}", "rank", "score", "path")]
-        table += [line("{:>4}  {:6.3f}  {}", r.rank, r.score, r.path) for r in results]
+    else:  # why each is here (a name match may have a low cosine), and the date when that is the order
+        dated = query.get("sort") == "date"
+        head = "{:>4}  {:>6}  {:<5}" + ("  {:<19}" if dated else "") + "  {}"
+        table = [line(head, "rank", "score", "match", *(["taken"] if dated else []), "path")]
+        row = "{:>4}  {:6.3f}  {:<5}" + ("  {:<19}" if dated else "") + "  {}"
+        table += [
+            line(row, r.rank, r.score, r.matched, *([r.taken_at or "-"] if dated else []), r.path) for r in results
+        ]
     records = [r.to_dict() for r in results]
     columns = [c for c in RESULT_COLUMNS if c != "clip_score" or any("clip_score" in r for r in records)]
     return Report(

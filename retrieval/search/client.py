@@ -27,7 +27,7 @@ from retrieval.store.paths import catalog_path
 
 MAX_ANSWER_BYTES = 32 * 2**20  # a page of 1000 results is well under 1 MB: a larger answer is not a clipsearch one
 RESULT_FIELDS = ("rank", "score", "path", "image_id", "width", "height", "taken_at")
-RERANK_FIELDS = ("stage", "clip_score")  # on re-ranked results only
+OPTIONAL_FIELDS = ("stage", "clip_score", "matched")  # on re-ranked results only; why it matched
 
 
 class ServerClient:
@@ -170,7 +170,7 @@ class ServerClient:
             return [
                 SearchResult(
                     **{name: item.get(name) for name in RESULT_FIELDS},
-                    **{n: item[n] for n in RERANK_FIELDS if n in item},
+                    **{n: item[n] for n in OPTIONAL_FIELDS if n in item},
                 )
                 for item in page["results"]
             ]

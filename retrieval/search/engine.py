@@ -47,6 +47,7 @@ class SearchResult:
     taken_at: str | None = None  # date taken (EXIF, else the file's mtime), wall clock "YYYY-MM-DD HH:MM:SS"
     stage: str = "clip"  # which scorer produced ``score``: "clip" (cosine) or "itm" (re-ranker's match probability)
     clip_score: float | None = None  # the cosine, when the re-ranker produced ``score``
+    matched: str = "clip"  # why it is here: "clip" (the picture), "name" (file-name keywords; score is still CLIP's)
 
     def to_dict(self) -> dict:
         """JSON-ready: a file name that is not valid UTF-8 shows its odd bytes as ``\\xNN`` (``.path`` keeps
@@ -186,7 +187,10 @@ class SearchEngine:
         order = [i for i in order[:k] if i in rows]
         if query.sort == "date":
             order = newest_first(order, {i: rows[i].taken_at for i in order})
-        return [_result(rank, rows[i], score_of[i]) for rank, i in enumerate(order, start=1)]
+        return [
+            _result(rank, rows[i], score_of[i], "name" if i in matched else "clip")
+            for rank, i in enumerate(order, start=1)
+        ]
 
     def _resolved(self, filters: Filters) -> Filters:
         if filters.under is None:
@@ -332,9 +336,9 @@ class SearchEngine:
         return self.encoder.encode_pil([image])
 
 
-def _result(rank: int, row: ImageRow, score: float) -> SearchResult:
+def _result(rank: int, row: ImageRow, score: float, matched: str = "clip") -> SearchResult:
     clipped = float(min(1.0, max(-1.0, score)))
-    return SearchResult(rank, clipped, row.path, row.id, row.width, row.height, row.taken_at)
+    return SearchResult(rank, clipped, row.path, row.id, row.width, row.height, row.taken_at, matched=matched)
 
 
 def _results(scores, ids, rows, min_score, exclude) -> list[SearchResult]:
