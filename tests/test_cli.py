@@ -34,7 +34,7 @@ def test_user_story_index_search_similar_info(cli_index, photo_folder, tiny_mode
     table = invoke("search", "a dog on a beach at sunset", "--index", cli_index, "-k", "5", *CPU)
     assert table.exit_code == 0
     lines = table.output.strip().splitlines()
-    assert lines[0].split() == ["rank", "score", "path"] and len(lines) == 6
+    assert lines[0].split() == ["rank", "score", "match", "path"] and len(lines) == 6
 
     paths = invoke("similar", photo_folder / "img_1_000.jpg", "--index", cli_index, "-k", "3", "--paths", *CPU)
     assert paths.exit_code == 0
