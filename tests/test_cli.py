@@ -56,7 +56,7 @@ def test_json_output_schema(cli_index):
     assert payload["query"] == {"text": "mountains", "k": 4}
     assert len(payload["results"]) == 4
     for rank, item in enumerate(payload["results"], start=1):
-        assert set(item) == {"rank", "score", "path", "image_id", "width", "height", "taken_at"}
+        assert set(item) == {"rank", "score", "matched", "path", "image_id", "width", "height", "taken_at"}
         assert item["rank"] == rank and -1 <= item["score"] <= 1 and isinstance(item["image_id"], int)
 
 

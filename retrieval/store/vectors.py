@@ -6,6 +6,7 @@ effort, filters, copies itself to a GPU) is its ``IndexKind``'s: this module ask
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -192,6 +193,17 @@ class VectorIndex:
         """(ids, vectors) as stored, in ``ids()`` order: for the kinds that keep exact vectors (flat, hnsw)."""
         vectors = self.kind.stored_vectors(self.index)
         return self.ids(), vectors
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray | None:
+        """The stored vectors of ``ids`` looked up one by one (no scan), NaN rows for ids the index does not hold;
+        None for kinds that do not keep exact vectors."""
+        if not self.kind.keeps_vectors:
+            return None
+        found = np.full((len(ids), self.dim), np.nan, dtype=np.float32)
+        for row, image_id in enumerate(ids):
+            with contextlib.suppress(RuntimeError):  # not in the id map: stays NaN
+                found[row] = self.index.reconstruct(int(image_id))
+        return found
 
     def search(
         self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
