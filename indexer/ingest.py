@@ -26,7 +26,7 @@ from retrieval.store.paths import to_stored
 
 _META_COLUMNS = ("taken_at", "date_source", "camera_make", "camera_model", "orientation", "has_gps", "file_type")
 _COLUMNS = ("id", "path", "size", "mtime_ns", "content_hash", "indexed_at", "status", "error", "embedding", "width",
-            "height", *_META_COLUMNS)  # fmt: skip
+            "height", "pixel_print", *_META_COLUMNS)  # fmt: skip
 _INSERT = f"INSERT INTO images ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _NO_META = (None,) * len(_META_COLUMNS)
 _meta_values = attrgetter(*_META_COLUMNS)
@@ -60,11 +60,11 @@ def insert_new_rows(session: Session, chunk: Sequence[tuple]) -> tuple[np.ndarra
         facts, image_id = item.facts, first + offset
         head = (image_id, to_stored(facts.path), facts.size, facts.mtime_ns, decoded.content_hash, now)
         if vector is None:
-            rows.append((*head, STATUS_FAILED, decoded.error, None, None, None, *_NO_META))
+            rows.append((*head, STATUS_FAILED, decoded.error, None, None, None, None, *_NO_META))
             continue
         meta = decoded.meta or read_image_meta(facts.path, facts.mtime_ns)
         rows.append((*head, STATUS_OK, None, stored[at].tobytes(), decoded.width, decoded.height,
-                     *_meta_values(meta)))  # fmt: skip
+                     decoded.pixel_print, *_meta_values(meta)))  # fmt: skip
         ids.append(image_id)
         at += 1
     session.connection().exec_driver_sql(_INSERT, rows)  # one DBAPI executemany: no per-row Python binding

@@ -350,11 +350,11 @@ def _apply_chunk(session: Session, chunk: Chunk, summary):
         row.indexed_at = time.time()
         if vector is None:
             row.status, row.error, row.embedding = STATUS_FAILED, decoded.error, None
-            row.width = row.height = None
+            row.width = row.height = row.pixel_print = None
             summary.failed += 1
             continue
         row.status, row.error, row.embedding = STATUS_OK, None, encode_embedding(vector)
-        row.width, row.height = decoded.width, decoded.height
+        row.width, row.height, row.pixel_print = decoded.width, decoded.height, decoded.pixel_print
         row.set_meta(decoded.meta or read_image_meta(facts.path, facts.mtime_ns))  # header: date, camera, GPS, type
         added.append((row, row.vector()))
         summary.encoded += 1

@@ -18,6 +18,8 @@ from typing import Any
 
 from PIL import Image, ImageFile, ImageOps
 
+from retrieval.pixel_print import pixel_print
+
 # Twice Pillow's default: a 170-megapixel panorama still indexes, a forged 50k x 50k header does not.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -177,6 +179,7 @@ class DecodedItem:
     height: int | None
     error: str | None
     meta: Any = None  # header facts (retrieval.image_meta.ImageMeta) when the decoding side read them, else None
+    pixel_print: bytes | None = None  # retrieval.pixel_print, where the decoding side had the pixels on the CPU
 
 
 class ImageFileDataset:
@@ -196,7 +199,8 @@ class ImageFileDataset:
             data = read_file(self.paths[position])
             digest = content_hash(data)
             image, (width, height) = decode_image_and_size(data, self.min_side)
-            return DecodedItem(position, self.preprocess(image), digest, width, height, None)
+            pixels = self.preprocess(image)
+            return DecodedItem(position, pixels, digest, width, height, None, pixel_print=pixel_print(image))
         except DecodeError as error:
             return DecodedItem(position, None, digest, None, None, str(error))
         except Exception as error:  # a worker must never die on one file

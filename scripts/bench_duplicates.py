@@ -1,12 +1,15 @@
 """Precision and recall of near-duplicate grouping on a generated set (scripts/make_duplicates_set.py).
 
-Generates originals with re-encoded, resized, cropped-2% and EXIF-rotated copies plus distinct near-misses,
-indexes them with a model, and scores ``retrieval.search.duplicates`` over every pair of files: precision = share
-of the pairs put in one group that truly belong together, recall = share of the true pairs put in one group.
-Prints a row per threshold and linkage, the similarity margins, and the time of one ``find_duplicates`` call.
+Generates originals with re-encoded, resized, cropped and EXIF-rotated copies plus distinct near-misses, indexes
+them with a model, and scores ``retrieval.search.duplicates`` over every pair of files: precision = share of the
+pairs put in one group that truly belong together, recall = share of the true pairs put in one group. Prints the
+cosine and pixel margins per kind of pair, a row per cosine threshold and linkage (pixel threshold at its
+default), a row per pixel threshold (cosine at its default), and the default ``find_duplicates`` call: its
+precision, recall, how often the original leads its group, and its time.
 
-    python scripts/bench_duplicates.py                          # bundled shapes model, 100 originals (800 files)
-    python scripts/bench_duplicates.py --model vit-b-32-random  # a seeded random-weight ViT-B-32 instead
+    python scripts/bench_duplicates.py                                     # tuning set, seed 1 (800 files)
+    python scripts/bench_duplicates.py --variant holdout --seed 11         # the other set (700 files)
+    python scripts/bench_duplicates.py --model vit-b-32-random             # a seeded random-weight ViT-B-32
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ sys.path.insert(0, str(ROOT))
 
 from indexer.pipeline import IndexSettings, index_paths  # noqa: E402
 from retrieval.model.spec import ModelSpec  # noqa: E402
-from retrieval.search.duplicates import LINKAGES, find_duplicates, link_pairs, similar_pairs  # noqa: E402
+from retrieval.search.duplicate_defaults import DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD  # noqa: E402
+from retrieval.search.duplicates import LINKAGES, best_first_key, candidate_pairs, find_duplicates, link_pairs  # noqa: E402
 from retrieval.store.catalog import Catalog  # noqa: E402
 from retrieval.store.layout import IndexLayout  # noqa: E402
 from retrieval.testing import load_script  # noqa: E402
 
 SHAPES_MODEL = ROOT / "data" / "models" / "shapes-clip"
-THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+THRESHOLDS = (0.70, 0.80, 0.85, 0.90, 0.95, 0.98, 0.99)
+PIXEL_THRESHOLDS = (0.80, 0.85, 0.87, 0.89, 0.91, 0.93, 0.95)
 
 
 def model_spec(name: str, scratch: Path) -> ModelSpec:
@@ -64,24 +69,40 @@ def true_groups(truth: dict[str, str]) -> list[list[str]]:
     return list(by_label.values())
 
 
-def margins(names: list[str], vectors: np.ndarray, truth: dict[str, str]) -> dict[str, float]:
-    """The lowest similarity inside a true group, and the highest between an original and each kind of near-miss
-    (and between any two files of different groups)."""
-    position = {name: i for i, name in enumerate(names)}
-    sims = vectors @ vectors.T
-    labels = np.array([truth[name] for name in names])
-    same = labels[:, None] == labels[None, :]
-    np.fill_diagonal(same, False)
-    other = labels[:, None] != labels[None, :]
-    found = {"lowest true pair": float(sims[same].min()), "highest other pair": float(sims[other].max())}
-    for kind in ("shape", "colour", "shift"):
-        pairs = [
-            (position[name], position[name.replace(".jpg", f"_miss_{kind}.jpg")])
-            for name in names
-            if "_miss_" not in name and truth[name] == name.removesuffix(".jpg")
-        ]
-        found[f"highest {kind} near-miss"] = float(max(sims[a, b] for a, b in pairs))
-    return found
+def kind(name: str) -> str:
+    """original, a copy's kind (q70, half, crop, exif) or miss_<kind>, from the generator's file names."""
+    stem = name.removesuffix(".jpg")
+    if "_miss_" in stem:
+        return "miss_" + stem.split("_miss_")[1]
+    parts = stem.split("_")
+    return parts[2] if len(parts) > 2 else "original"
+
+
+def margins(names: list[str], truth: dict[str, str], pairs, positions: np.ndarray) -> list[str]:
+    """Per kind of pair among the files of one scene: the lowest cosine and pixel similarity of true pairs, the
+    highest of near-miss pairs (pairs below the lowest cosine threshold count as 0: never compared)."""
+    cosine, pixels = {}, {}
+    for a, b, cos, pix in zip(pairs.first.tolist(), pairs.second.tolist(), pairs.cosine, pairs.pixels):
+        cosine[(a, b)], pixels[(a, b)] = float(cos), float(pix)
+    by_scene: dict[str, list[int]] = {}
+    for pos in positions.tolist():
+        by_scene.setdefault(names[pos][:10], []).append(pos)
+    found: dict[str, list[tuple[float, float]]] = {}
+    for members in by_scene.values():
+        for a, b in itertools.combinations(sorted(members), 2):
+            same = truth[names[a]] == truth[names[b]]
+            kinds = sorted((kind(names[a]), kind(names[b])))
+            if not same and all(k.startswith("miss") for k in kinds):
+                continue
+            label = ("copy " if same else "miss ") + "/".join(kinds)
+            found.setdefault(label, []).append((cosine.get((a, b), 0.0), pixels.get((a, b), 0.0)))
+    lines = []
+    for label in sorted(found):
+        values = np.array(found[label])
+        pick = values.min(axis=0) if label.startswith("copy") else values.max(axis=0)
+        word = "lowest " if label.startswith("copy") else "highest"
+        lines.append(f"  {label:<28} {word} cosine {pick[0]:.4f}  pixels {pick[1]:.4f}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="shapes", help="shapes, vit-b-32-random, or an open_clip name")
     parser.add_argument("--originals", type=int, default=100, help="scenes; each makes 8 files")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threshold", type=float, default=0.95, help="the threshold timed with find_duplicates")
+    parser.add_argument("--variant", default="tuning", help="make_duplicates_set.py variant: tuning or holdout")
     parser.add_argument("--workdir", type=Path, help="keep the set and index here (reused when present)")
     args = parser.parse_args(argv)
 
@@ -99,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         if (photos / "truth.json").is_file():
             truth = json.loads((photos / "truth.json").read_text())
         else:
-            truth = load_script("make_duplicates_set").generate_duplicate_set(photos, args.originals, args.seed)
+            truth = load_script("make_duplicates_set").generate_duplicate_set(
+                photos, args.originals, args.seed, args.variant
+            )
         spec = model_spec(args.model, scratch)
         started = time.perf_counter()
         index_paths(scratch / "index", [photos], IndexSettings(model=spec, workers=0), progress=False)
@@ -114,33 +137,40 @@ def main(argv: list[str] | None = None) -> None:
             names = [Path(rows[int(i)].path).name for i in ids]
             true_pairs = pair_set(true_groups(truth))
             print(f"{len(names)} files, {len(true_pairs)} true pairs\n")
-            for name, value in margins(names, vectors, truth).items():
-                print(f"  {name:<26} {value:.4f}")
-            first, second, sims = similar_pairs(vectors, min(THRESHOLDS))
-            keys = {pos: (-(rows[int(ids[pos])].width or 0) * (rows[int(ids[pos])].height or 0),
-                          -rows[int(ids[pos])].size, names[pos]) for pos in range(len(ids))}  # fmt: skip
-            print(f"\n{'threshold':>9}  " + "  ".join(f"{f'{k} P':>9} {f'{k} R':>9}" for k in LINKAGES))
+            pairs = candidate_pairs(catalog, ids, vectors, min(THRESHOLDS))
+            print("\n".join(margins(names, truth, pairs, np.arange(len(ids)))))
+            keys = {pos: best_first_key(rows[int(ids[pos])]) for pos in range(len(ids))}
+
+            def scored(keep: np.ndarray, linkage: str) -> str:
+                groups = link_pairs(pairs.first[keep], pairs.second[keep], keys, linkage)
+                precision, recall = score(pair_set([[names[p] for p in g] for g in groups]), true_pairs)
+                return f"{precision:9.4f} {recall:9.4f}"
+
+            print(f"\npixels >= {DEFAULT_PIXEL_THRESHOLD}; cosine at or above:")
+            print(f"{'cosine':>9}  " + "  ".join(f"{f'{k} P':>9} {f'{k} R':>9}" for k in LINKAGES))
             for threshold in THRESHOLDS:
-                keep = sims >= threshold
-                cells = []
-                for linkage in LINKAGES:
-                    groups = link_pairs(first[keep], second[keep], keys, linkage)
-                    precision, recall = score(pair_set([[names[p] for p in g] for g in groups]), true_pairs)
-                    cells.append(f"{precision:9.4f} {recall:9.4f}")
-                print(f"{threshold:9.2f}  " + "  ".join(cells))
+                keep = (pairs.cosine >= threshold) & (pairs.pixels >= DEFAULT_PIXEL_THRESHOLD)
+                print(f"{threshold:9.2f}  " + "  ".join(scored(keep, linkage) for linkage in LINKAGES))
+            print(f"\ncosine >= {DEFAULT_THRESHOLD}; pixels at or above:")
+            print(f"{'pixels':>9}  " + "  ".join(f"{f'{k} P':>9} {f'{k} R':>9}" for k in LINKAGES))
+            for threshold in PIXEL_THRESHOLDS:
+                keep = (pairs.cosine >= DEFAULT_THRESHOLD) & (pairs.pixels >= threshold)
+                print(f"{threshold:9.2f}  " + "  ".join(scored(keep, linkage) for linkage in LINKAGES))
 
             started = time.perf_counter()
-            groups = find_duplicates(catalog, args.threshold)
+            groups = find_duplicates(catalog)
             took = time.perf_counter() - started
             found = pair_set([[Path(m.path).name for m in g.members] for g in groups])
             precision, recall = score(found, true_pairs)
-            originals_first = sum(truth[Path(g.best.path).name] == Path(g.best.path).stem for g in groups)
+            kept = sum(kind(Path(g.best.path).name) in ("original", "exif") for g in groups)
             print(
-                f"\nfind_duplicates(threshold={args.threshold}): {len(groups)} groups, precision {precision:.4f}, "
-                f"recall {recall:.4f}, original first in {originals_first}/{len(groups)}, {took * 1000:.0f} ms"
+                f"\nfind_duplicates (defaults: cosine {DEFAULT_THRESHOLD}, pixels {DEFAULT_PIXEL_THRESHOLD}): "
+                f"{len(groups)} groups, precision {precision:.4f}, recall {recall:.4f}, original (or its EXIF twin) "
+                f"kept in {kept}/{len(groups)}, {took * 1000:.0f} ms"
             )
-            print(json.dumps({"model": args.model, "threshold": args.threshold, "precision": precision,
-                              "recall": recall, "groups": len(groups), "ms": round(took * 1000)}))  # fmt: skip
+            print(json.dumps({"model": args.model, "variant": args.variant, "seed": args.seed, "precision": precision,
+                              "recall": recall, "groups": len(groups), "kept_original": kept,
+                              "ms": round(took * 1000)}))  # fmt: skip
         finally:
             catalog.close()
 

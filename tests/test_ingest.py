@@ -84,6 +84,7 @@ def test_a_schema_3_catalog_loses_its_per_row_trigger_and_keeps_its_keywords(tmp
         "CREATE TRIGGER images_fts_insert AFTER INSERT ON images BEGIN "
         "INSERT INTO images_fts (rowid, name, folder) VALUES (new.id, 'x', 'y'); END"
     )
+    connection.execute("ALTER TABLE images DROP COLUMN pixel_print")  # schema 5's
     connection.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     connection.commit()
     connection.close()

@@ -1,18 +1,22 @@
-"""Near-duplicate photos: groups of indexed images whose embeddings lie within a cosine threshold of each other.
+"""Near-duplicate photos: the vectors propose pairs, the pixels decide, and groups hold only mutual copies.
 
-Read side only. The exact stored embeddings are read from the catalog (the FAISS file may be approximate) and
+The exact stored embeddings are read from the catalog (the FAISS file may be approximate) and
 range-searched with an exact inner-product index, block by block, so memory stays at one float32 copy of the
-vectors. Pairs at or above the threshold are then linked into groups.
+vectors: every pair at or above the cosine ``threshold`` is a candidate. A cosine cannot tell a copy from another
+picture of the same kind (a generic or small model puts unrelated scenes above 0.99), so each candidate pair is
+then verified on the images' pixel prints (``retrieval.pixel_print``, stored at index time; rows indexed before
+schema 5 get theirs computed from the file here, once, and stored when the catalog can be written).
 
-Linkage decides what a chain does. With single linkage (connected components) A~B and B~C put A and C together
-even when A and C are far apart, and at a loose threshold one chain can swallow many distinct photos. The default,
-``leader``, takes images best first (most pixels, then most bytes) and gives each one not yet taken the images
-still free among its neighbours: every member is within the threshold of its group's first file, the one to keep.
-``scripts/bench_duplicates.py`` measures both on a generated set.
+Linkage: ``complete`` (the default) makes groups in which every two members are verified duplicates of each
+other, so no member pulls in files that are not copies of each other (``_complete_groups``). ``single``
+(connected components) chains A~B~C into one group; it is kept for the comparison in
+``scripts/bench_duplicates.py``. The best file, the one to keep, leads: most pixels, then the largest file of
+those pixels (least compressed), then the earliest date.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import UsageError
-from retrieval.store.catalog import Catalog
+from retrieval.images import DecodeError, decode_image, read_file
+from retrieval.pixel_print import PRINT_SIDE, pixel_print, pixel_similarity, print_views
+from retrieval.search.duplicate_defaults import DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD
+from retrieval.store.catalog import Catalog, ImageRow
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import display_path
 
-DEFAULT_THRESHOLD = 0.95
-LINKAGES = ("leader", "single")
+LINKAGES = ("complete", "single")
 QUERY_BLOCK = 4096  # query rows per range search: bounds FAISS's result buffers
 ROWS_CHUNK = 500  # ids per catalog lookup
 
@@ -38,6 +44,7 @@ class DuplicateMember:
     height: int | None
     size: int
     score: float  # cosine similarity to the group's first (best) file; 1.0 for that file itself
+    pixels: float  # pixel similarity to that file (retrieval.pixel_print); 1.0 for the file itself
 
     def to_dict(self) -> dict:
         return asdict(self) | {"path": display_path(self.path)}
@@ -45,7 +52,7 @@ class DuplicateMember:
 
 @dataclass(frozen=True)
 class DuplicateGroup:
-    """Near-identical images, the best file (most pixels, then most bytes) first."""
+    """Near-identical images, the best file (most pixels, then most bytes, then the earliest) first."""
 
     members: tuple[DuplicateMember, ...]
 
@@ -58,42 +65,128 @@ class DuplicateGroup:
 
 
 def duplicates_in_index(
-    index_dir: Path | str, threshold: float = DEFAULT_THRESHOLD, linkage: str = "leader"
+    index_dir: Path | str,
+    threshold: float = DEFAULT_THRESHOLD,
+    pixel_threshold: float = DEFAULT_PIXEL_THRESHOLD,
+    linkage: str = "complete",
 ) -> list[DuplicateGroup]:
     """``find_duplicates`` over the index at ``index_dir`` (what ``clipsearch duplicates`` calls)."""
     check_threshold(threshold)
+    check_threshold(pixel_threshold, "--pixels")
     catalog = Catalog(IndexLayout(Path(index_dir).expanduser()).catalog, create=False)
     try:
-        return find_duplicates(catalog, threshold, linkage)
+        return find_duplicates(catalog, threshold, pixel_threshold, linkage)
     finally:
         catalog.close()
 
 
 def find_duplicates(
-    catalog: Catalog, threshold: float = DEFAULT_THRESHOLD, linkage: str = "leader"
+    catalog: Catalog,
+    threshold: float = DEFAULT_THRESHOLD,
+    pixel_threshold: float = DEFAULT_PIXEL_THRESHOLD,
+    linkage: str = "complete",
 ) -> list[DuplicateGroup]:
     """Groups of near-duplicates among the indexed images, largest groups first."""
     check_threshold(threshold)
+    check_threshold(pixel_threshold, "--pixels")
     ids, vectors = _all_vectors(catalog)
-    first, second, _ = similar_pairs(vectors, threshold)
-    involved = np.unique(np.concatenate([first, second]))
-    rows = _rows(catalog, ids[involved])
-    keys = {int(pos): best_first_key(rows[int(ids[pos])]) for pos in involved}
+    pairs = candidate_pairs(catalog, ids, vectors, threshold)
+    keep = pairs.pixels >= pixel_threshold
+    involved = np.unique(np.concatenate([pairs.first[keep], pairs.second[keep]]))
+    keys = {int(pos): best_first_key(pairs.rows[int(ids[pos])]) for pos in involved}
     groups = []
-    for positions in link_pairs(first, second, keys, linkage):
-        best = vectors[positions[0]]
+    for positions in link_pairs(pairs.first[keep], pairs.second[keep], keys, linkage):
+        best = positions[0]
         members = tuple(
-            _member(rows[int(ids[pos])], 1.0 if k == 0 else float(vectors[pos] @ best))
-            for k, pos in enumerate(positions)
+            _member(pairs.rows[int(ids[pos])], *((1.0, 1.0) if pos == best else pairs.evidence(vectors, best, pos)))
+            for pos in positions
         )
         groups.append(DuplicateGroup(members))
     groups.sort(key=lambda group: (-len(group.members), group.best.path))
     return groups
 
 
-def check_threshold(threshold: float) -> None:
+@dataclass(frozen=True)
+class CandidatePairs:
+    """Pairs of vector positions (first < second) above the cosine threshold, with both kinds of evidence."""
+
+    first: np.ndarray
+    second: np.ndarray
+    cosine: np.ndarray
+    pixels: np.ndarray  # pixel similarity; 0 where either file has no print (gone, unreadable)
+    rows: dict  # image id -> ImageRow of every file in a pair
+    views: dict  # vector position -> print_views of every file in a pair that has a print
+
+    def evidence(self, vectors: np.ndarray, a: int, b: int) -> tuple[float, float]:
+        """(cosine, pixel similarity) of two positions; a member need not be a candidate pair of the leader's."""
+        found = a in self.views and b in self.views
+        return float(vectors[a] @ vectors[b]), pixel_similarity(self.views[a], self.views[b]) if found else 0.0
+
+
+def candidate_pairs(catalog: Catalog, ids: np.ndarray, vectors: np.ndarray, threshold: float) -> CandidatePairs:
+    """Every pair at or above the cosine ``threshold``, and its pixel similarity."""
+    first, second, cosine = similar_pairs(vectors, threshold)
+    involved = np.unique(np.concatenate([first, second]))
+    rows = _rows(catalog, ids[involved])
+    prints = _pixel_prints(catalog, [rows[int(ids[pos])] for pos in involved])
+    views = {int(pos): print_views(prints[int(ids[pos])]) for pos in involved if int(ids[pos]) in prints}
+    pixels = np.array(
+        [pixel_similarity(views[a], views[b]) if a in views and b in views else 0.0
+         for a, b in zip(first.tolist(), second.tolist())],
+        dtype=np.float32,
+    )  # fmt: skip
+    return CandidatePairs(first, second, cosine, pixels, rows, views)
+
+
+def _pixel_prints(catalog: Catalog, rows: list) -> dict[int, bytes]:
+    """The stored print of each row; rows indexed before prints existed get one from their file (when it is
+    unchanged since indexing), stored for next time where the catalog can be written."""
+    from sqlalchemy import select
+
+    prints: dict[int, bytes] = {}
+    ids = [row.id for row in rows]
+    with catalog.session() as session:
+        for start in range(0, len(ids), ROWS_CHUNK):
+            chunk = ids[start : start + ROWS_CHUNK]
+            query = select(ImageRow.id, ImageRow.pixel_print).where(ImageRow.id.in_(chunk))
+            prints.update({image_id: blob for image_id, blob in session.execute(query) if blob is not None})
+    computed = {}
+    for row in rows:
+        if row.id not in prints and (blob := _print_from_file(row)) is not None:
+            computed[row.id] = (blob, row.size, row.mtime_ns)
+    if computed and not catalog.read_only:
+        _store_prints(catalog, computed)
+    return prints | {image_id: blob for image_id, (blob, _, _) in computed.items()}
+
+
+def _print_from_file(row) -> bytes | None:
+    try:
+        if os.stat(row.path).st_mtime_ns != row.mtime_ns:
+            return None  # changed since indexing: its vector no longer describes it either
+        return pixel_print(decode_image(read_file(row.path), min_side=4 * PRINT_SIDE))
+    except (OSError, DecodeError):
+        return None
+
+
+def _store_prints(catalog: Catalog, computed: dict[int, tuple[bytes, int, int]]) -> None:
+    """One short transaction; skipped (the prints are computed again next time) if another writer holds on."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    statement = "UPDATE images SET pixel_print = ? WHERE id = ? AND size = ? AND mtime_ns = ? AND pixel_print IS NULL"
+    try:
+        with catalog.session() as session, session.begin():
+            session.connection().exec_driver_sql(
+                statement, [(blob, image_id, size, mtime) for image_id, (blob, size, mtime) in computed.items()]
+            )
+    except (OperationalError, sqlite3.OperationalError):
+        pass
+
+
+def check_threshold(threshold: float, option: str = "--threshold") -> None:
     if not 0.0 < threshold <= 1.0:
-        raise UsageError("--threshold must be a cosine similarity above 0 and at most 1, e.g. 0.95")
+        raise UsageError(f"{option} must be a similarity above 0 and at most 1, e.g. 0.9")
 
 
 def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -119,34 +212,41 @@ def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np
 
 
 def link_pairs(
-    first: np.ndarray, second: np.ndarray, keys: dict[int, tuple], linkage: str = "leader"
+    first: np.ndarray, second: np.ndarray, keys: dict[int, tuple], linkage: str = "complete"
 ) -> list[list[int]]:
-    """Groups (of two or more) from similar pairs; each group best first, i.e. in ascending order of ``keys``."""
+    """Groups (of two or more) from verified pairs; each group best first, i.e. in ascending order of ``keys``."""
     if linkage not in LINKAGES:
         raise UsageError(f"linkage must be one of {', '.join(LINKAGES)}, not {linkage!r}")
-    neighbours: dict[int, list[int]] = {}
+    neighbours: dict[int, set[int]] = {}
     for a, b in zip(first.tolist(), second.tolist()):
-        neighbours.setdefault(a, []).append(b)
-        neighbours.setdefault(b, []).append(a)
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
     order = sorted(neighbours, key=keys.__getitem__)
     rank = {node: position for position, node in enumerate(order)}
-    groups = _leader_groups(order, neighbours, rank) if linkage == "leader" else _components(order, neighbours)
+    groups = _complete_groups(order, neighbours, rank) if linkage == "complete" else _components(order, neighbours)
     return [sorted(group, key=rank.__getitem__) for group in groups if len(group) > 1]
 
 
-def _leader_groups(order: list[int], neighbours: dict[int, list[int]], rank: dict[int, int]) -> list[list[int]]:
+def _complete_groups(order: list[int], neighbours: dict[int, set[int]], rank: dict[int, int]) -> list[list[int]]:
+    """Cliques of verified pairs. Seeds come most-linked first (an original and its copies all verify with each
+    other; a look-alike verifies with only some of them), and each seed's free neighbours join best-linked first,
+    each only if it verifies with every member already in."""
     taken: set[int] = set()
     groups = []
-    for leader in order:
-        if leader in taken:
+    for seed in sorted(order, key=lambda node: (-len(neighbours[node]), rank[node])):
+        if seed in taken:
             continue
-        group = [leader] + sorted((n for n in neighbours[leader] if n not in taken), key=rank.__getitem__)
+        free = neighbours[seed] - taken
+        group = [seed]
+        for other in sorted(free, key=lambda node: (-len(neighbours[node] & free), rank[node])):
+            if all(member in neighbours[other] for member in group):
+                group.append(other)
         taken.update(group)
         groups.append(group)
     return groups
 
 
-def _components(order: list[int], neighbours: dict[int, list[int]]) -> list[list[int]]:
+def _components(order: list[int], neighbours: dict[int, set[int]]) -> list[list[int]]:
     seen: set[int] = set()
     groups = []
     for start in order:
@@ -181,9 +281,14 @@ def _rows(catalog: Catalog, ids: Iterable[int]) -> dict:
 
 
 def best_first_key(row) -> tuple:
-    """Sort key of the file to keep: most pixels, then most bytes; the path breaks ties the same on every run."""
-    return (-(row.width or 0) * (row.height or 0), -row.size, row.path)
+    """Sort key of the file to keep, as people choose: most pixels, then the largest file of those pixels (the
+    least compressed), then the earliest date taken (files without one after), then the earliest file; the path
+    breaks ties the same on every run."""
+    pixels = (row.width or 0) * (row.height or 0)
+    return (-pixels, -row.size, row.taken_at is None, row.taken_at or "", row.mtime_ns, row.path)
 
 
-def _member(row, score: float) -> DuplicateMember:
-    return DuplicateMember(row.id, row.path, row.width, row.height, row.size, round(min(1.0, score), 4))
+def _member(row, score: float, pixels: float) -> DuplicateMember:
+    return DuplicateMember(
+        row.id, row.path, row.width, row.height, row.size, round(min(1.0, score), 4), round(pixels, 4)
+    )

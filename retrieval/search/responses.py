@@ -58,6 +58,7 @@ class DuplicateMemberOut(BaseModel):
     height: int | None
     size: int
     score: float  # cosine similarity to the group's first (kept) file
+    pixels: float  # pixel similarity to that file (retrieval.pixel_print): what made it a duplicate
     thumbnail_url: str
     preview_url: str
     file_url: str

@@ -27,7 +27,7 @@ def stats(
 def duplicates(
     service: Service,
     threshold: Annotated[
-        float, Query(gt=0, le=1, description="Cosine similarity at which photos count as near-duplicates.")
+        float, Query(gt=0, le=1, description="Cosine similarity at which photos are compared pixel by pixel.")
     ] = DEFAULT_THRESHOLD,
     limit: Annotated[int, Query(ge=1, le=1000, description="Most groups returned (largest first).")] = 200,
 ) -> DuplicatesOut:

@@ -38,7 +38,8 @@ from retrieval.unit import unit_rows
 # 2: image ids are never reused (AUTOINCREMENT); paths may hold escaped non-UTF-8 bytes (retrieval/store/paths.py).
 # 3: header facts for filters and date order (retrieval/image_meta.py); FTS5 keyword table over paths.
 # 4: no per-row insert trigger on the keyword table; writers fill it per chunk (retrieval/store/keywords.py).
-SCHEMA_VERSION = 4
+# 5: pixel_print, the thumbnail near-duplicates are verified with (retrieval/pixel_print.py); NULL until computed.
+SCHEMA_VERSION = 5
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 EMBEDDING_DTYPE = np.float16
@@ -83,6 +84,8 @@ class ImageRow(Base):
     orientation: Mapped[int | None] = mapped_column(Integer, nullable=True)
     has_gps: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     file_type: Mapped[str | None] = mapped_column(String, nullable=True)
+    # schema 5: written with the embedding; NULL for rows indexed before (filled in by the first `duplicates`)
+    pixel_print: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
     __table_args__ = (
         Index("ix_images_hash", "content_hash"),

@@ -129,8 +129,14 @@ def _v3_to_v4(connection: sqlite3.Connection) -> None:
     connection.execute("DROP TRIGGER IF EXISTS images_fts_insert")
 
 
+def _v4_to_v5(connection: sqlite3.Connection) -> None:
+    """The pixel print near-duplicates are verified with: NULL in existing rows, computed from the file by the
+    first ``duplicates`` that needs it (the vectors stay as they are: nothing is re-encoded)."""
+    connection.execute("ALTER TABLE images ADD COLUMN pixel_print BLOB")
+
+
 # From version N to N + 1: the step, and what it reads before taking the write lock (None: nothing).
-STEPS: dict[int, Callable[..., None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+STEPS: dict[int, Callable[..., None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
 PREPARE: dict[int, Callable[[sqlite3.Connection], Any]] = {2: _read_headers_v2}
 
 

@@ -26,7 +26,7 @@ function tile(member, keep) {
   link.append(img);
   const caption = document.createElement("figcaption");
   const size = member.width && member.height ? `${member.width}×${member.height}` : "?";
-  caption.textContent = `${keep ? "keep · " : ""}${size} · ${bytes(member.size)} · ${member.score.toFixed(3)}`;
+  caption.textContent = `${keep ? "keep · " : ""}${size} · ${bytes(member.size)} · cos ${member.score.toFixed(3)} · px ${member.pixels.toFixed(3)}`;
   const name = document.createElement("code");
   name.textContent = img.alt;
   figure.append(link, caption, name);
