@@ -10,6 +10,7 @@ not a problem. Repairs happen under the write lock, so they never race an indexe
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import DatabaseError
 
+from indexer.text_export import stray_exports
 from retrieval.errors import IndexCorruptError
 from retrieval.faults import fault_point
 from retrieval.store.catalog import EMBEDDING_DTYPE, STATUS_FAILED, STATUS_OK, Catalog, ImageRow, MetaKey
@@ -131,9 +133,9 @@ def _inspect(layout: IndexLayout, catalog: Catalog) -> _Findings:
     if ok_ids and identity is None:
         findings.problems.append("images have embeddings but the index records no model")
     _inspect_vectors(layout, catalog, ok_ids, dim, findings)
-    findings.stray_files = sorted(layout.root.glob(f".{layout.vectors.name}.*.tmp"))
+    findings.stray_files = sorted(layout.root.glob(f".{layout.vectors.name}.*.tmp")) + stray_exports(layout)
     if findings.stray_files:
-        findings.notices.append(f"{len(findings.stray_files)} temporary file(s) left by an interrupted save")
+        findings.notices.append(f"{len(findings.stray_files)} temporary file(s) left by an interrupted save or export")
     return findings
 
 
@@ -279,7 +281,10 @@ def _repair(layout: IndexLayout, catalog: Catalog, findings: _Findings) -> list[
         save_vectors(catalog, layout, index, catalog.vectors_generation())
         repairs.append(f"rebuilt the FAISS file from the catalog ({len(index)} vectors)")
     for stray in findings.stray_files:
-        stray.unlink(missing_ok=True)
+        if stray.is_dir():
+            shutil.rmtree(stray, ignore_errors=True)
+        else:
+            stray.unlink(missing_ok=True)
     if findings.stray_files:
         repairs.append(f"removed {len(findings.stray_files)} temporary file(s)")
     return repairs

@@ -55,6 +55,7 @@ class IndexSettings:
     max_memory: int | None = None  # bytes auto may plan with; None keeps the recorded budget (default: RAM / 2)
     int8: bool = False  # CPU only: dynamic int8 image encoder, faster, slightly different vectors (opt-in)
     ray: RaySettings | None = None  # encode on a Ray cluster (indexer.ray_runner); None: on this machine
+    export_text: bool = True  # after a run that encoded images: export the text tower if missing or stale
 
 
 @dataclass
@@ -69,6 +70,7 @@ class IndexSummary:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     vectors_note: str | None = None  # set when the run rebuilt the vector index as another type
+    text_tower_note: str | None = None  # what the text-tower export after the run did, when it did something
     encode_seconds: float = 0.0  # decoding + encoding + committing, without the model load (steady throughput)
     unchanged_failed: int = 0  # of ``unchanged``: files that failed before and were not retried
 
@@ -94,10 +96,14 @@ def index_paths(
     settings: IndexSettings,
     progress: bool = True,
     on_wait: Callable[[str], None] | None = None,
+    on_export: Callable[[], None] | None = None,
 ) -> IndexSummary:
-    """Bring the index in step with the folders (all known folders when ``paths`` is empty).
+    """Bring the index in step with the folders (all known folders when ``paths`` is empty); after a run that
+    encoded images, export the text tower for torch-free queries when it is missing or stale (the CLI and this
+    API do the same; ``settings.export_text=False`` skips it).
 
-    ``on_wait`` hears why the run pauses when another process holds the write lock.
+    ``on_wait`` hears why the run pauses when another process holds the write lock; ``on_export``, that a text
+    tower export is starting (it takes a while for a large model).
     """
     started = time.perf_counter()
     settings = replace(settings, device=resolve_device(settings.device))  # the public entry: resolved here once
@@ -117,7 +123,11 @@ def index_paths(
             f"the disk holding {layout.root} is full: the index is intact up to the last committed chunk; "
             f"free some space and run `clipsearch index` again to continue"
         ) from None
-    summary.seconds = time.perf_counter() - started
+    summary.seconds = time.perf_counter() - started  # the indexing itself; the export is reported on its own
+    if summary.encoded and settings.export_text:
+        from indexer.text_export import refresh_text_tower
+
+        summary.text_tower_note = refresh_text_tower(layout.root, on_wait=on_wait, on_export=on_export)
     return summary
 
 

@@ -38,6 +38,7 @@ INT8_MIN_OVERLAP = 0.9  # auto: int8 when its mean top-10 overlap with float32 i
 CHECK_VECTORS = 200_000  # the top-10 checks search at most this many of the index's vectors
 PRECISIONS = ("auto", "int8", "float32")
 FLOAT_FILE, INT8_FILE = "text-float32.onnx", "text-int8.onnx"
+TMP_PREFIX = ".text-tower-tmp-"  # an export's work folder, renamed into place once checked
 
 
 class TextExportError(ClipsearchError):
@@ -129,8 +130,9 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
     spec = identity.spec()
     catalog.check_model(spec_key(spec), spec.describe())  # the weights on disk are the ones the index recorded
     encoder = Encoder.load_text_only(spec)  # float32 on the CPU: the reference the graph must match
-    work = layout.root / f".text-tower-tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    for stray in stray_exports(layout):  # left by a killed export (we hold the write lock: none is running)
+        shutil.rmtree(stray, ignore_errors=True)
+    work = layout.root / f"{TMP_PREFIX}{os.getpid()}"
     work.mkdir(parents=True)
     try:
         try:
@@ -140,9 +142,10 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
             raise TextExportError(
                 f"this model's text tower cannot be exported ({error}); text queries use torch"
             ) from None
+        check_in_fresh_process(work, FLOAT_FILE)
         captions = probe_captions()
         reference = encoder.encode_texts(captions)
-        as_float = _graph(work, FLOAT_FILE).encode_texts(captions)
+        as_float = load_graph(work, FLOAT_FILE).encode_texts(captions)
         min_cosine = float(np.min(np.sum(reference * as_float, axis=1)))
         database = _database(catalog)
         top10_same = _overlap(database, reference, as_float) == 1.0
@@ -155,7 +158,8 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
         chosen = FLOAT_FILE
         if precision != "float32":
             quantize_int8(work / FLOAT_FILE, work / INT8_FILE)
-            overlap = _overlap(database, as_float, _graph(work, INT8_FILE).encode_texts(captions))
+            check_in_fresh_process(work, INT8_FILE)
+            overlap = _overlap(database, as_float, load_graph(work, INT8_FILE).encode_texts(captions))
             if precision == "int8" or overlap >= INT8_MIN_OVERLAP:
                 chosen = INT8_FILE
         os.replace(work / chosen, work / TOWER_FILE)
@@ -180,7 +184,49 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
     )
 
 
-def _graph(folder: Path, name: str) -> OnnxTextEncoder:
+def stray_exports(layout: IndexLayout) -> list[Path]:
+    """Work folders of exports that never finished (a crash or kill -9 skips their clean-up)."""
+    return sorted(path for path in layout.root.glob(f"{TMP_PREFIX}*") if path.is_dir())
+
+
+_LOAD_CHECK = """
+import sys
+from pathlib import Path
+from indexer.text_export import load_graph, probe_captions
+vectors = load_graph(Path(sys.argv[1]), sys.argv[2]).encode_texts(probe_captions()[:8])
+assert vectors.dtype.name == "float32" and vectors.shape[0] == 8
+"""
+
+
+def check_in_fresh_process(folder: Path, name: str, timeout: float = 300.0) -> None:
+    """Load and run a graph in a new process before this one touches it: a graph onnxruntime cannot run (fp16
+    weights in a "float32" file once crashed it with a segfault) then costs a message, not the run."""
+    import subprocess
+    import sys
+
+    import retrieval
+
+    root = str(Path(retrieval.__file__).resolve().parents[1])  # where this checkout or installation lives
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_CHECK, str(folder), name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise TextExportError(
+            f"the exported text tower did not answer within {timeout:.0f} s; text queries use torch"
+        ) from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise TextExportError(f"onnxruntime cannot run the exported text tower ({last}); text queries use torch")
+
+
+def load_graph(folder: Path, name: str) -> OnnxTextEncoder:
+    """An exported graph in a work folder, as a text encoder (not yet recorded in any catalog)."""
     record = TextTowerRecord(folder=folder.name, model_key="", precision="", digest="")
     return OnnxTextEncoder(folder, record, graph_file=name)
 

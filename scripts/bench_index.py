@@ -174,6 +174,8 @@ def index_rate(folder: Path, model: str, args, int8: bool = False) -> dict:
 
     index_dir = Path(tempfile.mkdtemp(prefix="bench-index-", dir=args.scratch))
     options = {"int8": True} if int8 else {}  # (keeps the script runnable on versions before int8, for comparisons)
+    if "export_text" in IndexSettings.__dataclass_fields__:  # the in-process figure is indexing alone
+        options["export_text"] = False
     settings = IndexSettings(
         model=ModelSpec(model, None), batch_size=args.batch_size, workers=args.workers, device=args.device, **options
     )
@@ -375,7 +377,9 @@ def figures(args) -> None:
         ensure_photos(folder, count, width, height)
         folder = _exactly(folder, count)
         index_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=args.scratch))
-        settings = IndexSettings(model=ModelSpec(model, None), batch_size=args.batch_size, device=device)
+        settings = IndexSettings(
+            model=ModelSpec(model, None), batch_size=args.batch_size, device=device, export_text=False
+        )
         summary = index_paths(index_dir, [folder], settings, progress=False)
         assert summary.encoded == count and summary.failed == 0, summary.line()
         emit(

@@ -70,7 +70,7 @@ def shapes_recall(work: Path) -> dict:
         os.symlink(SAMPLES / "images" / image["filename"], folder / image["filename"])
     spec = ModelSpec(f"local-dir:{SHAPES}", None)
     index_dir = work / "shapes-index"
-    index_paths(index_dir, [folder], IndexSettings(model=spec, workers=0), progress=False)
+    index_paths(index_dir, [folder], IndexSettings(model=spec, workers=0, export_text=False), progress=False)
     from retrieval.search.engine import SearchEngine
 
     with SearchEngine(index_dir, device="cpu") as engine:

@@ -37,8 +37,9 @@ def tiny_spec(tiny_model_dir) -> ModelSpec:
 
 @pytest.fixture
 def settings(tiny_spec) -> IndexSettings:
-    """In-process decoding keeps small tests fast; worker processes are tested on their own."""
-    return IndexSettings(model=tiny_spec, batch_size=8, workers=0, chunk_size=8, device="cpu")
+    """In-process decoding keeps small tests fast; worker processes are tested on their own, and so is the text
+    tower export that follows a run (tests/test_text_onnx.py: seconds per run, so not after every test's)."""
+    return IndexSettings(model=tiny_spec, batch_size=8, workers=0, chunk_size=8, device="cpu", export_text=False)
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:

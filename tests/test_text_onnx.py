@@ -70,7 +70,8 @@ def exported(tmp_path_factory, tiny_spec):
     photos = root / "photos"
     make_images(photos, 12)
     index_dir = root / "index"
-    index_paths(index_dir, [photos], IndexSettings(model=tiny_spec, batch_size=8, workers=0), progress=False)
+    settings = IndexSettings(model=tiny_spec, batch_size=8, workers=0, export_text=False)
+    index_paths(index_dir, [photos], settings, progress=False)
     result = CliRunner().invoke(app, ["export-text", "--index", str(index_dir), "--precision", "float32"])
     assert result.exit_code == 0, result.output
     assert "exported text-tower-" in result.output and "same top-10 yes" in result.output
@@ -196,3 +197,54 @@ def test_query_commands_never_import_torch(exported):
             assert [item["image_id"] for item in printed] == [r.image_id for r in results]
     assert "12 indexed" in outputs["info"]
     assert "text:    ONNX float32 text tower (exported, current)" in outputs["info"]  # what answers, and why
+
+
+BUNDLED = ROOT / "data" / "models" / "shapes-clip"  # its weights are stored as float16
+
+
+@pytest.mark.slow
+def test_the_python_api_exports_and_export_text_works_from_a_fresh_process_on_the_bundled_model(tmp_path, monkeypatch):
+    """The demo's path: index_paths (the Python API) with the bundled fp16 model, then `clipsearch export-text`
+    and `clipsearch info` as a user runs them, each in a new process. export-text used to segfault here (the
+    float32 graph held fp16 weights), and the API's index answered text queries through torch."""
+    from indexer.pipeline import IndexSettings
+    from retrieval.model.spec import ModelSpec
+
+    monkeypatch.setenv("CLIPSEARCH_EXPORT_TEXT", "1")  # the suite turns the export after indexing off
+    photos = tmp_path / "photos"
+    make_images(photos, 6)
+    index_dir = tmp_path / "index"
+    spec = ModelSpec(f"local-dir:{BUNDLED}", None)
+    summary = index_paths(index_dir, [photos], IndexSettings(model=spec, workers=0), progress=False)
+    assert summary.text_tower_note and "text tower exported" in summary.text_tower_note
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_INDEX": str(index_dir)}
+
+    def clipsearch(*args):
+        command = [sys.executable, "-c", "from clipsearch.cli import main; main()", *args]
+        return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    done = clipsearch("export-text", "--force", "--precision", "float32")
+    assert done.returncode == 0 and "(float32;" in done.stdout, done.stderr
+    info = clipsearch("info")
+    assert "ONNX float32 text tower (exported, current)" in info.stdout, info.stdout
+    assert not list(index_dir.glob(".text-tower-tmp-*"))
+
+
+def test_a_graph_onnxruntime_cannot_run_is_refused_before_it_is_used(tmp_path):
+    from indexer.text_export import TextExportError, check_in_fresh_process
+
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07" + os.urandom(2000))
+    with pytest.raises(TextExportError, match="onnxruntime cannot run the exported text tower"):
+        check_in_fresh_process(tmp_path, "broken.onnx")
+
+
+def test_check_reports_and_repair_removes_what_a_killed_export_left(exported):
+    index_dir, _ = exported
+    leftover = index_dir / ".text-tower-tmp-99999"
+    leftover.mkdir()
+    (leftover / "text-float32.onnx").write_bytes(b"half written")
+    runner = CliRunner()
+    found = runner.invoke(app, ["check", "--index", str(index_dir)])
+    assert "temporary file(s) left by an interrupted save or export" in found.output, found.output
+    repaired = runner.invoke(app, ["check", "--index", str(index_dir), "--repair"])
+    assert repaired.exit_code == 0 and not leftover.exists(), repaired.output

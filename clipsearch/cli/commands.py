@@ -105,29 +105,27 @@ def index(
         settings,
         progress=not quiet,
         on_wait=lambda message: typer.echo(f"clipsearch: {message}", err=True),
+        on_export=announce_export,
     )
-    _report_run(summary, resolve_index_dir(index_dir))
+    _report_run(summary)
 
 
-def _report_run(summary, index_dir: Path) -> None:
+def announce_export() -> None:
+    typer.echo(
+        "clipsearch: exporting the text tower for fast torch-free queries (once per model; "
+        "CLIPSEARCH_EXPORT_TEXT=0 skips it)...",
+        err=True,
+    )
+
+
+def _report_run(summary) -> None:
     for warning in summary.warnings:
         typer.echo(f"clipsearch: {warning}", err=True)
     typer.echo(summary.line())
     if summary.vectors_note:
         typer.echo(summary.vectors_note)
-    if summary.encoded:  # the model is loaded already: export the text tower for torch-free queries if stale
-        from indexer.text_export import refresh_text_tower
-
-        def announce() -> None:
-            typer.echo(
-                "clipsearch: exporting the text tower for fast torch-free queries (once per model; "
-                "CLIPSEARCH_EXPORT_TEXT=0 skips it)...",
-                err=True,
-            )
-
-        note = refresh_text_tower(index_dir, on_export=announce)
-        if note:
-            typer.echo(f"clipsearch: {note}", err=True)
+    if summary.text_tower_note:
+        typer.echo(f"clipsearch: {summary.text_tower_note}", err=True)
 
 
 def _watch(index_dir: Path, paths: list[Path], settings, progress: bool) -> None:
@@ -138,7 +136,7 @@ def _watch(index_dir: Path, paths: list[Path], settings, progress: bool) -> None
 
     def on_batch(summary) -> None:
         if watcher.batches == 0 or summary.added + summary.updated + summary.moved + summary.removed + summary.failed:
-            _report_run(summary, index_dir)
+            _report_run(summary)
         if watcher.batches == 0:
             typer.echo("clipsearch: watching for changes (Ctrl-C stops)", err=True)
 

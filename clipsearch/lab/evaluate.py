@@ -273,8 +273,12 @@ def _as_indexed_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: 
 
     _refuse_foreign_index(index_dir)
     staged = stage_images(captioned, index_dir / STAGE_FOLDER)
-    index_settings = IndexSettings(
-        model=settings.model, batch_size=settings.batch_size, workers=settings.workers, device=settings.device
+    index_settings = IndexSettings(  # eval measures the torch text tower (the export has its own check)
+        model=settings.model,
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        device=settings.device,
+        export_text=False,
     )
     summary = index_paths(index_dir, [index_dir / STAGE_FOLDER], index_settings, progress=progress)
     with SearchEngine(
