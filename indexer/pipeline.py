@@ -131,6 +131,15 @@ def index_paths(
     return summary
 
 
+def preload_encoder(settings: IndexSettings) -> None:
+    """Load the model a run with ``settings`` encodes with, now: `index --watch` and `serve --watch` call it after
+    their first run, so the first photo copied in is searchable in the time it takes to encode, not to load a
+    model (one load per process: ``Encoder.load``)."""
+    if settings.model.local_dir is None and not settings.model.pretrained:
+        return  # random weights are refused by the run itself, with its message
+    Encoder.load(settings.model, resolve_device(settings.device), int8=settings.int8)
+
+
 def is_disk_full(error: BaseException | None) -> bool:
     """ENOSPC / EDQUOT from Python, SQLITE_FULL from SQLite, anywhere in the exception's chain."""
     while error is not None:

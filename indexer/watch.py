@@ -20,7 +20,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from indexer.pipeline import IndexSettings, IndexSummary, index_paths
+from indexer.pipeline import IndexSettings, IndexSummary, index_paths, preload_encoder
 from indexer.scan import image_suffixes, resolve_folder
 from retrieval.errors import ClipsearchError, UsageError
 from retrieval.model.device import Device
@@ -166,6 +166,7 @@ class FolderWatcher:
             ) from None
         try:
             self.on_batch(self._run(self.paths, first_progress))  # errors here end the watch: nothing to keep in step
+            self._preload()
             while not stop.is_set():
                 changed = self.batcher.wait(stop)
                 if changed is None:
@@ -177,6 +178,13 @@ class FolderWatcher:
         finally:
             observer.stop()
             observer.join()
+
+    def _preload(self) -> None:
+        """The model, before the first event needs it (events that arrive meanwhile wait in the batcher)."""
+        try:
+            preload_encoder(self.settings)
+        except ClipsearchError as error:  # the first event's run says it again, in its own words
+            self.on_error(f"the model could not be loaded yet: {error}")
 
     def _run(self, folders: Sequence[Path], progress: bool) -> IndexSummary:
         return index_paths(self.index_dir, folders, self.settings, progress=progress, on_wait=self.on_error)

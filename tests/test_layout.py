@@ -155,6 +155,7 @@ def test_docs_layout_lists_every_module():
 DEVICE_ENTRIES = {
     ("retrieval/search/engine.py", "__init__"),  # SearchEngine(index_dir, device="auto")
     ("indexer/pipeline.py", "index_paths"),
+    ("indexer/pipeline.py", "preload_encoder"),
     ("indexer/reindex.py", "reindex"),
     ("clipsearch/lab/evaluate.py", "evaluate"),
     ("clipsearch/lab/training.py", "train_model"),

@@ -146,3 +146,24 @@ def test_serve_watch_answers_new_photos_while_indexing(tmp_path, settings):
         for path in incoming:
             shutil.copy(path, photos / path.name)
         assert wait_for(lambda: {p.name for p in incoming} <= found(url)), "copied files not served within 10 s"
+
+
+def test_the_watcher_loads_the_model_before_the_first_event(tmp_path, settings):
+    """`index --watch` used to load the model when the first photo arrived (~20 s for ViT-B-32 on 2 cores)."""
+    from retrieval.model.device import CPU
+    from retrieval.model.encoder import Encoder
+
+    photos, index_dir = tmp_path / "photos", tmp_path / "index"
+    make_images(photos, 2, seed=3)
+    index_paths(index_dir, [photos], settings, progress=False)
+    Encoder.unload_all()
+    watcher = FolderWatcher(index_dir, [photos], settings, FAST)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: Encoder.shared(settings.model, CPU) is not None), "no model loaded without events"
+        assert watcher.batches == 0  # nothing was copied: the first run found nothing to encode
+    finally:
+        stop.set()
+        thread.join(30)

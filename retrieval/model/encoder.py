@@ -5,6 +5,7 @@ One ``Encoder`` per model and device per process: the indexer, the engine, evalu
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ def image_input_dtype(model: Any) -> torch.dtype:
 
 
 _LOADED: dict[tuple[str, ...], Encoder] = {}
+_LOADING = threading.Lock()  # the server's warm-up and a watcher's preload may ask at once: one build, shared
 _TEXT_BF16: dict[str, Encoder] = {}
 
 
@@ -64,10 +66,11 @@ class Encoder:
         (CPU only; ignored on CUDA, which runs fp16)."""
         int8 = int8 and not device.is_cuda
         key = (spec_key(spec), device.torch_name) + (("int8",) if int8 else ())
-        if key not in _LOADED:
-            _LOADED.clear()  # keep at most one model in memory
-            _LOADED[key] = cls._build(spec, device, int8)
-        return _LOADED[key]
+        with _LOADING:
+            if key not in _LOADED:
+                _LOADED.clear()  # keep at most one model in memory
+                _LOADED[key] = cls._build(spec, device, int8)
+            return _LOADED[key]
 
     @classmethod
     def unload_all(cls) -> None:
