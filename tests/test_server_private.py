@@ -340,3 +340,26 @@ def test_the_client_says_in_one_line_what_is_wrong_with_an_answer(body, message)
         assert "\n" not in str(caught.value)
     finally:
         server.shutdown()
+
+
+def test_the_server_answers_before_the_model_has_loaded_and_queries_say_why_it_did_not(tmp_path):
+    """`serve` used to load the model before opening its port (13-14 s for ViT-B-32): now the page answers at
+    once and a query waits for the model; when loading fails, every query says why (never a hang or a 500)."""
+    from indexer.pipeline import IndexSettings, index_paths
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import ModelSpec
+    from retrieval.testing import make_random_model_dir
+
+    model = make_random_model_dir(tmp_path / "model", seed=1234)  # weights no other test's process holds
+    photos = tmp_path / "photos"
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+        solid(photos / f"p{i}.png", colour)
+    spec = ModelSpec(f"local-dir:{model}", None)
+    index_paths(tmp_path / "index", [photos], IndexSettings(model=spec, workers=0, export_text=False), progress=False)
+    (model / "open_clip_config.json").write_text("{")  # the model cannot load any more
+    Encoder.unload_all()  # (the indexing above left it loaded in this process)
+    app = create_app(tmp_path / "index", ServerSettings(device="cpu", token=TOKEN), warm_in_background=True)
+    with TestClient(app, base_url="http://127.0.0.1:8000", headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        assert client.get("/").status_code == 200 and client.get("/api/stats").status_code == 200
+        answer = client.get("/api/search", params={"q": "red"})
+        assert answer.status_code in (409, 503) and "model" in answer.json()["detail"], answer.text

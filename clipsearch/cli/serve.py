@@ -67,7 +67,7 @@ def serve(
     if host not in LOOPBACK_HOSTS:
         typer.echo(f"clipsearch: warning: listening on {host}: the token crosses the network in clear", err=True)
     index = resolve_index_dir(index_dir)
-    typer.echo(f"clipsearch: loading the model and the index at {index} ...", err=True)
+    typer.echo(f"clipsearch: opening the index at {index} (the model loads in the background) ...", err=True)
     settings = ServerSettings(
         device=device,
         text_bf16=bf16_text,

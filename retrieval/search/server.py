@@ -74,13 +74,15 @@ ERROR_HEADERS: dict[type[Exception], dict[str, str]] = {
 }
 
 
-def create_app(index_dir: Path | str, settings: ServerSettings | None = None, warm: bool = True) -> FastAPI:
-    """The ASGI app for one index. Opening (and with ``warm``, loading the model) happens here, so a bad index or
-    model fails before a server starts listening."""
+def create_app(
+    index_dir: Path | str, settings: ServerSettings | None = None, warm: bool = True, warm_in_background: bool = False
+) -> FastAPI:
+    """The ASGI app for one index. Opening the index happens here, so a bad index fails before a server starts
+    listening; ``warm`` loads the model here too, or (``warm_in_background``) while the server already answers."""
     settings = settings or ServerSettings()
     service = SearchService(Path(index_dir).expanduser(), settings)
     if warm:
-        service.warm()
+        service.warm(wait=not warm_in_background)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -123,13 +125,14 @@ def run_server(
     settings: ServerSettings | None = None,
     alongside: Callable[[], AbstractContextManager] | None = None,
 ):
-    """Serve until interrupted: the model and the index are loaded once, before the port opens. ``alongside``
-    (``serve --watch``: the folder watcher, which this read-side module must not import) runs while the server
-    does, started once the model is warm; new vectors reach queries through the generation check."""
+    """Serve until interrupted: the index opens before the port does, the model loads once in the background
+    while the page already answers (a query waits for it). ``alongside`` (``serve --watch``: the folder watcher,
+    which this read-side module must not import) runs while the server does; new vectors reach queries through
+    the generation check."""
     import uvicorn
 
     check_port_free(host, port)
-    app = create_app(index_dir, settings)
+    app = create_app(index_dir, settings, warm_in_background=True)
     with alongside() if alongside is not None else nullcontext():
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 

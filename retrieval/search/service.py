@@ -6,6 +6,7 @@ folders, the generation of the vectors, an opened indexed file, a decoded upload
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -66,15 +67,22 @@ class SearchService:
         self._generation = self.engine.catalog.vectors_generation()
         self._duplicates: dict[tuple[int, float], tuple[list[DuplicateGroup], float]] = {}
 
-    def warm(self) -> None:
-        """Load the model and the vectors now, so the first query is as fast as the rest."""
-        self._worker.submit(self._warm).result()
+    def warm(self, wait: bool = True) -> None:
+        """Load the model and the vectors, so the first query is as fast as the rest. ``wait=False``: on the
+        query thread, in the background: the page and every route that needs no model answer at once, and a
+        query that comes early waits its turn behind the loading (a failure is logged, and each query then says
+        it in its own answer)."""
+        loading = self._worker.submit(self._warm)
+        if wait:
+            loading.result()
+        else:
+            loading.add_done_callback(_log_failure)
 
     def _warm(self) -> None:
         try:
             self.engine.vectors  # noqa: B018
-            self.engine.encoder.encode_texts(["warm up"])
-            self.engine.text_encoder.encode_texts(["warm up"])
+            self.engine.text_encoder.encode_texts(["warm up"])  # what text queries use (ONNX when exported)
+            self.engine.encoder.encode_texts(["warm up"])  # uploads and images outside the index need the model
         except EmptyIndexError:
             pass  # nothing indexed yet: search answers 409 until the indexer has committed
 
@@ -166,3 +174,9 @@ def service_of(request: Request) -> SearchService:
 
 
 Service = Annotated[SearchService, Depends(service_of)]
+
+
+def _log_failure(loading) -> None:
+    error = loading.exception()
+    if error is not None:
+        logging.getLogger("clipsearch").error("loading the model failed: %s", error)

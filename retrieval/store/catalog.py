@@ -252,6 +252,11 @@ class Catalog:
         """Refuse a model other than the recorded one (``key`` from ``model.spec_key``)."""
         recorded = self.model_identity()
         if recorded is not None and recorded.key() != key:
+            if recorded.spec().describe() == wanted:  # the same name: its weights file changed or went missing
+                raise ModelMismatchError(
+                    f"the weights of {wanted} are not the ones this index was built with (changed or missing "
+                    f"since): restore them, or index again into another --index folder"
+                )
             raise ModelMismatchError(
                 f"this index was built with {recorded.describe()}, not {wanted}: use the same --model/--pretrained, "
                 f"or another --index folder"
