@@ -99,29 +99,66 @@ def test_hard_negative_accuracy_counts_ties_as_misses():
     from clipsearch.lab.datasets import CaptionedImage
     from clipsearch.lab.hard_negatives import HardNegative
 
-    items = [CaptionedImage(Path("a.png"), ("a red circle above a blue square",), "test")]
-    table = {("a.png", "a red circle above a blue square"): (HardNegative("x", "n1"), HardNegative("y", "n2"))}
+    items = [CaptionedImage(Path("a.png"), ("a red circle",), "test")]  # no relation: nothing derived
+    table = {("a.png", "a red circle"): (HardNegative("x", "n1"), HardNegative("y", "n2"))}
     trials = negative_trials(items, table)
     accuracy = hard_negative_accuracy(trials, lambda images, texts: np.ones(len(texts)))
     assert accuracy == {"all": 0.0, "x": 0.0, "y": 0.0}
 
 
-def test_train_itm_writes_a_model_folder_that_loads(small_set: Path, tiny_model_dir: Path, tmp_path: Path):
+def test_binding_negatives_derived_from_a_captions_text_are_false_for_its_image(small_set: Path):
+    # every relation swap a caption allows (reversed and both perpendicular), objects, colours and shapes swapped;
+    # on the scenes set each is false for the image, as the annotated ones are
+    from clipsearch.lab.hard_negatives import derived_negatives
+
+    kinds = [n.kind for n in derived_negatives("a red circle above a blue square")]
+    assert sorted(kinds) == sorted(
+        ["relation reversed", "relation perpendicular", "relation perpendicular", "objects swapped",
+         "colours swapped", "shapes swapped"]
+    )  # fmt: skip
+    assert derived_negatives("a dog on a sofa") == () and derived_negatives("sunset over the sea") == ()
+    for image in json.loads(small_set.read_text())["images"]:
+        true = facts_of(image["attributes"]["cells"])
+        for sentence in image["sentences"]:
+            derived = derived_negatives(sentence["raw"])
+            assert {n.text for n in derived} >= {n["raw"] for n in sentence["negatives"]}
+            assert all(parse(n.text) not in true for n in derived), sentence["raw"]
+
+
+def test_train_itm_from_plain_captions_validates_by_steps(small_set: Path, tiny_model_dir: Path, tmp_path: Path):
+    # captions only, as a user's own photos have them: the negatives are derived from the text and mined
+    data = json.loads(small_set.read_text())
+    for image in data["images"]:
+        for sentence in image["sentences"]:
+            sentence.pop("negatives")
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(data))
     out = tmp_path / "itm"
     result = CliRunner().invoke(
         app,
         [
-            "train-itm", "--images", str(small_set.parent / "images"), "--annotations", str(small_set),
-            "--clip", f"local-dir:{tiny_model_dir}", "--out", str(out), "--epochs", "1", "--batch-size", "16",
-            "--width", "32", "--layers", "1", "--threads", "1", "--quiet",
+            "train-itm", "--images", str(small_set.parent / "images"), "--annotations", str(plain),
+            "--clip", f"local-dir:{tiny_model_dir}", "--out", str(out), "--steps", "12", "--eval-every", "4",
+            "--patience", "2", "--batch-size", "16", "--width", "32", "--layers", "1", "--threads", "1", "--quiet",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "validation R@1: dual encoder" in result.output
     model = load_itm(out)
     assert model.config.layers == 1 and model.config.clip_key.startswith("sha256:")
     report = json.loads((out / "train_report.json").read_text())
     assert report["data"]["train_captions_with_binding_negatives"] == 160
-    assert "hard_negatives" in report["epochs"][0]["val"]
+    assert report["data"]["binding_negatives_from"] == {
+        "annotations (sentences[].negatives)": 0, "caption text (derived)": 160
+    }  # fmt: skip
+    assert report["data"]["binding_negatives"]["relation perpendicular"] == 320
+    steps = [record["step"] for record in report["curve"]]
+    assert steps == [4, 8, 12][: len(steps)] and report["stopped"] in ("steps", "patience")
+    assert report["best_step"] in steps
+    kinds = report["curve"][0]["val"]["hard_negative_kinds"]
+    assert {"relation reversed", "relation perpendicular", "objects swapped"} <= set(kinds)
+    verdict = json.loads((out / "itm_verdict.json").read_text())
+    assert verdict["worse_than_dual_encoder"] == (report["best_r1"] < report["dual_r1"])
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +251,29 @@ def test_api_and_page_query_rerank_the_top_n(held_out_report):
         assert [item["image_id"] for item in by_get.json()["results"]] == [item["image_id"] for item in items]
         two_terms = body | {"query": {"positive": [{"text": "a red circle"}, {"text": "a blue square"}]}}
         assert client.post("/api/query", json=two_terms).status_code == 400
+
+
+@pytest.mark.slow
+def test_a_reranker_worse_than_clip_is_refused_unless_forced(held_out_report, tmp_path: Path):
+    import shutil
+
+    from retrieval.model.itm import write_verdict
+    from retrieval.search.engine import SearchEngine
+
+    worse = tmp_path / "worse-itm"
+    shutil.copytree(ITM_DIR, worse)
+    write_verdict(worse, best_r1=0.195, dual_r1=0.232, step=888)
+    caption = "a red circle above a blue square"
+    refused = pytest.raises(UsageError, match="worse than the dual encoder.*--force-rerank")
+    with SearchEngine(held_out_report.index_dir, device="cpu", rerank_model=worse) as engine, refused:
+        engine.search_text(caption, k=3, rerank=10)
+    with SearchEngine(held_out_report.index_dir, device="cpu", rerank_model=worse, force_rerank=True) as engine:
+        assert all(r.stage == "itm" for r in engine.search_text(caption, k=3, rerank=10))
+    refused = CliRunner().invoke(
+        app, ["search", caption, "--index", str(held_out_report.index_dir), "--rerank", "10", "--rerank-model",
+              str(worse)],
+    )  # fmt: skip
+    assert refused.exit_code != 0 and "--force-rerank" in refused.output
 
 
 def test_bundled_models_are_small_and_belong_together():

@@ -199,6 +199,9 @@ def search(
         Path | None,
         typer.Option("--rerank-model", help="Re-ranker folder (default: FOLDER-itm beside a local-dir:FOLDER model)."),
     ] = None,
+    force_rerank: Annotated[
+        bool, typer.Option("--force-rerank", help="Use a re-ranker even if it validated worse than CLIP alone.")
+    ] = False,
 ) -> None:
     """Find images matching a text description (plus --add, minus --sub), within the filters."""
     device = resolve_device(device)
@@ -207,9 +210,7 @@ def search(
     from retrieval.search.client import open_searcher
 
     query = _query(text, add, sub, sort, keywords, filters)
-    with open_searcher(
-        resolve_index_dir(index_dir), device, server, text_bf16=bf16_text, rerank_model=rerank_model
-    ) as searcher:
+    with open_searcher(resolve_index_dir(index_dir), device, server, bf16_text, rerank_model, force_rerank) as searcher:
         results = searcher.search(query, k=k, min_score=min_score, rerank=rerank)
     echoed = {"text": text, "k": k} | ({"rerank": rerank} if rerank else {})
     emit(results_report(results, _echo(echoed, query, min_score)), output)

@@ -118,7 +118,8 @@ def captions(
         bool,
         typer.Option(
             "--hard-negatives",
-            help="Accuracy of each true caption over its binding variants (sentences[].negatives), per scorer.",
+            help="Accuracy of each true caption over its binding variants, per scorer and kind: those in the "
+            "annotations (sentences[].negatives) and those derived from captions that relate two things.",
         ),
     ] = False,
 ) -> None:

@@ -18,14 +18,21 @@ def train_itm(
         Path,
         typer.Option(
             "--annotations",
-            help="Captions as `clipsearch train` reads them; a Karpathy JSON may add binding hard negatives "
-            "(sentences[].negatives, as scripts/make_scenes_dataset.py writes).",
+            help="Captions as `clipsearch train` reads them. Binding negatives are derived from captions that relate "
+            "two things; a Karpathy JSON may add its own (sentences[].negatives, as scripts/make_scenes_dataset.py "
+            "writes).",
         ),
     ],
     clip: Annotated[str, typer.Option("--clip", help="The CLIP model it re-ranks for, e.g. local-dir:FOLDER.")],
     out: Annotated[Path, typer.Option("--out", help="Re-ranker folder to write (use it as --rerank-model OUT).")],
     pretrained: Annotated[str, typer.Option("--pretrained", help="Pretrained tag of --clip, if any.")] = "",
-    epochs: Annotated[int, typer.Option("--epochs")] = 6,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Most optimiser steps; --patience usually stops sooner.")
+    ] = 4000,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validations.")] = 250,
+    patience: Annotated[
+        int, typer.Option("--patience", help="Stop after this many validations without a better recall@1.")
+    ] = 6,
     batch_size: Annotated[int, typer.Option("--batch-size", help="True pairs per step (each adds 3 negatives).")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (one-cycle schedule).")] = 5e-4,
     width: Annotated[int, typer.Option("--width", help="Fusion transformer width.")] = 128,
@@ -41,7 +48,8 @@ def train_itm(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a re-ranker already in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Train an ALBEF-style image-text matching re-ranker on frozen CLIP tokens; the best epoch is kept."""
+    """Train an ALBEF-style image-text matching re-ranker on frozen CLIP tokens, from plain captions; validated
+    every --eval-every steps, the best kept, stopped when validation stops improving."""
     quiet_libraries()
     from clipsearch.lab.itm_training import REPORT_FILE, ItmTrainSettings
     from clipsearch.lab.itm_training import train_itm as run
@@ -49,7 +57,9 @@ def train_itm(
 
     settings = ItmTrainSettings(
         clip=ModelSpec(clip, pretrained or None),
-        epochs=epochs,
+        steps=steps,
+        eval_every=eval_every,
+        patience=patience,
         batch_size=batch_size,
         lr=lr,
         width=width,
@@ -63,5 +73,14 @@ def train_itm(
         overwrite=overwrite,
     )
     report = run(images, annotations, out, settings, progress=not quiet)
-    typer.echo(f"best epoch {report.best_epoch} of {len(report.epochs)}; {report.seconds:.0f} s")
+    ran = report.curve[-1]["step"] if report.curve else 0
+    typer.echo(f"kept step {report.best_step} of {ran} (stopped: {report.stopped}); {report.seconds:.0f} s")
+    if report.best_r1 is not None and report.dual_r1 is not None:
+        typer.echo(f"validation R@1: dual encoder {100 * report.dual_r1:.1f}, re-ranked {100 * report.best_r1:.1f}")
     typer.echo(f"wrote {out}; report in {out / REPORT_FILE}")
+    if report.worse_than_dual_encoder:
+        typer.echo(
+            "warning: the re-ranker is worse than the dual encoder alone on validation; `search --rerank` refuses "
+            "it unless --force-rerank is given (more data or steps may help)",
+            err=True,
+        )

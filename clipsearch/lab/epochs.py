@@ -66,6 +66,7 @@ class EpochLoop:
     steps_in: Callable[[int], int]  # the steps epoch e will take (its bar's length); 0: the budget is spent
     after_epoch: Callable[[FitResult], None] = _nothing  # once the best is kept: e.g. write the report
     rate_label: str | None = None  # progress bar: samples per second under this name (None: not shown)
+    label: str = "epoch"  # progress bar: what one pass of ``fit`` is called ("validation round" for step-based runs)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _train_epoch(loop: EpochLoop, epoch: int, steps: int, progress: bool) -> Epo
     from tqdm import tqdm
 
     began, losses, samples = time.perf_counter(), [], 0
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{loop.epochs}", unit="step", disable=not progress, leave=True)
+    bar = tqdm(total=steps, desc=f"{loop.label} {epoch}/{loop.epochs}", unit="step", disable=not progress, leave=True)
     for batch in loop.batches(epoch):
         done = loop.step(batch)
         if done is None:

@@ -1,13 +1,19 @@
-"""Train a fusion ITM re-ranker on a frozen CLIP model, ALBEF-style.
+"""Train a fusion ITM re-ranker on a frozen CLIP model, ALBEF-style, from plain captions.
 
 Each step takes a batch of true (image, caption) pairs and adds, for each:
 - a negative image mined from the dual encoder's own similarities (one of the caption's top images that is
   not its own), and a negative caption mined the same way for the image;
-- a binding hard negative from the annotations (colours, shapes or objects swapped, relation reversed) when
-  the caption has any, so the model learns what a bag of words cannot tell apart.
+- a binding hard negative (colours, shapes or objects swapped, relation reversed or turned at a right angle):
+  from the annotations where they carry some, and derived from the caption's own text where it relates two
+  things (``clipsearch.lab.hard_negatives``), so the model learns what a bag of words cannot tell apart.
 The loss is cross-entropy on match / no match. The CLIP towers stay frozen, so the image tokens and the
-mining are computed once; only the small fusion model trains. After each epoch, validation measures recall@1
-after re-ranking the dual encoder's top ``rerank_depth`` and hard-negative accuracy; the best epoch is kept.
+mining are computed once; only the small fusion model trains.
+
+It trains by steps, not epochs: every ``eval_every`` steps validation measures recall@1 after re-ranking the
+dual encoder's top ``rerank_depth`` (and hard-negative accuracy, per kind); the best evaluation is kept, and the
+run stops once ``patience`` evaluations in a row brought no better one, or at ``steps``. A run whose best is
+below the dual encoder's own recall@1 is saved marked as such (``retrieval.model.itm.ITM_VERDICT_FILE``): search
+refuses it unless forced.
 """
 
 from __future__ import annotations
@@ -24,10 +30,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipsearch.lab.datasets import DatasetError
 from clipsearch.lab.epochs import EpochLoop, EpochStats, FitResult, Step, Verdict, fit
-from clipsearch.lab.hard_negatives import hard_negative_accuracy, negative_trials, read_hard_negatives
+from clipsearch.lab.hard_negatives import hard_negative_accuracy, negative_trials, negatives_for, read_hard_negatives
 from retrieval.errors import UsageError
-from retrieval.model.itm import ITM_CONFIG_FILE, FusionItm, ItmConfig, load_itm, save_itm
+from retrieval.model.itm import (
+    ITM_CONFIG_FILE,
+    ITM_VERDICT_FILE,
+    FusionItm,
+    ItmConfig,
+    load_itm,
+    save_itm,
+    write_verdict,
+)
 from retrieval.model.itm_tokens import ImageTokens, image_token_dims, image_tokens, text_tokens
 from retrieval.model.spec import ModelSpec
 
@@ -39,7 +54,9 @@ class ItmTrainSettings:
     """How to train the re-ranker; ``clip`` is the (trained) CLIP model whose tokens it reads."""
 
     clip: ModelSpec
-    epochs: int = 6
+    steps: int = 4000  # at most; patience usually ends the run sooner
+    eval_every: int = 250  # steps between validations
+    patience: int = 6  # validations without a better recall@1 before stopping
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.01
@@ -63,8 +80,12 @@ class ItmTrainReport:
     clip_model: str
     data: dict[str, Any]
     settings: dict[str, Any]
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)  # one record per validation: step, loss, val scores
+    best_step: int | None = None
+    dual_r1: float | None = None  # the dual encoder's validation recall@1: what the re-ranker must beat
+    best_r1: float | None = None
+    worse_than_dual_encoder: bool = False
+    stopped: str = ""  # "patience", "steps" or "interrupted"
     prepare_seconds: float = 0.0
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # process CPU time: on a shared machine, wall time says more about the neighbours
@@ -86,7 +107,7 @@ class _Split:
 def train_itm(
     images_dir: Path, annotations: Path, out_dir: Path, settings: ItmTrainSettings, progress: bool = True
 ) -> ItmTrainReport:
-    """Train the fusion model on the train split, validate on ``val_split``, write the best epoch to ``out_dir``."""
+    """Train the fusion model on the train split, validate on ``val_split``, write the best step to ``out_dir``."""
     from clipsearch.lab.datasets import load_captioned_set
     from clipsearch.lab.train_data import split_train_val
     from retrieval.model.device import CPU
@@ -96,8 +117,9 @@ def train_itm(
     out_dir = Path(out_dir).expanduser()
     if (out_dir / ITM_CONFIG_FILE).exists() and not settings.overwrite:
         raise UsageError(f"{out_dir} already holds a re-ranker: pass --overwrite to replace it")
-    if settings.epochs < 1 or settings.batch_size < 2:
-        raise UsageError("--epochs must be at least 1 and --batch-size at least 2")
+    if settings.steps < 1 or settings.eval_every < 1 or settings.patience < 1 or settings.batch_size < 2:
+        raise UsageError("--steps, --eval-every and --patience must be at least 1 and --batch-size at least 2")
+    (out_dir / ITM_VERDICT_FILE).unlink(missing_ok=True)  # a verdict speaks for the weights of one run only
     if settings.threads:
         torch.set_num_threads(settings.threads)
     began, cpu_began = time.perf_counter(), time.process_time()
@@ -110,7 +132,7 @@ def train_itm(
         param.requires_grad_(False)
     train = _encode_split(encoder, data.train, settings)
     val = _encode_split(encoder, data.val, settings)
-    val_trials = negative_trials(data.val, table) if data.val else []
+    val_trials = _trials(data.val, table)
 
     cells, channels, embed = image_token_dims(clip, encoder.identity.image_size)
     config = ItmConfig(
@@ -133,16 +155,18 @@ def train_itm(
         model.load_state_dict(start.state_dict())
     rng = random.Random(settings.seed)
     neg_images, neg_texts = _mine(train.text_vectors, train.images.pooled, train.owners, train.texts, settings.mine_top)
-    binding_texts = [
-        [n.text for n in table.get((data.train[owner].path.name, text), ())]
+    own = [frozenset(item.captions) for item in data.train]
+    binding_negatives = [
+        negatives_for(data.train[owner].path.name, text, table, own[owner])
         for text, owner in zip(train.texts, train.owners)
     ]
+    binding_texts = [[n.text for n in negatives] for negatives in binding_negatives]
+    annotated = {(data.train[o].path.name, t) for t, o in zip(train.texts, train.owners)} & set(table)
     bank = _TextBank(clip, tokenizer, train.texts + [t for texts in binding_texts for t in texts])
     binding = [[bank.index[t] for t in texts] for texts in binding_texts]
-    steps_per_epoch = max(1, len(train.texts) // settings.batch_size)
-    total = steps_per_epoch * settings.epochs
+    rounds = -(-settings.steps // settings.eval_every)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=total, pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
     report = ItmTrainReport(
         out_dir=str(out_dir),
         clip_model=settings.clip.describe(),
@@ -151,6 +175,12 @@ def train_itm(
             "train_images": len(data.train),
             "train_captions": len(train.texts),
             "train_captions_with_binding_negatives": sum(1 for b in binding if b),
+            "binding_negatives": _kinds(binding_negatives),
+            "binding_negatives_from": {
+                "annotations (sentences[].negatives)": len(annotated),
+                "caption text (derived)": sum(1 for b in binding_negatives if b) - len(annotated),
+            },
+            "mined_negatives": f"dual encoder's top {settings.mine_top} images per caption and captions per image",
             "val_images": len(data.val),
             "val_source": data.val_source,
             "val_negative_trials": len(val_trials),
@@ -159,16 +189,16 @@ def train_itm(
             **asdict(replace(settings, clip=None, init_from=None)),
             "clip": settings.clip.describe(),
             "init_from": str(settings.init_from) if settings.init_from else None,
-            "total_steps": total,
         },
     )
     report.prepare_seconds = time.perf_counter() - began
+    if progress:
+        print(_sources_line(report.data), flush=True)
+    stream = _shuffled_batches(len(train.texts), settings.batch_size, rng)
 
-    def batches(epoch: int) -> Iterable[list[int]]:
+    def batches(round_: int) -> Iterable[list[int]]:
         model.train()
-        order = list(range(len(train.texts)))
-        rng.shuffle(order)
-        return (order[step * settings.batch_size : (step + 1) * settings.batch_size] for step in range(steps_per_epoch))
+        return (next(stream) for _ in range(_steps_in(round_, settings)))
 
     def step(batch: list[int]) -> Step:
         loss = _step_loss(model, train, bank, batch, neg_images, neg_texts, binding, rng)
@@ -181,26 +211,86 @@ def train_itm(
 
     def judge(stats: EpochStats) -> Verdict:
         model.eval()
-        record = {"epoch": stats.epoch, "loss": stats.mean_loss, "seconds": stats.seconds}
+        done = min(stats.epoch * settings.eval_every, settings.steps)
+        record = {"step": done, "loss": stats.mean_loss, "seconds": stats.seconds}
         if data.val:
             record["val"] = _validate(model, clip, tokenizer, val, val_trials, settings.rerank_depth)
-        report.epochs.append(record)
+        report.curve.append(record)
         scores = record.get("val", {})
-        return Verdict(scores.get("rerank_r1", 0.0) + scores.get("hard_negatives", 0.0), _epoch_line(record))
+        # recall@1 decides; hard-negative accuracy breaks ties (300 captions give R@1 steps of 0.33 points)
+        return Verdict(scores.get("rerank_r1", -stats.mean_loss) + 1e-3 * scores.get("hard_negatives", 0.0),
+                       _curve_line(record))  # fmt: skip
 
-    def keep(epoch: int) -> None:
-        report.best_epoch = epoch
+    def keep(round_: int) -> None:
+        report.best_step = min(round_ * settings.eval_every, settings.steps)
+        report.best_r1 = report.curve[-1].get("val", {}).get("rerank_r1")
         save_itm(model, out_dir, half=settings.save_fp16)  # written at once: an interrupted run keeps it
+        _judge_against_dual(report, out_dir)
 
     def write_report(_result: FitResult) -> None:
         report.seconds = time.perf_counter() - began
         report.cpu_seconds = time.process_time() - cpu_began
         report.write(out_dir / REPORT_FILE)
 
-    loop = EpochLoop(settings.epochs, batches, step, judge, keep, lambda _: steps_per_epoch, write_report)
-    if fit(loop, progress).interrupted:
-        raise KeyboardInterrupt  # the best epoch so far and its report are already written
+    if data.val:
+        report.dual_r1 = _dual_r1(val)
+    loop = EpochLoop(
+        rounds, batches, step, judge, keep, lambda r: _steps_in(r, settings), write_report, label="validation round"
+    )
+    result = fit(loop, progress, patience=settings.patience if data.val else None)
+    report.stopped = "interrupted" if result.interrupted else "patience" if result.stopped_early else "steps"
+    write_report(result)
+    if result.interrupted:
+        raise KeyboardInterrupt  # the best step so far and its report are already written
     return report
+
+
+def _trials(items, table) -> list:
+    try:
+        return negative_trials(items, table) if items else []
+    except DatasetError:
+        return []  # no caption relates two things and the annotations have none: recall alone validates
+
+
+def _steps_in(round_: int, settings: ItmTrainSettings) -> int:
+    return max(0, min(settings.eval_every, settings.steps - (round_ - 1) * settings.eval_every))
+
+
+def _shuffled_batches(n: int, batch_size: int, rng: random.Random):
+    """Batches of caption indices forever: each pass over the captions in a new order (whole batches only)."""
+    size = min(batch_size, n)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n - size + 1, size):
+            yield order[start : start + size]
+
+
+def _kinds(binding_negatives) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for negatives in binding_negatives:
+        for negative in negatives:
+            counts[negative.kind] = counts.get(negative.kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _sources_line(data: dict[str, Any]) -> str:
+    sources = ", ".join(f"{count:,} captions from {where}" for where, count in data["binding_negatives_from"].items())
+    kinds = ", ".join(f"{kind} {count:,}" for kind, count in data["binding_negatives"].items()) or "none"
+    return f"binding negatives: {sources} ({kinds}); mined negatives: {data['mined_negatives']}"
+
+
+def _dual_r1(val: _Split) -> float:
+    sims = val.text_vectors @ val.images.pooled.T
+    return float(np.mean(sims.argmax(dim=1).numpy() == val.owners))
+
+
+def _judge_against_dual(report: ItmTrainReport, out_dir: Path) -> None:
+    """Record in the model folder whether the kept re-ranker beats the dual encoder on validation."""
+    if report.dual_r1 is None or report.best_r1 is None:
+        return
+    report.worse_than_dual_encoder = report.best_r1 < report.dual_r1
+    write_verdict(out_dir, report.best_r1, report.dual_r1, report.best_step)
 
 
 def _encode_split(encoder: Any, items, settings: ItmTrainSettings) -> _Split:
@@ -318,7 +408,9 @@ def _validate(model, clip, tokenizer, val: _Split, trials, depth: int) -> dict[s
         def score(images, texts):
             return _itm(model, clip, tokenizer, val.images, torch.tensor(images), texts)
 
-        result["hard_negatives"] = hard_negative_accuracy(trials, score)["all"]
+        accuracy = hard_negative_accuracy(trials, score)
+        result["hard_negatives"] = accuracy.pop("all")
+        result["hard_negative_kinds"] = accuracy
     return result
 
 
@@ -331,11 +423,14 @@ def _itm(model, clip, tokenizer, images: ImageTokens, index: torch.Tensor, texts
     return torch.cat(out).numpy()
 
 
-def _epoch_line(record: dict[str, Any]) -> str:
-    line = f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['seconds']:.0f} s"
+def _curve_line(record: dict[str, Any]) -> str:
+    line = f"step {record['step']}: loss {record['loss']:.4f}, {record['seconds']:.0f} s"
     val = record.get("val")
     if val:
         line += f"; val R@1 dual {100 * val['dual_r1']:.1f} → re-ranked {100 * val['rerank_r1']:.1f}"
         if "hard_negatives" in val:
+            kinds = val.get("hard_negative_kinds", {})
             line += f", hard negatives {100 * val['hard_negatives']:.1f}"
+            if kinds:
+                line += " (" + ", ".join(f"{kind} {100 * value:.0f}" for kind, value in kinds.items()) + ")"
     return line

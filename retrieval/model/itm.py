@@ -23,6 +23,7 @@ from retrieval.errors import ModelLoadError
 
 ITM_CONFIG_FILE = "itm_config.json"
 ITM_WEIGHTS_FILE = "itm_model.safetensors"
+ITM_VERDICT_FILE = "itm_verdict.json"  # validation recall@1 of the kept weights next to the dual encoder's
 
 
 @dataclass(frozen=True)
@@ -130,3 +131,25 @@ def load_itm(folder: Path | str) -> FusionItm:
     except (OSError, ValueError, TypeError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the re-ranker in {folder}: {error}") from error
     return model.eval()
+
+
+def write_verdict(out_dir: Path | str, best_r1: float, dual_r1: float, step: int | None) -> None:
+    """Record how the kept weights did on validation against the dual encoder alone (``clipsearch train-itm``)."""
+    verdict = {"rerank_r1": best_r1, "dual_r1": dual_r1, "step": step, "worse_than_dual_encoder": best_r1 < dual_r1}
+    (Path(out_dir) / ITM_VERDICT_FILE).write_text(json.dumps(verdict, indent=2) + "\n")
+
+
+def worse_than_dual(folder: Path | str) -> str | None:
+    """Why the re-ranker in ``folder`` should not be used (its validation recall@1 is below the dual encoder's),
+    or None: better, or never validated (a folder from before verdicts, or trained without a validation split)."""
+    path = Path(folder).expanduser() / ITM_VERDICT_FILE
+    try:
+        verdict = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not verdict.get("worse_than_dual_encoder"):
+        return None
+    return (
+        f"the re-ranker in {folder} re-ranked worse than the dual encoder alone on its validation split "
+        f"(recall@1 {100 * verdict['rerank_r1']:.1f} vs {100 * verdict['dual_r1']:.1f})"
+    )

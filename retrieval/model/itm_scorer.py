@@ -11,7 +11,7 @@ import torch
 
 from retrieval.errors import UsageError
 from retrieval.model.device import CPU, Device
-from retrieval.model.itm import FusionItm, load_itm
+from retrieval.model.itm import FusionItm, load_itm, worse_than_dual
 from retrieval.model.itm_tokens import ImageTokens, image_tokens, text_tokens
 
 
@@ -27,8 +27,11 @@ class ItmScorer:
         self.folder: Path | None = None  # where it was loaded from
 
     @classmethod
-    def load(cls, folder: Path | str, encoder: Any, clip_key: str) -> ItmScorer:
-        """The re-ranker in ``folder`` on ``encoder``'s model; refused when it was trained for another CLIP."""
+    def load(cls, folder: Path | str, encoder: Any, clip_key: str, force: bool = False) -> ItmScorer:
+        """The re-ranker in ``folder`` on ``encoder``'s model; refused when it was trained for another CLIP, or
+        (unless ``force``) when it validated worse than the dual encoder alone."""
+        if not force and (reason := worse_than_dual(folder)):
+            raise UsageError(f"{reason}: retrain it, or pass --force-rerank to use it anyway")
         itm = load_itm(folder)
         if itm.config.clip_key != clip_key:
             raise UsageError(

@@ -222,6 +222,7 @@ def open_searcher(
     server: str | None = None,
     text_bf16: bool = False,
     rerank_model: Path | None = None,
+    force_rerank: bool = False,
 ) -> SearchEngine | ServerClient:
     """The local engine, or a running server when ``server`` is given: both answer ``search`` (a ``Query``),
     ``search_text`` and ``search_image`` with the same arguments and results. A server re-ranks with its own."""
@@ -229,4 +230,6 @@ def open_searcher(
         raise UsageError("--rerank-model is for a local search: a server re-ranks with the model it was started with")
     if server:
         return ServerClient(server)
-    return SearchEngine(index_dir, device=device, text_bf16=text_bf16, rerank_model=rerank_model)
+    return SearchEngine(
+        index_dir, device=device, text_bf16=text_bf16, rerank_model=rerank_model, force_rerank=force_rerank
+    )

@@ -68,6 +68,7 @@ class SearchEngine:
         model: ModelSpec | None = None,
         text_bf16: bool = False,
         rerank_model: Path | str | None = None,
+        force_rerank: bool = False,
     ):
         self.device = resolve_device(device)  # the public entry: a string from a library caller resolves here
         self.layout = IndexLayout(Path(index_dir).expanduser())
@@ -80,6 +81,7 @@ class SearchEngine:
         self._vectors: VectorIndex | None = None
         self._text: tuple[tuple, TextEncoder, TextChoice] | None = None  # (what it was chosen from, encoder, choice)
         self.rerank_model = rerank_model  # ITM re-ranker folder; None: FOLDER-itm beside a local-dir:FOLDER model
+        self.force_rerank = force_rerank  # use a re-ranker even when it validated worse than the dual encoder
         self._reranker = None
 
     def close(self) -> None:
@@ -290,7 +292,7 @@ class SearchEngine:
             folder = self.rerank_model or default_rerank_folder(self.model_spec.name)
             if folder is None:
                 raise UsageError("no re-ranker for this model: pass --rerank-model FOLDER (see clipsearch train-itm)")
-            self._reranker = ItmScorer.load(folder, self.encoder, self.encoder.identity.key())
+            self._reranker = ItmScorer.load(folder, self.encoder, self.encoder.identity.key(), self.force_rerank)
         return self._reranker
 
     def search_image(
