@@ -5,7 +5,9 @@ What a check looks at: SQLite's own integrity check; every stored embedding (pre
 size, finite, unit length); the FAISS file (readable, right size, and when it claims to be current: exactly the ok
 rows' ids, each once, with their stored vectors); generation bookkeeping; temporary files left by a killed save.
 A stale or missing FAISS file after an interrupted run is normal (searches rebuild it in memory): it is a notice,
-not a problem. Repairs happen under the write lock, so they never race an indexer.
+not a problem. Repairs happen under the write lock, so they never race an indexer. A catalog whose header or
+keyword table is damaged while its rows still read is salvaged into a new file (indexer/salvage.py). Whatever
+stops a check itself (a full disk, an unreadable file) is one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select, text, update
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DatabaseError, DBAPIError
 
+from indexer.salvage import salvage_catalog
 from indexer.text_export import stray_exports
-from retrieval.errors import IndexCorruptError
+from retrieval.errors import ClipsearchError, DiskFullError, IndexCorruptError, UnreadableCatalogError
 from retrieval.faults import fault_point
 from retrieval.store.catalog import EMBEDDING_DTYPE, STATUS_FAILED, STATUS_OK, Catalog, ImageRow, MetaKey
+from retrieval.store.keywords import FTS_TABLE
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import display_path
 from retrieval.store.sync import build_from_catalog, recorded_type, save_vectors
@@ -68,6 +72,7 @@ class _Findings:
     save_vectors: bool = False  # stale or missing: not a problem, but --repair writes a current file
     stray_files: list[Path] = field(default_factory=list)
     sqlite_damaged: bool = False
+    salvage: bool = False  # pages SQLite cannot read, or a damaged keyword table: copied into a new file
     images: int = 0
     failed: int = 0
     vectors_in_file: int | None = None
@@ -78,16 +83,43 @@ def check_index(
 ) -> CheckReport:
     """Verify ``index_dir``; with ``repair``, fix what was found under the write lock and verify again."""
     layout = IndexLayout(Path(index_dir).expanduser())
+    try:
+        return _check(layout, repair, wait, on_wait)
+    except ClipsearchError:
+        raise
+    except (DBAPIError, OSError) as error:
+        from indexer.pipeline import is_disk_full
+
+        if is_disk_full(error):
+            raise DiskFullError(
+                f"the disk holding {layout.root} is full: check stopped with the index as it was; free some space "
+                f"and run it again"
+            ) from None
+        reason = getattr(error, "orig", None) or getattr(error, "strerror", None) or error
+        raise IndexCorruptError(f"check could not read {layout.root}: {reason}") from None
+
+
+def _check(layout: IndexLayout, repair: bool, wait: bool, on_wait: Callable[[str], None] | None) -> CheckReport:
     report = CheckReport(index_dir=str(layout.root))
+    refused: list[str] = []
+    if repair and layout.catalog.exists() and not _opens(layout):
+        refused.append("SQLite refused the catalog file as a whole (a damaged header)")
+        with write_lock(layout, wait, on_wait):
+            report.repairs.append(salvage_catalog(layout.catalog))
     catalog = _open_catalog(layout)
     try:
         report.schema_version = int(catalog.get_meta(MetaKey.SCHEMA_VERSION) or 0)
         findings = _inspect(layout, catalog)
-        report.problems, report.notices = findings.problems, findings.notices
+        report.problems, report.notices = refused + findings.problems, findings.notices
         if repair and _needs_repair(findings):
             with write_lock(layout, wait, on_wait):
                 findings = _inspect(layout, catalog)  # again: an indexer may have run while we waited
-                report.repairs = _repair(layout, catalog, findings)
+                if findings.salvage:
+                    catalog.close()
+                    report.repairs.append(salvage_catalog(layout.catalog))
+                    catalog = _open_catalog(layout)
+                    findings = _inspect(layout, catalog)
+                report.repairs += _repair(layout, catalog, findings)
                 findings = _inspect(layout, catalog)
         report.remaining = findings.problems
         report.images, report.failed, report.vectors_in_file = (
@@ -100,19 +132,28 @@ def check_index(
         catalog.close()
 
 
+def _opens(layout: IndexLayout) -> bool:
+    try:
+        Catalog(layout.catalog, create=False).close()
+        return True
+    except (DatabaseError, UnreadableCatalogError):
+        return False
+
+
 def _open_catalog(layout: IndexLayout) -> Catalog:
     try:
         return Catalog(layout.catalog, create=False)
     except DatabaseError as error:
         raise IndexCorruptError(
-            f"{layout.catalog} is not a readable SQLite catalog ({error.orig}); it cannot be repaired: index the "
-            f"folders again into a new --index folder"
+            f"{layout.catalog} is not a readable SQLite catalog ({error.orig}): `clipsearch check --repair` salvages "
+            f"what it holds into a new file"
         ) from None
 
 
 def _needs_repair(findings: _Findings) -> bool:
     return bool(
-        findings.problems
+        findings.salvage
+        or findings.problems
         or findings.reencode_ids
         or findings.clear_embedding_ids
         or findings.rebuild_vectors
@@ -140,11 +181,31 @@ def _inspect(layout: IndexLayout, catalog: Catalog) -> _Findings:
 
 
 def _inspect_sqlite(catalog: Catalog, findings: _Findings) -> None:
-    with catalog.engine.connect() as connection:
-        result = [row[0] for row in connection.execute(text("PRAGMA quick_check")).fetchall()]
+    try:
+        with catalog.engine.connect() as connection:
+            result = [row[0] for row in connection.execute(text("PRAGMA quick_check")).fetchall()]
+    except DatabaseError as error:  # a page SQLite cannot even walk
+        result, findings.salvage = [str(error.orig)], True
     if result != ["ok"]:
         findings.sqlite_damaged = True
         findings.problems.append(f"SQLite integrity check failed: {'; '.join(result[:3])}")
+    damage = _keyword_damage(catalog)
+    if damage:
+        findings.salvage = True
+        findings.problems.append(f"the keyword table (file-name search) is damaged: {damage}")
+
+
+def _keyword_damage(catalog: Catalog) -> str | None:
+    """What FTS5's own integrity check says is wrong with the keyword table; None when it is sound (or when a
+    read-only catalog cannot run the check)."""
+    try:
+        with catalog.engine.connect() as connection:
+            connection.execute(text(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('integrity-check', 1)"))
+            connection.rollback()
+    except DatabaseError as error:
+        message = str(error.orig)
+        return None if "readonly" in message or "no such table" in message else message
+    return None
 
 
 def _inspect_rows(catalog: Catalog, dim: int | None, findings: _Findings) -> dict[int, np.ndarray]:

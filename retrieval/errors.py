@@ -33,6 +33,10 @@ class IndexCorruptError(ClipsearchError):
     """The index folder is damaged in a way that cannot be repaired automatically."""
 
 
+class UnreadableCatalogError(IndexCorruptError):
+    """SQLite refuses the catalog file as a whole (a damaged header): `check --repair` salvages it."""
+
+
 class ReadOnlyIndexError(ClipsearchError):
     """The index folder cannot be written (a read-only file system, or no permission); searching still works."""
 

@@ -294,6 +294,130 @@ def test_a_thumbnail_cache_that_cannot_be_written_still_answers(indexed):
         assert response.status_code == 200 and colour_of(response.content)[0] > 150
 
 
+# --- 4. duplicates within a cost bound ----------------------------------------------------------------------
+
+
+def test_duplicates_refuse_a_threshold_that_links_everything_and_keep_each_result(indexed):
+    with make_client(indexed[0]) as client:
+        for threshold in (0.0002, 0.5, 0.79):
+            response = client.get("/api/duplicates", params={"threshold": threshold})
+            assert response.status_code == 400 and "clipsearch duplicates" in response.json()["detail"], threshold
+        jobs = client.app.state.service.duplicates
+        first = client.get("/api/duplicates", params={"threshold": 0.9}).json()
+        assert first["total_groups"] >= 1  # the red photos
+        again = client.get("/api/duplicates", params={"threshold": 0.95}).json()
+        back = client.get("/api/duplicates", params={"threshold": 0.9}).json()
+        assert back["took_ms"] == first["took_ms"] and back["groups"] == first["groups"]  # kept, not recomputed
+        assert again["took_ms"] != first["took_ms"] or again["groups"] != first["groups"]
+        assert len(jobs._kept) == 2
+
+
+def test_a_duplicates_pass_never_holds_searches_nor_runs_twice_at_once(indexed):
+    with make_client(indexed[0]) as client:
+        service = client.app.state.service
+        started, release = threading.Event(), threading.Event()
+        slow = service.duplicates._compute
+
+        def held(threshold):
+            started.set()
+            release.wait(30)
+            return slow(threshold)
+
+        service.duplicates._compute = held
+        answers = []
+        first = threading.Thread(target=lambda: answers.append(client.get("/api/duplicates?threshold=0.9")))
+        first.start()
+        assert started.wait(10)
+        busy = client.get("/api/duplicates", params={"threshold": 0.95})
+        assert busy.status_code == 503 and busy.headers["retry-after"]
+        assert client.get("/api/search", params={"q": "red"}).status_code == 200  # not behind the pass
+        release.set()
+        first.join()
+        assert answers[0].status_code == 200
+
+
+# --- 6., 7. cheap checks first; values that are not values are 400, never 500 --------------------------------
+
+
+def png_data(side: int) -> str:
+    import base64
+
+    return base64.b64encode(png_of_zeros(side, side)).decode()
+
+
+def test_a_query_that_cancels_out_or_has_too_many_pixels_is_refused_before_any_decode(indexed):
+    with make_client(indexed[0], max_upload_decodes=1) as client:
+        slots = client.app.state.service.decodes.slots
+        slots.acquire()  # every decode would now answer 503: a refusal first means nothing was decoded
+        try:
+            same = [{"image_data": png_data(4000), "weight": 2.0}] * 16
+            cancelled = {"query": {"positive": same, "negative": same}}
+            response = client.post("/api/query", json=cancelled)
+            assert response.status_code == 400 and "cancel each other out" in response.json()["detail"]
+            many = [{"image_data": png_data(3000 + i)} for i in range(10)]  # 9 MP each: each under the 40 MP cap
+            response = client.post("/api/query", json={"query": {"positive": many}})
+            assert response.status_code == 413 and "together" in response.json()["detail"]
+        finally:
+            slots.release()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"query": {"positive": [{"image_id": 9223372036854775808}]}}',
+        '{"query": {"positive": [{"image_id": -9223372036854775809}]}}',
+        '{"query": {"positive": [{"text": "red"}]}, "filters": {"min_width": 9223372036854775808}}',
+        '{"query": {"positive": [{"text": "red", "weight": NaN}]}}',
+        '{"query": {"positive": [{"text": "red", "weight": Infinity}]}}',
+        '{"query": {"positive": [{"text": "red", "weight": 1e400}]}}',
+        '{"query": {"positive": [{"text": "red"}]}, "k": 1e400}',
+        '{"query": {"positive": [{"text": "red"}]}, "min_score": NaN}',
+        '{"query": {"positive": [{"text": "red \\ud800"}]}}',
+        '{"query": {"positive": [{"text": "red"}]}, "filters": {"camera": "\\udc80"}}',
+    ],
+)
+def test_values_that_are_not_values_are_a_400_in_one_line(client, body):
+    response = client.post("/api/query", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, (response.status_code, response.text)
+    assert isinstance(response.json()["detail"], str)
+
+
+def test_the_cli_refuses_a_min_width_past_64_bits_in_one_line(indexed):
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app as cli_app
+
+    result = CliRunner().invoke(
+        cli_app, ["search", "red", "--index", str(indexed[0]), "--min-width", "99999999999999999999999"]
+    )
+    assert result.exit_code != 0 and "--min-width must be at most" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_rerank_without_a_reranker_is_a_400_not_a_503(client):
+    response = client.get("/api/search", params={"q": "red", "rerank": 5})
+    assert response.status_code == 400 and "no re-ranker" in response.json()["detail"]
+
+
+# --- 10. paths round-trip ---------------------------------------------------------------------------------------
+
+
+def test_a_path_the_api_gives_out_is_accepted_back(tmp_path, tiny_spec):
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/photos/\xe9t\xe9"))
+    solid(folder / "one.png", RED)
+    solid(Path(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png")), BLUE)
+    index_paths(tmp_path / "index", [tmp_path / "photos"], IndexSettings(model=tiny_spec, workers=0), progress=False)
+    with make_client(tmp_path / "index") as client:
+        results = client.get("/api/search", params={"q": "photo"}).json()["results"]
+        assert {r["path"].rsplit("/", 1)[1] for r in results} == {"one.png", "caf\\xe9.png"}
+        for result in results:
+            found = client.get("/api/images", params={"path": result["path"]})
+            assert found.status_code == 200 and found.json()["image_id"] == result["image_id"]
+        shown_folder = results[0]["path"].rsplit("/", 1)[0]
+        under = client.get("/api/search", params={"q": "photo", "under": shown_folder})
+        assert under.status_code == 200 and len(under.json()["results"]) == 2
+
+
 # --- 5. nothing answers cross-site ----------------------------------------------------------------------------
 
 

@@ -290,7 +290,7 @@ class SearchEngine:
             from retrieval.search.rerank import default_rerank_folder
 
             folder = self.rerank_model or default_rerank_folder(self.model_spec.name)
-            if folder is None:
+            if folder is None or not Path(folder).expanduser().is_dir():  # a condition no retry clears: 400, not 503
                 raise UsageError("no re-ranker for this model: pass --rerank-model FOLDER (see clipsearch train-itm)")
             self._reranker = ItmScorer.load(folder, self.encoder, self.encoder.identity.key(), self.force_rerank)
         return self._reranker

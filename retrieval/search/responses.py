@@ -11,6 +11,7 @@ from retrieval.search.engine import SearchResult
 from retrieval.search.service import SearchService
 from retrieval.search.thumbnails import THUMBNAIL_SIZES
 from retrieval.store.catalog import ImageRow
+from retrieval.store.paths import display_path
 
 
 class ResultOut(BaseModel):
@@ -102,11 +103,11 @@ def groups_out(service: SearchService, groups: list[DuplicateGroup]) -> list[Dup
 def image_out(row: ImageRow) -> ImageOut:
     return ImageOut(
         image_id=row.id,
-        path=row.path,
+        path=display_path(row.path),  # as every answer shows paths; the API accepts this form back
         width=row.width,
         height=row.height,
         size=row.size,
         status=row.status,
-        error=row.error,
+        error=None if row.error is None else display_path(row.error),
         **urls(row.id, row.mtime_ns),
     )

@@ -32,7 +32,8 @@ def duplicates(
     limit: Annotated[int, Query(ge=1, le=1000, description="Most groups returned (largest first).")] = 200,
 ) -> DuplicatesOut:
     """Groups of near-identical photos, largest groups first, each with the file to keep (most pixels, then
-    most bytes) first. Computed once per index state and threshold (an exact pass over all vectors)."""
+    most bytes) first. An exact pass over all vectors, kept per index state and threshold; thresholds below
+    0.8 are refused (400), and while a pass at another threshold runs the answer is 503 with Retry-After."""
     groups, took_ms = service.duplicate_groups(threshold)
     return DuplicatesOut(
         threshold=threshold, total_groups=len(groups), took_ms=took_ms, groups=groups_out(service, groups[:limit])

@@ -110,7 +110,7 @@ def search_query(service: Service, body: SearchIn) -> SearchOut:
     filters on folder, date taken, camera, pixel size and file type; relevance or date order. In date order
     a page is a slice of the best ``max_results`` matches (above ``min_score``), newest first."""
     folder = service.checked_under(body.filters.under)
-    query = to_query(body, folder, lambda data: decoded_upload(service, data))
+    query = to_query(body, folder, lambda data: decoded_upload(service, data), service.settings.max_query_pixels)
     depth = service.settings.max_results if query.sort == "date" else None
     rerank = body.rerank
 

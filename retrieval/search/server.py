@@ -15,7 +15,6 @@ from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends
 from fastapi.responses import JSONResponse
@@ -30,7 +29,9 @@ from retrieval.errors import (
     UsageError,
 )
 from retrieval.search import routes_images, routes_index, routes_pages, routes_search
+from retrieval.search.api_query import MALFORMED
 from retrieval.search.credential import TokenRequired
+from retrieval.search.duplicate_jobs import DuplicatesBusy
 from retrieval.search.file_guard import FileChanged, FileNotServed
 from retrieval.search.routes_pages import STATIC_DIR
 from retrieval.search.security import GuardMiddleware, require_token
@@ -66,10 +67,12 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (IndexBusyError, 503),
     (ModelLoadError, 503),
     (UploadBusy, 503),
+    (DuplicatesBusy, 503),
     (ClipsearchError, 500),  # any other error of ours: its message, not a traceback
 )
 ERROR_HEADERS: dict[type[Exception], dict[str, str]] = {
     UploadBusy: {"Retry-After": str(RETRY_AFTER_S)},
+    DuplicatesBusy: {"Retry-After": str(RETRY_AFTER_S)},
     TokenRequired: {"WWW-Authenticate": "Bearer"},
 }
 
@@ -162,13 +165,24 @@ async def _error_response(_request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
 
 
-async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    """Keys a request body does not know: 400 naming them (a typo in a filter must not widen a search).
-    Other invalid values keep FastAPI's 422 with its list of errors."""
-    unknown = [".".join(map(str, e["loc"][1:])) for e in error.errors() if e["type"] == "extra_forbidden"]
+async def _invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+    """Keys a request body does not know: 400 naming them (a typo in a filter must not widen a search). Values
+    that are no value at all (NaN, infinities, integers past 64 bits, text that is not Unicode): 400 naming the
+    fields. Other invalid values keep FastAPI's 422 with its list of errors, without echoing the input (a NaN
+    or a lone surrogate in it could not be written as JSON)."""
+    errors = error.errors()
+    unknown = [_field(e) for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
         return JSONResponse({"detail": f"unknown field(s) in the request: {', '.join(unknown)}"}, status_code=400)
-    return await request_validation_exception_handler(request, error)
+    malformed = [f"{_field(e)} {e['msg'][0].lower()}{e['msg'][1:]}" for e in errors if e["type"] in MALFORMED]
+    if malformed:
+        return JSONResponse({"detail": "; ".join(malformed)}, status_code=400)
+    listed = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
+    return JSONResponse({"detail": listed}, status_code=422)
+
+
+def _field(error: dict) -> str:
+    return ".".join(map(str, error["loc"][1:])) or str(error["loc"][0])
 
 
 class BodyLimitMiddleware:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from fastapi import Depends, Request
 
 from retrieval.errors import EmptyIndexError, UsageError
 from retrieval.model.device import Device
+from retrieval.search.duplicate_jobs import DuplicateJobs
 from retrieval.search.duplicates import DuplicateGroup, find_duplicates
 from retrieval.search.engine import SearchEngine
 from retrieval.search.file_guard import OpenedFile, open_indexed
@@ -27,6 +27,7 @@ from retrieval.search.security import LOOPBACK_NAMES
 from retrieval.search.thumbnails import ThumbnailCache, cache_dir_for
 from retrieval.search.uploads import DecodeBudget
 from retrieval.store.catalog import STATUS_OK, ImageRow
+from retrieval.store.paths import from_display
 
 MAX_IMAGE_ID = 2**63 - 1  # SQLite's largest integer: a larger id can name no image (and must not overflow)
 T = TypeVar("T")
@@ -40,6 +41,7 @@ class ServerSettings:
     text_bf16: bool = False  # CPU: text queries through a bfloat16 text tower (see Encoder.load_text_only)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_pixels: int = 40_000_000  # checked from the header, before decoding (retrieval/search/uploads.py)
+    max_query_pixels: int = 80_000_000  # all the images of one query together, from their headers
     max_upload_decodes: int = 2  # decodes at once (uploads, thumbnails); more uploads get 503 with Retry-After
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host: names answered (DNS rebinding); see security.py
     token: str | None = None  # asked of every request (credential.py); `serve` always sets one but for --no-token
@@ -65,7 +67,7 @@ class SearchService:
         cache_dir = cache_dir_for(self.engine.layout.root, self.engine.catalog.read_only)
         self.thumbnails = ThumbnailCache(cache_dir, self.decodes, settings.max_thumbnail_bytes)
         self._generation = self.engine.catalog.vectors_generation()
-        self._duplicates: dict[tuple[int, float], tuple[list[DuplicateGroup], float]] = {}
+        self.duplicates = DuplicateJobs(lambda threshold: find_duplicates(self.engine.catalog, threshold))
 
     def warm(self, wait: bool = True) -> None:
         """Load the model and the vectors, so the first query is as fast as the rest. ``wait=False``: on the
@@ -98,6 +100,7 @@ class SearchService:
         return search(self.engine)
 
     def close(self) -> None:
+        self.duplicates.close()
         self._worker.shutdown(wait=True)
         self.engine.close()
 
@@ -119,7 +122,7 @@ class SearchService:
 
     def row_by_path(self, path: str) -> ImageRow:
         """A catalog lookup by path (the path never touches the disk), or ``NoSuchImage``."""
-        row = self.engine.catalog.row_by_path(path)
+        row = self.engine.catalog.row_by_path(from_display(path)) or self.engine.catalog.row_by_path(path)
         if row is None:
             raise NoSuchImage("that path is not in the index")
         return row
@@ -140,9 +143,10 @@ class SearchService:
         if not os.path.isabs(folder):
             raise UsageError("under must be an absolute folder path")
         roots = self.engine.catalog.roots()
-        if not any(folder == root or folder.startswith(root.rstrip("/") + "/") for root in roots):
-            raise UsageError("under must be a folder inside the indexed folders")
-        return folder
+        for candidate in dict.fromkeys((from_display(folder), folder)):  # as the API shows paths, then literally
+            if any(candidate == root or candidate.startswith(root.rstrip("/") + "/") for root in roots):
+                return candidate
+        raise UsageError("under must be a folder inside the indexed folders")
 
     def decode_upload(self, data: bytes):
         """An uploaded query image, decoded within the pixel budget and the decode slots (``UploadTooLarge``,
@@ -159,13 +163,9 @@ class SearchService:
         return index_info(self.engine.layout.root, with_failures, self.engine.device).to_dict()
 
     def duplicate_groups(self, threshold: float) -> tuple[list[DuplicateGroup], float]:
-        """Near-duplicate groups and the milliseconds they took: computed once per index state and threshold."""
-        key = (self.engine.catalog.vectors_generation(), round(threshold, 4))
-        if key not in self._duplicates:
-            started = time.perf_counter()
-            groups = self.query(lambda engine: find_duplicates(engine.catalog, threshold))
-            self._duplicates = {key: (groups, (time.perf_counter() - started) * 1000)}
-        return self._duplicates[key]
+        """Near-duplicate groups and the milliseconds their pass took, within the cost bound of duplicate_jobs.py
+        (off the query thread, one pass at a time, kept per index state and threshold)."""
+        return self.duplicates.groups(self.engine.catalog.vectors_generation(), threshold)
 
 
 def service_of(request: Request) -> SearchService:

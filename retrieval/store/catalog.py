@@ -27,7 +27,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from retrieval.errors import EmptyIndexError, IndexCorruptError, ModelMismatchError, ReadOnlyIndexError
+from retrieval.errors import (
+    EmptyIndexError,
+    IndexCorruptError,
+    ModelMismatchError,
+    ReadOnlyIndexError,
+    UnreadableCatalogError,
+)
 from retrieval.image_meta import ImageMeta
 from retrieval.model.spec import ModelIdentity
 from retrieval.store.keywords import register_keyword_table
@@ -209,9 +215,9 @@ class Catalog:
             if "no such table" in str(error):
                 return None
             self.engine.dispose()
-            raise IndexCorruptError(
-                f"{self.path} is not a readable SQLite catalog ({getattr(error, 'orig', error)}): index the folders "
-                f"again into a new --index folder"
+            raise UnreadableCatalogError(
+                f"{self.path} is not a readable SQLite catalog ({getattr(error, 'orig', error)}): "
+                f"`clipsearch check --repair` salvages what it holds into a new file"
             ) from None
 
     def _holds_images(self) -> bool:

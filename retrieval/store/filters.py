@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 _DATE = re.compile(r"^(\d{4})(?:-(\d{1,2})(?:-(\d{1,2})(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?)?)?$")
 
 
+MAX_INTEGER = 2**63 - 1  # SQLite's largest
+
+
 @dataclass(frozen=True)
 class FilterSpec:
     """How one filter field reads for people: its help text, its command-line flag, and its bounds."""
@@ -79,6 +82,8 @@ class Filters:
             value, least = getattr(self, each.name), filter_spec(each).ge
             if value is not None and least is not None and value < least:
                 raise UsageError(f"{filter_spec(each).flag} must be at least {least}")
+            if isinstance(value, int) and value > MAX_INTEGER:  # SQLite would overflow deep in the search
+                raise UsageError(f"{filter_spec(each).flag} must be at most {MAX_INTEGER}")
         if self.after and self.before and self.after > self.before:
             raise UsageError(f"--after {self.after[:10]} is later than --before {self.before[:10]}")
 

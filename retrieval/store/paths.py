@@ -10,6 +10,7 @@ queries stay exact; valid UTF-8 paths are stored unchanged.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from sqlalchemy import String
@@ -56,6 +57,17 @@ def from_stored(text: str) -> str:
 def display_path(path: str) -> str:
     """A printable form for messages: undecodable bytes shown as ``\\xNN``."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def from_display(text: str) -> str:
+    """Inverse of ``display_path``: each ``\\xNN`` (NN 80 to ff, the bytes UTF-8 cannot start a character with
+    alone) back to the undecodable byte it shows, so a path the API gave out is accepted back."""
+    if "\\x" not in text:
+        return text
+    return _SHOWN_BYTE.sub(lambda match: chr(0xDC00 + int(match.group(1), 16)), text)
+
+
+_SHOWN_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
 
 
 class FsPath(TypeDecorator):
