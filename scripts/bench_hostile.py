@@ -257,6 +257,10 @@ def mixed_requests(server: Server, ids: dict[str, int], count: int, threads: int
     with ThreadPoolExecutor(threads) as pool:
         answers = list(pool.map(lambda request: server.get(*request), requests))
     latencies = sorted(seconds * 1000 for _, _, seconds in answers)
+    by_kind: dict[str, list[float]] = {}
+    for (route, _), (_, _, seconds) in zip(requests, answers):
+        kind = route.split("?")[0].rstrip("0123456789/").replace("/api/images/", "/api/images/ID/")
+        by_kind.setdefault(kind, []).append(seconds * 1000)
     return {
         "requests": count,
         "threads": threads,
@@ -264,6 +268,7 @@ def mixed_requests(server: Server, ids: dict[str, int], count: int, threads: int
         "p50_ms": round(statistics.median(latencies), 1),
         "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1),
         "max_ms": round(latencies[-1], 1),
+        "max_ms_by_route": {kind: round(max(values), 1) for kind, values in sorted(by_kind.items())},
         "wall_s": round(time.perf_counter() - started, 2),
         "server_cpu_s": round(server.cpu_s() - cpu, 2),
     }
