@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,6 +118,33 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, timeout_s: 
     finally:
         server.should_exit = True
         thread.join(timeout_s)
+
+
+def race_against_a_link(
+    victim: Path, secret: Path, seconds: float, ask: Callable[[threading.Event, int], None], sizes=(256, 1024) * 2
+) -> None:
+    """For ``seconds``, swap ``victim`` back and forth with a symbolic link to ``secret`` (the photo keeps its
+    inode, size and mtime) while ``ask(stop, size)`` runs in one thread per entry of ``sizes`` until ``stop`` is
+    set; ``victim`` is whole again after. The attack on the file routes in tests and scripts/bench_hostile.py."""
+    original, link = victim.with_name(f".{victim.name}.keep"), victim.with_name(f".{victim.name}.link")
+    os.link(victim, original)
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.symlink(secret, link)
+            os.replace(link, victim)
+            os.link(original, link)
+            os.replace(link, victim)
+
+    threads = [threading.Thread(target=swap)] + [threading.Thread(target=ask, args=(stop, s)) for s in sizes]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    os.replace(original, victim)
 
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"

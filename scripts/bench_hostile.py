@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path and "PYTHONPATH" not in os.environ:
 
 from indexer.pipeline import IndexSettings, index_paths  # noqa: E402
 from retrieval.model.spec import ModelSpec  # noqa: E402
-from retrieval.testing import EmbeddingSpace, make_random_model_dir  # noqa: E402
+from retrieval.testing import EmbeddingSpace, make_random_model_dir, race_against_a_link  # noqa: E402
 
 BOMB_SIDE = 13370
 TOKEN = "bench-token"
@@ -176,21 +176,11 @@ def bomb_thumbnails(server: Server, bomb_id: int) -> dict:
 
 
 def race(server: Server, index: Path, victim: Path, secret: Path, victim_id: int, seconds: float) -> dict:
-    original, link = victim.with_name(".victim.keep"), victim.with_name(".victim.link")
-    os.link(victim, original)
-    stop = threading.Event()
     counts = {"requests": 0, "leaks": 0, "http_500": 0, "truncated": 0, "other_errors": 0}
     lock = threading.Lock()
     secret_bytes, victim_bytes = secret.read_bytes(), victim.read_bytes()
 
-    def swap():
-        while not stop.is_set():
-            os.symlink(secret, link)
-            os.replace(link, victim)
-            os.link(original, link)
-            os.replace(link, victim)
-
-    def ask(size: int):
+    def ask(stop: threading.Event, size: int):
         while not stop.is_set():
             for route in (f"/api/images/{victim_id}/thumbnail?size={size}", f"/api/images/{victim_id}/file"):
                 status, body, _ = server.get(route)
@@ -203,14 +193,7 @@ def race(server: Server, index: Path, victim: Path, secret: Path, victim_id: int
                 for old in (index / "thumbnails").glob(f"{size}/*/{victim_id}-*.jpg"):
                     old.unlink(missing_ok=True)
 
-    threads = [threading.Thread(target=swap)] + [threading.Thread(target=ask, args=(s,)) for s in (256, 1024) * 2]
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    os.replace(original, victim)
+    race_against_a_link(victim, secret, seconds, ask)
     return counts
 
 

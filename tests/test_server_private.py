@@ -27,7 +27,7 @@ from retrieval.search.client import ServerClient
 from retrieval.search.credential import cookie_name, find_token, published_token, token_file
 from retrieval.search.server import ServerSettings, create_app
 from retrieval.store.layout import CATALOG_FILE
-from retrieval.testing import running_server
+from retrieval.testing import race_against_a_link, running_server
 from tests.test_server_guard import BOMB_SIDE, png_of_zeros
 
 TOKEN = "test-token-0123456789"
@@ -192,18 +192,9 @@ def test_a_symlink_race_never_leaks_the_secret_nor_answers_500(indexed, tmp_path
     with make_client(index_dir) as client:
         victim = photos / "red_1.png"
         target = image_id(client, victim)
-        original, link = victim.with_name(".red_1.keep"), victim.with_name(".red_1.link")
-        os.link(victim, original)
-        stop, seen, lock = threading.Event(), [], threading.Lock()
+        seen, lock = [], threading.Lock()
 
-        def swap():
-            while not stop.is_set():
-                os.symlink(secret, link)
-                os.replace(link, victim)  # now a link to the secret
-                os.link(original, link)
-                os.replace(link, victim)  # the photo again, same inode, size and mtime
-
-        def ask(size: int):
+        def ask(stop: threading.Event, size: int):
             cache = client.app.state.service.thumbnails.cache_dir
             while not stop.is_set():
                 for route in (f"/api/images/{target}/thumbnail?size={size}", f"/api/images/{target}/file"):
@@ -213,14 +204,7 @@ def test_a_symlink_race_never_leaks_the_secret_nor_answers_500(indexed, tmp_path
                 for old in cache.glob(f"{size}/*/{target}-*.jpg"):  # force fresh thumbnails
                     old.unlink(missing_ok=True)
 
-        threads = [threading.Thread(target=swap)] + [threading.Thread(target=ask, args=(s,)) for s in (256, 1024) * 2]
-        for thread in threads:
-            thread.start()
-        time.sleep(RACE_SECONDS)
-        stop.set()
-        for thread in threads:
-            thread.join()
-        os.replace(original, victim)
+        race_against_a_link(victim, secret, RACE_SECONDS, ask)
     secret_bytes = secret.read_bytes()
     statuses = {status for status, _ in seen}
     assert statuses <= {200, 404, 409}, statuses
