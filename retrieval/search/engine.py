@@ -291,7 +291,10 @@ class SearchEngine:
 
             folder = self.rerank_model or default_rerank_folder(self.model_spec.name)
             if folder is None or not Path(folder).expanduser().is_dir():  # a condition no retry clears: 400, not 503
-                raise UsageError("no re-ranker for this model: pass --rerank-model FOLDER (see clipsearch train-itm)")
+                where = f" (no folder {folder})" if self.rerank_model else ""
+                raise UsageError(
+                    f"no re-ranker for this model{where}: pass --rerank-model FOLDER (see clipsearch train-itm)"
+                )
             self._reranker = ItmScorer.load(folder, self.encoder, self.encoder.identity.key(), self.force_rerank)
         return self._reranker
 
