@@ -227,11 +227,11 @@ def itm_lines(itm, ks: list[int], dual_t2i: dict[int, float]) -> list[str]:
         kinds = [kind for kind in itm.hard_negatives["clip"] if kind != "all"]
         lines += [
             f"hard negatives: {itm.negative_trials:,} trials (true caption vs a binding variant), accuracy %",
-            "             scorer       " + f"{'all':>8}" + "".join(f"{kind:>19}" for kind in kinds),
+            "             scorer       " + f"{'all':>8}" + "".join(f"{kind:>{len(kind) + 2}}" for kind in kinds),
         ]
         for scorer, accuracy in itm.hard_negatives.items():
             label = "dual encoder" if scorer == "clip" else "ITM"
-            cells = f"{100 * accuracy['all']:8.2f}" + "".join(f"{100 * accuracy[k]:19.2f}" for k in kinds)
+            cells = f"{100 * accuracy['all']:8.2f}" + "".join(f"{100 * accuracy[k]:{len(k) + 2}.2f}" for k in kinds)
             lines.append(f"             {label:<13}" + cells)
     return lines
 
