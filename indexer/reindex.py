@@ -18,7 +18,15 @@ from retrieval.errors import ClipsearchError, EmptyIndexError
 from retrieval.model.device import Device, resolve_device
 from retrieval.model.spec import ModelIdentity
 from retrieval.store.catalog import STATUS_OK, Catalog
-from retrieval.store.index_types import AUTO, check_index_type, choose_index_type, default_params, kind
+from retrieval.store.index_types import (
+    AUTO,
+    DEFAULT_TYPE,
+    TARGET_RECALL,
+    check_index_type,
+    choose_index_type,
+    default_params,
+    kind,
+)
 from retrieval.store.layout import IndexLayout
 from retrieval.store.sync import (
     built_count,
@@ -43,12 +51,15 @@ class ReindexSummary:
     seconds: float
     file_bytes: int  # size of the FAISS file, close to its resident memory
     recall: RecallReport | None  # None for exact search
+    note: str | None = None  # why the index is not the type asked for
 
     def line(self) -> str:
         text = (
             f"vectors: {self.previous_type} -> {self.index_type} over {self.vectors} images in {self.seconds:.1f} s "
             f"({self.file_bytes / 1e6:.1f} MB)"
         )
+        if self.note:
+            return f"{text}; exact search ({self.note})"
         if self.recall is None:
             return text + "; exact search"
         return text + (
@@ -132,17 +143,42 @@ def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: D
     identity = _identity(catalog, layout)
     previous = recorded_type(catalog)
     count, generation, dim = catalog.count(STATUS_OK), catalog.vectors_generation(), identity.embed_dim
-    index = VectorIndex.build(dim, catalog.iter_embeddings(), index_type, default_params(index_type, count, dim))
-    report = None
+    params = default_params(index_type, count, dim)
+    index, report, note = VectorIndex.build(dim, catalog.iter_embeddings(), index_type, params), None, None
     if not index.kind.exact:
-        index.rescore_source = lambda ids: fetch_vectors(catalog, ids)
-        queries, kind = probe_queries(catalog, identity, device)
-        report = tune(index, queries, exact_top_k(catalog.iter_embeddings(), queries), kind)
+        queries, probe_kind = probe_queries(catalog, identity, device)
+        exact = exact_top_k(catalog.iter_embeddings(), queries)
+        index, report = _tuned(catalog, index, params, queries, exact, probe_kind)
+        if report.recall < TARGET_RECALL:  # the promise cannot be kept: exact search, and the user is told
+            note = (
+                f"{index_type} reached recall@10 {report.recall:.3f} < {TARGET_RECALL} even at its densest build: "
+                f"the index stays exact (flat); `clipsearch reindex --index-type {index_type}` tries again"
+            )
+            index_type, report = DEFAULT_TYPE, None
+            index = VectorIndex.build(
+                dim, catalog.iter_embeddings(), index_type, default_params(index_type, count, dim)
+            )
+            record_request(catalog, index_type, None)
     save_vectors(catalog, layout, index, generation)  # the file first: meta never names a type the file lacks
     record_build(catalog, index, count, report)
     return ReindexSummary(
-        index_type, previous, count, time.perf_counter() - started, layout.vectors.stat().st_size, report
+        index_type, previous, count, time.perf_counter() - started, layout.vectors.stat().st_size, report, note
     )
+
+
+def _tuned(catalog: Catalog, index: VectorIndex, params, queries: np.ndarray, exact: np.ndarray, probe_kind: str):
+    """Tune the effort; where that falls short of the target recall, rebuild denser (the kind's own stronger
+    knobs) and tune again, until the target is met or the kind has no stronger build. The best try is returned."""
+    best = None
+    while True:
+        index.rescore_source = lambda ids: fetch_vectors(catalog, ids)
+        report = tune(index, queries, exact, probe_kind)
+        if best is None or report.recall > best[1].recall:
+            best = (index, report)
+        params = index.kind.strengthened(params)
+        if report.recall >= TARGET_RECALL or params is None:
+            return best
+        index = VectorIndex.build(index.dim, catalog.iter_embeddings(), index.kind.name, params)
 
 
 def probe_queries(catalog: Catalog, identity: ModelIdentity, device: Device) -> tuple[np.ndarray, str]:

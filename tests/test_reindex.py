@@ -120,3 +120,25 @@ def test_a_missing_faiss_file_is_rebuilt_as_the_recorded_type_with_its_tuning(in
         assert engine.vectors.index_type == "ivf"
         assert engine.vectors.search_effort() == summary.recall.effort
         assert len(engine.search_text("a dog", k=5)) == 5
+
+
+def test_an_index_type_that_cannot_keep_its_recall_promise_stays_exact_and_says_so(indexed, settings, monkeypatch):
+    """hnsw once reported recall@10 0.913 against the promised 0.95 and was used anyway. Now a shortfall first
+    rebuilds denser graphs; when even the densest misses, the index stays exact and the run says why."""
+    import indexer.reindex as reindex_module
+
+    index_dir, folder = indexed
+    monkeypatch.setattr(reindex_module, "TARGET_RECALL", 1.01)  # a promise no approximate index can keep
+    summary = reindex(index_dir, "hnsw", device="cpu")
+    assert summary.index_type == "flat" and summary.recall is None
+    assert "hnsw reached recall@10" in summary.line() and "stays exact (flat)" in summary.line()
+    assert VectorIndex.load(IndexLayout(index_dir).vectors).kind.exact  # the file searched is an exact one
+    again = index_paths(index_dir, [folder], settings, progress=False)
+    assert again.vectors_note is None  # the exact index is kept in force, not rebuilt as hnsw at every run
+    info = index_info(index_dir)
+    assert info.index_type == "flat"
+
+
+def test_hnsw_meets_the_target_recall_it_reports(indexed):
+    summary = reindex(indexed[0], "hnsw", device="cpu")
+    assert summary.index_type == "hnsw" and summary.recall.recall >= 0.95, summary.line()

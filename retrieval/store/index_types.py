@@ -34,6 +34,7 @@ RESCORE_MARGIN = 32  # extra candidates ranked exactly: covers float16 rounding 
 OPQ_ITERATIONS = 20  # FAISS's default 50 costs minutes at 512-d for little recall
 OPQ_MIN_TRAIN = 10_000  # OPQ trains a 256-centroid PQ of its own: below this, plain IVF-PQ
 HNSW_EFFORTS = (16, 32, 64, 128, 256, 512, 1024)
+HNSW_MAX_M = 128  # the densest graph tried before an hnsw index that misses the target recall stays exact
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,11 @@ class IndexKind:
     def efforts(self, index: Any) -> list[int]:
         """The efforts tuning tries, cheapest first."""
         return []
+
+    def strengthened(self, params: IndexParams) -> IndexParams | None:
+        """Build knobs for a denser index, when the search effort alone did not reach the target recall; None
+        when this kind has no stronger build (its effort ladder already reaches exact search)."""
+        return None
 
     def filtered_search(self, index: Any, selector: Any, k: int) -> Any:
         """FAISS search parameters that keep results to ``selector``'s ids."""
@@ -216,6 +222,13 @@ class Hnsw(IdMappedKind):
 
     def efforts(self, index: Any) -> list[int]:
         return list(HNSW_EFFORTS)
+
+    def strengthened(self, params: IndexParams) -> IndexParams | None:
+        """A graph with twice the links per node and a wider build search: text queries sit apart from the image
+        vectors (the modality gap) and a sparse graph misses their neighbours whatever efSearch is."""
+        if params.hnsw_m >= HNSW_MAX_M:
+            return None
+        return replace(params, hnsw_m=params.hnsw_m * 2, ef_construction=params.ef_construction * 2)
 
     def filtered_search(self, index: Any, selector: Any, k: int) -> Any:
         import faiss
