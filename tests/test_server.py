@@ -123,6 +123,11 @@ def test_under_and_min_score_filter_and_under_must_lie_inside_the_index(client, 
 def test_bad_queries_get_a_readable_400(client):
     assert client.get("/api/search", params={"q": "   "}).json()["detail"] == "the query text is empty"
     assert client.get("/api/search", params={"q": "x", "k": 0}).status_code == 422
+    for empty in ({"q": ""}, {}):  # used to be FastAPI's raw list of errors
+        answer = client.get("/api/search", params=empty)
+        assert answer.status_code == 400 and isinstance(answer.json()["detail"], str), answer.text
+        assert answer.json()["detail"].startswith("q: ") and "\n" not in answer.json()["detail"]
+    assert isinstance(client.get("/api/search", params={"q": "x", "k": 0}).json()["detail"], str)
     too_deep = client.get("/api/search", params={"q": "x", "k": 100, "offset": 950})
     assert too_deep.status_code == 400 and "at most 1000" in too_deep.json()["detail"]
 

@@ -168,8 +168,9 @@ async def _error_response(_request: Request, error: Exception) -> JSONResponse:
 async def _invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
     """Keys a request body does not know: 400 naming them (a typo in a filter must not widen a search). Values
     that are no value at all (NaN, infinities, integers past 64 bits, text that is not Unicode): 400 naming the
-    fields. Other invalid values keep FastAPI's 422 with its list of errors, without echoing the input (a NaN
-    or a lone surrogate in it could not be written as JSON)."""
+    fields. A missing or empty text: 400. Other invalid values: 422. ``detail`` is always one line for a person;
+    ``errors`` keeps FastAPI's list for programs, without echoing the input (a NaN or a lone surrogate in it could
+    not be written as JSON)."""
     errors = error.errors()
     unknown = [_field(e) for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
@@ -178,7 +179,9 @@ async def _invalid_request(_request: Request, error: RequestValidationError) -> 
     if malformed:
         return JSONResponse({"detail": "; ".join(malformed)}, status_code=400)
     listed = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
-    return JSONResponse({"detail": listed}, status_code=422)
+    said = "; ".join(f"{_field(e)}: {e['msg']}" for e in errors[:3])  # one line for a person
+    status = 400 if all(e["type"] in ("missing", "string_too_short") for e in errors) else 422  # no or empty text
+    return JSONResponse({"detail": said, "errors": listed}, status_code=status)
 
 
 def _field(error: dict) -> str:
