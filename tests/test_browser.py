@@ -207,6 +207,20 @@ def test_dropping_or_pasting_an_image_searches_by_it(page, server_url, gesture):
     assert page.is_visible("#query-image") and page.errors == []
 
 
+def test_the_search_box_keeps_its_width_on_a_phone(browser, server_url, tmp_path):
+    """At 390 px the search box was squeezed to ~50 px by the buttons beside it."""
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    phone = context.new_page()
+    try:
+        phone.goto(f"{server_url}/?token={TOKEN}&q=circle")
+        box = phone.locator("input[type=search]").bounding_box()
+        assert box["width"] >= 300, box
+        assert phone.get_attribute("#f-min-score", "placeholder") == "none"  # not a value that looks set
+        keep_screenshot(phone, tmp_path, "phone.png")
+    finally:
+        context.close()
+
+
 def test_an_error_from_the_api_is_shown_not_swallowed(page, server_url):
     page.goto(f"{server_url}/?like=99999")
     page.wait_for_selector("#status.error")
