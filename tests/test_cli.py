@@ -111,4 +111,5 @@ def test_offline_default_model_fails_in_one_line(tmp_path, photo_folder, monkeyp
     result = invoke("index", photo_folder, "--index", tmp_path / "index", "-q")
     assert result.exit_code == 1
     assert "cannot be reached" in result.output and "--pretrained" in result.output
+    assert "this checkout ships one: --model local-dir:" in result.output  # the way forward that works offline
     assert len(result.output.strip().splitlines()) == 1

@@ -71,7 +71,14 @@ def _fail_fast_when_offline(spec: ModelSpec) -> None:
         raise ModelLoadError(
             f"weights for {spec.describe()} are not cached and {host} cannot be reached (offline?): pass a "
             f"local checkpoint with --pretrained /path/to/open_clip_pytorch_model.bin, or --model local-dir:FOLDER"
+            f"{_bundled_hint()}"
         )
+
+
+def _bundled_hint() -> str:
+    """In a checkout, the models shipped with it work offline: name one."""
+    bundled = Path(__file__).resolve().parents[2] / "data" / "models" / "shapes-clip"
+    return f" (this checkout ships one: --model local-dir:{bundled})" if bundled.is_dir() else ""
 
 
 def build_model(spec: ModelSpec, device: str = "cpu", precision: str = "fp32") -> tuple[Any, Any]:
