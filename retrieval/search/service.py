@@ -74,19 +74,28 @@ class SearchService:
         query thread, in the background: the page and every route that needs no model answer at once, and a
         query that comes early waits its turn behind the loading (a failure is logged, and each query then says
         it in its own answer)."""
-        loading = self._worker.submit(self._warm)
-        if wait:
-            loading.result()
-        else:
-            loading.add_done_callback(_log_failure)
+        # Two turns on the query thread: a text query that arrives meanwhile runs between them, as soon as the
+        # vectors and the text encoder (ONNX when exported: well under a second) are in, before the image model.
+        steps = [self._worker.submit(self._warm_text), self._worker.submit(self._warm_images)]
+        for loading in steps:
+            if wait:
+                loading.result()
+            else:
+                loading.add_done_callback(_log_failure)
 
-    def _warm(self) -> None:
+    def _warm_text(self) -> None:
         try:
             self.engine.vectors  # noqa: B018
-            self.engine.text_encoder.encode_texts(["warm up"])  # what text queries use (ONNX when exported)
-            self.engine.encoder.encode_texts(["warm up"])  # uploads and images outside the index need the model
+            self.engine.text_encoder.encode_texts(["warm up"])
         except EmptyIndexError:
             pass  # nothing indexed yet: search answers 409 until the indexer has committed
+
+    def _warm_images(self) -> None:
+        try:
+            self.engine.vectors  # noqa: B018
+            self.engine.encoder.encode_texts(["warm up"])  # uploads and images outside the index need the model
+        except EmptyIndexError:
+            pass
 
     def query(self, search: Callable[[SearchEngine], T]) -> T:
         """``search(engine)`` on the query thread, after picking up vectors an indexer committed meanwhile."""
