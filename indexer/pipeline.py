@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from indexer.encoding import Chunk, ChunkSink, EncodedChunkSource
 from indexer.ingest import insert_new_rows
+from indexer.ocr_pass import run_ocr_pass
 from indexer.overlap import EncodeOptions, OverlappedSource
 from indexer.plan import Plan, plan_changes
 from indexer.ray_runner import RaySettings, RaySource
@@ -29,8 +30,9 @@ from retrieval.image_meta import read_image_meta
 from retrieval.images import hash_file
 from retrieval.model.device import Device, resolve_device
 from retrieval.model.encoder import Encoder
+from retrieval.model.ocr import require_ocr
 from retrieval.model.spec import ModelSpec, check_spec, spec_key
-from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, encode_embedding, is_under
+from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, MetaKey, encode_embedding, is_under
 from retrieval.store.index_types import check_index_type
 from retrieval.store.keywords import fill_keywords
 from retrieval.store.layout import IndexLayout
@@ -56,6 +58,7 @@ class IndexSettings:
     int8: bool = False  # CPU only: dynamic int8 image encoder, faster, slightly different vectors (opt-in)
     ray: RaySettings | None = None  # encode on a Ray cluster (indexer.ray_runner); None: on this machine
     export_text: bool = True  # after a run that encoded images: export the text tower if missing or stale
+    ocr: bool | None = None  # read the text in photos (indexer.ocr_pass); None keeps the index's own (new: off)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class IndexSummary:
     text_tower_note: str | None = None  # what the text-tower export after the run did, when it did something
     encode_seconds: float = 0.0  # decoding + encoding + committing, without the model load (steady throughput)
     unchanged_failed: int = 0  # of ``unchanged``: files that failed before and were not retried
+    text_note: str | None = None  # set when the OCR pass read photos (indexer.ocr_pass)
 
     @property
     def images_per_second(self) -> float:
@@ -113,6 +117,8 @@ def index_paths(
         raise UsageError("--batch-size must be at least 1")
     if settings.index_type is not None:
         check_index_type(settings.index_type)
+    if settings.ocr:
+        require_ocr()  # one line on how to install it, before any work
     try:
         with write_lock(layout, settings.wait_for_lock, on_wait):
             summary = _index_locked(layout, folders, settings, progress)
@@ -163,6 +169,8 @@ def _index_locked(layout: IndexLayout, folders: list[str], settings: IndexSettin
         generation = catalog.vectors_generation()
         try:
             _plan_and_run(catalog, layout, folders, settings, summary, progress)
+        except Interrupted:
+            raise
         except KeyboardInterrupt:
             raise Interrupted(_interrupted(catalog.vectors_generation() != generation)) from None
         return summary
@@ -202,6 +210,18 @@ def _plan_and_run(catalog: Catalog, layout: IndexLayout, folders, settings: Inde
     if rebuilt is None and catalog.model_identity() and not faiss_file_current(catalog, layout):
         rebuilt = rebuild_as(catalog, layout, recorded_type(catalog), settings.device)  # built at the end after all
     summary.vectors_note = rebuilt.line() if rebuilt else None
+    if ocr_in_force(catalog, settings.ocr):  # after the vectors are saved: search works while text is read
+        workers = default_workers(settings.device) if settings.workers is None else settings.workers
+        read = run_ocr_pass(catalog, settings.device, workers, progress)
+        summary.text_note = read.line() if read.read else None
+
+
+def ocr_in_force(catalog: Catalog, asked: bool | None) -> bool:
+    """Whether this index reads text in photos: what was asked (then recorded, so later runs and --watch keep
+    it), else what the index records."""
+    if asked is not None and catalog.get_meta(MetaKey.OCR) != ("on" if asked else "off"):
+        catalog.set_meta(MetaKey.OCR, "on" if asked else "off")
+    return catalog.get_meta(MetaKey.OCR) == "on"
 
 
 def _check_model(catalog: Catalog, spec: ModelSpec) -> None:

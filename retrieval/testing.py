@@ -160,3 +160,58 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+FONT_FOLDERS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
+
+
+def machine_fonts() -> list[Path]:
+    """The DejaVu and Liberation TrueType fonts this machine has (regular, bold, serif, mono ...)."""
+    return sorted(p for folder in FONT_FOLDERS for p in Path(folder).glob("*.ttf") if "Math" not in p.name)
+
+
+def cluttered_background(size: tuple[int, int], rng: np.random.Generator):
+    """A photo-like backdrop without text: smooth colour fields, shapes and sensor noise."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    width, height = size
+    coarse = (rng.random((height // 40 + 2, width // 40 + 2, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(coarse).resize(size, Image.BILINEAR).filter(ImageFilter.GaussianBlur(4))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(6, 14))):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = int(rng.integers(20, width // 3)), int(rng.integers(20, height // 3))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x, y, x + w, y + h), fill=colour)
+    noise = rng.normal(0, 8, (height, width, 3))
+    return Image.fromarray((np.asarray(image, dtype=np.float32) + noise).clip(0, 255).astype(np.uint8))
+
+
+def printed_text_photo(
+    lines: list[str],
+    size: tuple[int, int] = (800, 600),
+    seed: int = 0,
+    font_px: int = 40,
+    angle: float = 0.0,
+    dark_panel: bool = False,
+    font: Path | None = None,
+):
+    """A photo of a printed sign, label or receipt: ``lines`` on a light (or dark) panel, rotated by ``angle``
+    degrees, pasted on a cluttered background. The text is real glyphs of a machine font, for a real OCR model."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    image = cluttered_background(size, rng)
+    typeface = ImageFont.truetype(str(font or machine_fonts()[0]), font_px)
+    widths = [typeface.getbbox(text)[2] for text in lines]
+    pad, step = font_px // 2, int(font_px * 1.4)
+    panel = Image.new("RGBA", (max(widths) + 2 * pad, step * len(lines) + 2 * pad), (0, 0, 0, 0))
+    ink, paper = ((235, 235, 225), (30, 32, 40)) if dark_panel else ((20, 20, 25), (240, 238, 228))
+    draw = ImageDraw.Draw(panel)
+    draw.rectangle((0, 0, *panel.size), fill=(*paper, 255))
+    for row, text in enumerate(lines):
+        draw.text((pad, pad + row * step), text, font=typeface, fill=ink)
+    panel = panel.rotate(angle, expand=True, resample=Image.BICUBIC)
+    room = (max(0, size[0] - panel.width), max(0, size[1] - panel.height))
+    image.paste(panel, (int(rng.integers(0, room[0] + 1)), int(rng.integers(0, room[1] + 1))), panel)
+    return image

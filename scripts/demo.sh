@@ -3,5 +3,5 @@
 # search them by text and by image, and evaluate recall on the held-out split.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$root/scripts/setup_env.sh" serve   # serve: the web extra, for the `clipsearch serve` the demo suggests
+"$root/scripts/setup_env.sh" serve,ocr   # serve: the web extra the demo suggests; ocr: index --ocr
 exec "$root/.venv/bin/python" "$root/scripts/demo.py" "$@"

@@ -1,7 +1,7 @@
 """The `clipsearch` command: a thin skin over the library. Each command module registers itself on `app`."""
 
 from clipsearch.cli import check as check_command  # noqa: F401  (registers check)
-from clipsearch.cli import commands  # noqa: F401  (registers index, search, similar, info)
+from clipsearch.cli import commands  # noqa: F401  (registers index, search, similar, text, info)
 from clipsearch.cli import duplicates as duplicates_command  # noqa: F401  (registers duplicates)
 from clipsearch.cli import eval as eval_commands  # noqa: F401  (registers eval flickr30k, eval captions)
 from clipsearch.cli import export_text as export_text_command  # noqa: F401  (registers export-text)

@@ -25,6 +25,7 @@ from clipsearch.cli.options import (
     ServerOption,
     SortOption,
     SubOption,
+    TextMatchOption,
     WorkersOption,
     filter_options,
     output_options,
@@ -73,6 +74,14 @@ def index(
         int | None,
         typer.Option("--ray-workers", help="Ray encoder actors (default: one per GPU, at least one).", min=1),
     ] = None,
+    ocr: Annotated[
+        bool | None,
+        typer.Option(
+            "--ocr/--no-ocr",
+            help="Read the text printed in photos, so searches find it (kept for later runs; needs clipsearch[ocr]).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Index folders of images (only what changed since the last run)."""
     from indexer.preflight import check_folders
@@ -95,6 +104,7 @@ def index(
         max_memory=parse_memory(max_memory),
         int8=int8,
         ray=RaySettings(ray, ray_gpus_per_worker, ray_workers) if ray else None,
+        ocr=ocr,
     )
     if watch:
         _watch(resolve_index_dir(index_dir), paths or [], settings, progress=not quiet)
@@ -122,8 +132,9 @@ def _report_run(summary) -> None:
     for warning in summary.warnings:
         typer.echo(f"clipsearch: {warning}", err=True)
     typer.echo(summary.line())
-    if summary.vectors_note:
-        typer.echo(summary.vectors_note)
+    for note in (summary.vectors_note, summary.text_note):
+        if note:
+            typer.echo(note)
     if summary.text_tower_note:
         typer.echo(f"clipsearch: {summary.text_tower_note}", err=True)
 
@@ -153,11 +164,11 @@ def _watch(index_dir: Path, paths: list[Path], settings, progress: bool) -> None
         typer.echo("clipsearch: stopped watching; work committed so far is kept", err=True)
 
 
-def _query(main, add, sub, sort, keywords, filters: Filters):
+def _query(main, add, sub, sort, keywords, filters: Filters, text_match: bool | None = None):
     """The CLI's arguments as the one query model (retrieval.search.query)."""
     from retrieval.search.query import Query
 
-    return Query.of(main, add or (), sub or (), filters, sort, keywords)
+    return Query.of(main, add or (), sub or (), filters, sort, keywords, text_match)
 
 
 def _echo(base: dict, query, min_score: float | None = None) -> dict:
@@ -167,6 +178,7 @@ def _echo(base: dict, query, min_score: float | None = None) -> dict:
     extras = {"add": full["positive"][1:], "sub": full["negative"], "filters": full["filters"]}
     extras |= {"sort": query.sort} if query.sort != "relevance" else {}
     extras |= {"keywords": query.keywords} if query.keywords is not None else {}
+    extras |= {"text_match": query.text_match} if query.text_match is not None else {}
     return base | {key: value for key, value in extras.items() if value}
 
 
@@ -184,6 +196,7 @@ def search(
     filters: Filters = Filters(),  # filter_options: one option per field
     sort: SortOption = "relevance",
     keywords: KeywordsOption = None,
+    text_match: TextMatchOption = None,
     output: Output = Output(),  # output_options: --format and its aliases
     device: DeviceOption = "auto",
     server: ServerOption = None,
@@ -209,7 +222,7 @@ def search(
     quiet_libraries()
     from retrieval.search.client import open_searcher
 
-    query = _query(text, add, sub, sort, keywords, filters)
+    query = _query(text, add, sub, sort, keywords, filters, text_match)
     with open_searcher(resolve_index_dir(index_dir), device, server, bf16_text, rerank_model, force_rerank) as searcher:
         results = searcher.search(query, k=k, min_score=min_score, rerank=rerank)
     echoed = {"text": text, "k": k} | ({"rerank": rerank} if rerank else {})
@@ -262,6 +275,28 @@ def info(
     emit(info_report(index_info(resolve_index_dir(index_dir), with_failures=failed, device=device)), output)
 
 
+@app.command(name="text")
+@user_errors
+@output_options(FOR_REPORTS)
+def text_command(
+    photo: Annotated[Path, typer.Argument(help="An indexed photo.")],
+    index_dir: IndexOption = None,
+    output: Output = Output(),  # output_options: --format and its aliases
+) -> None:
+    """Print the text read in PHOTO (index --ocr): each line, with its confidence."""
+    from retrieval.search.info import photo_text
+
+    found = photo_text(resolve_index_dir(index_dir), photo)
+    table = [line("{:.2f}  {}", item["confidence"] or 0.0, item["text"]) for item in found.text.lines]
+    if found.text.status is None:
+        empty = "no text read yet: `clipsearch index --ocr` reads the text in photos"
+    elif found.text.error:
+        empty = f"could not read text: {found.text.error}"
+    else:
+        empty = "no text found in this photo"
+    emit(Report(document=found.to_dict(), table=table, empty=empty), output)
+
+
 def info_report(details) -> Report:
     state = "current" if details.vectors_current else "stale (rebuilt on next use)"
     table = [
@@ -283,6 +318,13 @@ def info_report(details) -> Report:
         )
     table += [
         line("text:    {}", details.text_queries or "(no model yet)"),
+        line(
+            "ocr:     {}; {} photos with text, of {} read ({} failed)",
+            "on" if details.ocr else "off",
+            details.with_text,
+            details.text_read,
+            details.text_failed,
+        ),
         line("size:    {:.1f} MB", details.size_bytes / 1e6),
         line("folders: {}", ", ".join(details.roots) or "(none)"),
     ]

@@ -151,7 +151,8 @@ def filter_options(command: F) -> F:
     for each in fields(Filters):
         spec = filter_spec(each)
         kind = str | None if isinstance(each.default, tuple) else hints[each.name]
-        option = typer.Option(spec.flag, help=spec.description, metavar=spec.metavar, show_default=False)
+        flags = f"{spec.flag}/--no-{spec.flag[2:]}" if hints[each.name] == bool | None else spec.flag  # with/without
+        option = typer.Option(flags, help=spec.description, metavar=spec.metavar, show_default=False)
         options[each.name] = Annotated[kind, option]
     return expand_parameter(command, "filters", options, lambda **given: Filters(**_given(given)))
 
@@ -188,6 +189,14 @@ KeywordsOption = Annotated[
         "--keywords/--no-keywords",
         help="Fuse CLIP's ranking with file and folder names (default: on when the text looks like a file name: "
         "one word with a digit, _, - or .).",
+        show_default=False,
+    ),
+]
+TextMatchOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--text-match/--no-text-match",
+        help="Fuse CLIP's ranking with the words read in photos (index --ocr; default: on).",
         show_default=False,
     ),
 ]

@@ -88,6 +88,7 @@ class SearchIn(Strict):
     filters: FiltersIn = Field(default_factory=FiltersIn)
     sort: Literal["relevance", "date"] = "relevance"
     keywords: bool | None = Field(None, description="Fuse with file-name matches; default: when a text looks like one.")
+    text_match: bool | None = Field(None, description="Fuse with the words read in photos (index --ocr); default: on.")
     k: Int64 | None = Field(None, ge=1, description="Results per page (default 48).")
     offset: Int64 = Field(0, ge=0, description="Skip this many results (for the next page).")
     min_score: float | None = Field(None, ge=-1, le=1, description="Drop results below this cosine score.")
@@ -125,6 +126,7 @@ def to_query(body: SearchIn, under: str | None, decode: Callable[[bytes], Any], 
         filters=filters,
         sort=body.sort,
         keywords=body.keywords,
+        text_match=body.text_match,
     )
 
 

@@ -91,6 +91,7 @@ class ServerClient:
             "filters": filters,
             "sort": query.sort,
             "keywords": query.keywords,
+            "text_match": query.text_match,
             "k": k,
             "min_score": min_score,
         }

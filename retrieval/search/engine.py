@@ -16,10 +16,10 @@ from retrieval.model.spec import ModelIdentity, ModelSpec, spec_key
 from retrieval.model.text_encoder import TextChoice, TextEncoder, open_text_encoder
 from retrieval.model.text_onnx import exported_tower
 from retrieval.search.arguments import check_image_file
-from retrieval.search.fusion import KEYWORD_WEIGHT, newest_first, reciprocal_rank_fusion
+from retrieval.search.fusion import KEYWORD_WEIGHT, TEXT_WEIGHT, newest_first, reciprocal_rank_fusion
 from retrieval.search.query import Filters, Query, Term
 from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, MetaKey
-from retrieval.store.filters import allowed_ids, keyword_ranking, passing, scans_every_row
+from retrieval.store.filters import allowed_ids, keyword_ranking, passing, scans_every_row, text_ranking
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import catalog_path, display_path
 from retrieval.store.sync import fetch_vectors, open_vectors
@@ -47,7 +47,8 @@ class SearchResult:
     taken_at: str | None = None  # date taken (EXIF, else the file's mtime), wall clock "YYYY-MM-DD HH:MM:SS"
     stage: str = "clip"  # which scorer produced ``score``: "clip" (cosine) or "itm" (re-ranker's match probability)
     clip_score: float | None = None  # the cosine, when the re-ranker produced ``score``
-    matched: str = "clip"  # why it is here: "clip" (the picture), "name" (file-name keywords; score is still CLIP's)
+    matched: str = "clip"  # why it is here: "clip" (the picture), "name" (file-name keywords) or "text" (words read
+    # in the photo); the score is CLIP's cosine whatever the reason
 
     def to_dict(self) -> dict:
         """JSON-ready: a file name that is not valid UTF-8 shows its odd bytes as ``\\xNN`` (``.path`` keeps
@@ -154,7 +155,7 @@ class SearchEngine:
     ) -> list[SearchResult]:
         """The k best images for a combined query, within its filters, in its sort order. Indexed images used as
         terms are left out of the results. ``min_score`` drops results below that cosine score, except file-name
-        matches in keyword mode (their place comes from the name, not the picture).
+        and text matches (their place comes from the name or the words read in the photo, not the picture).
 
         ``rerank=N`` (a query of one text): the N best, re-ordered by the ITM re-ranker and cut to k
         (``retrieval.search.rerank``); ``min_score`` then applies to the first stage's cosine."""
@@ -169,30 +170,30 @@ class SearchEngine:
         self.vectors  # noqa: B018  (fail on an empty index before loading the model)
         filters = self._resolved(query.filters)
         vector, exclude = self._query_vector(query)
-        keyword_text = query.keyword_text
-        depth = k + len(exclude) if keyword_text is None else max(k + len(exclude), FUSION_DEPTH)
-        scores, ids = self._filtered_search(vector, depth, filters)
+        deep = max(k + len(exclude), FUSION_DEPTH)
+        keyword_text, words = query.keyword_text, query.text_words
+        named = keyword_ranking(self.catalog, keyword_text, filters, deep) if keyword_text is not None else []
+        read = text_ranking(self.catalog, words, filters, deep) if words is not None else []
+        named, read = [i for i in named if i not in exclude], [i for i in read if i not in exclude]
+        fused = keyword_text is not None or bool(read)  # an index without text costs nothing more
+        scores, ids = self._filtered_search(vector, deep if fused else k + len(exclude), filters)
         score_of = {
             int(i): float(s) for s, i in zip(scores, ids) if i >= 0 and np.isfinite(s) and int(i) not in exclude
         }
-        order, matched = list(score_of), set()
-        if keyword_text is not None:
-            matched = [i for i in keyword_ranking(self.catalog, keyword_text, filters, depth) if i not in exclude]
-            order = reciprocal_rank_fusion([matched, order], [KEYWORD_WEIGHT, 1.0])
+        order = list(score_of)
+        matched = {i: "text" for i in read} | {i: "name" for i in named}  # why each is here, beyond the picture
+        if fused:
+            order = reciprocal_rank_fusion([named, read, order], [KEYWORD_WEIGHT, TEXT_WEIGHT, 1.0])
             unscored = np.array([i for i in matched if i not in score_of], dtype=np.int64)
             if len(unscored):
                 score_of.update(zip(unscored.tolist(), (fetch_vectors(self.catalog, unscored) @ vector[0]).tolist()))
-            matched = set(matched)
         if min_score is not None:
             order = [i for i in order if i in matched or score_of[i] >= min_score]
         rows = self.catalog.rows_by_id(order[:k])
         order = [i for i in order[:k] if i in rows]
         if query.sort == "date":
             order = newest_first(order, {i: rows[i].taken_at for i in order})
-        return [
-            _result(rank, rows[i], score_of[i], "name" if i in matched else "clip")
-            for rank, i in enumerate(order, start=1)
-        ]
+        return [_result(rank, rows[i], score_of[i], matched.get(i, "clip")) for rank, i in enumerate(order, start=1)]
 
     def _resolved(self, filters: Filters) -> Filters:
         if filters.under is None:

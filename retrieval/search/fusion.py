@@ -1,4 +1,5 @@
-"""Putting rankings together: reciprocal rank fusion (CLIP + file-name keywords) and date order."""
+"""Putting rankings together: reciprocal rank fusion (CLIP + file-name keywords + words read in photos) and date
+order."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ RRF_K = 60  # the usual constant of reciprocal rank fusion (Cormack et al., 2009
 # A keyword match counts twice: the first 61 file-name matches come before anything only CLIP found (2/(60+61) >
 # 1/61), while CLIP still orders the matches among themselves. A query that names a file wants that file first.
 KEYWORD_WEIGHT = 2.0
+# Words read in a photo count as much as CLIP: on by default for every text query, so a photo of a sign holding the
+# query's words comes first when CLIP also finds it plausible, without burying the pictures CLIP finds (a text match
+# at text rank r and CLIP rank c scores 1/(60+r) + 1/(60+c); a picture only CLIP found, at most 1/61). It goes
+# before CLIP's ranking in the fusion, so a match CLIP ranks nowhere still ties CLIP's first and wins the tie.
+TEXT_WEIGHT = 1.0
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int = RRF_K) -> list[int]:

@@ -1,4 +1,5 @@
-"""What `clipsearch info` reports about an index folder, without loading the model or the vectors."""
+"""What `clipsearch info` reports about an index folder, and `clipsearch text` about one photo, without loading the
+model or the vectors."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from retrieval.errors import UsageError
 from retrieval.model.device import Device
 from retrieval.model.text_encoder import choose_text_backend
-from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog
+from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, MetaKey
+from retrieval.store.image_text import ImageText, read_text, text_counts
 from retrieval.store.layout import IndexLayout
-from retrieval.store.paths import display_path
+from retrieval.store.paths import catalog_path, display_path
 from retrieval.store.sync import faiss_file_current, recorded_recall, recorded_type, requested_type
 from retrieval.store.text_tower import recorded_tower
 
@@ -33,6 +36,10 @@ class IndexInfo:
     recall_query_kind: str | None = None  # "text" (or "image" when the model could not be loaded)
     text_tower: str | None = None  # the exported ONNX text tower's precision when current (None: queries use torch)
     text_queries: str | None = None  # which backend answers text queries on the device asked about, and why
+    ocr: bool = False  # whether `clipsearch index` reads the text in photos (index --ocr)
+    text_read: int = 0  # photos the OCR pass has looked at ...
+    with_text: int = 0  # ... found text in ...
+    text_failed: int = 0  # ... and could not read
 
     def to_dict(self) -> dict:
         """JSON-ready: folder and file names that are not valid UTF-8 show their odd bytes as ``\\xNN``."""
@@ -51,6 +58,8 @@ def index_info(index_dir: Path, with_failures: bool = False, device: Device | No
         failures = [(row.path, row.error or "") for row in catalog.failed_rows()] if with_failures else []
         recall = recorded_recall(catalog)
         tower = recorded_tower(catalog, layout)
+        with catalog.session() as session:
+            counts = text_counts(session)
         return IndexInfo(
             index_dir=str(layout.root),
             model=identity.describe() if identity else None,
@@ -68,7 +77,37 @@ def index_info(index_dir: Path, with_failures: bool = False, device: Device | No
             recall_query_kind=recall.kind if recall else None,
             text_tower=tower.record.precision if tower.current and tower.record else None,
             text_queries=choose_text_backend(device, tower).line() if device is not None and identity else None,
+            ocr=catalog.get_meta(MetaKey.OCR) == "on",
+            text_read=counts.read,
+            with_text=counts.with_text,
+            text_failed=counts.failed,
         )
+    finally:
+        catalog.close()
+
+
+@dataclass(frozen=True)
+class PhotoText:
+    """The text read in one indexed photo (``clipsearch text PHOTO``)."""
+
+    path: str
+    image_id: int
+    text: ImageText
+
+    def to_dict(self) -> dict:
+        return {"path": display_path(self.path), "image_id": self.image_id} | asdict(self.text)
+
+
+def photo_text(index_dir: Path, photo: Path | str) -> PhotoText:
+    """What the OCR pass read in ``photo`` (an indexed file, or a link to one)."""
+    layout = IndexLayout(Path(index_dir).expanduser())
+    catalog = Catalog(layout.catalog, create=False)
+    try:
+        row = catalog.row_by_path(catalog_path(photo)) or catalog.row_by_path(os.path.realpath(photo))
+        if row is None:
+            raise UsageError(f"{photo} is not indexed (`clipsearch index` its folder first)")
+        with catalog.session() as session:
+            return PhotoText(row.path, row.id, read_text(session, row.id))
     finally:
         catalog.close()
 

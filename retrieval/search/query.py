@@ -2,7 +2,8 @@
 
 A query is weighted terms, each a text or an image, added (``positive``) or taken away (``negative``); its vector
 is sum(w_i q_i) - sum(w_j q_j) over the terms' unit vectors, re-normalised. Filters say which images may come back,
-``sort`` orders them by relevance or date taken, and ``keywords`` fuses CLIP's ranking with a file-name match.
+``sort`` orders them by relevance or date taken, ``keywords`` fuses CLIP's ranking with a file-name match and
+``text_match`` with the words read in the photos (``index --ocr``).
 """
 
 from __future__ import annotations
@@ -89,13 +90,15 @@ def looks_like_image_path(value: str) -> bool:
 class Query:
     """What to search for (``positive`` minus ``negative``), within ``filters``, in ``sort`` order. ``keywords``:
     True fuses CLIP's ranking with a match of the positive texts against file and folder names, False never,
-    None (default) when a positive text looks like a file name (``keywords.looks_like_file_name``)."""
+    None (default) when a positive text looks like a file name (``keywords.looks_like_file_name``). ``text_match``:
+    True or None (default) fuses it with the words read in photos (``store.image_text``), False never."""
 
     positive: tuple[Term, ...]
     negative: tuple[Term, ...] = ()
     filters: Filters = field(default_factory=Filters)
     sort: str = "relevance"
     keywords: bool | None = None
+    text_match: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positive", tuple(self.positive))
@@ -114,6 +117,7 @@ class Query:
         filters: Filters | None = None,
         sort: str = "relevance",
         keywords: bool | None = None,
+        text_match: bool | None = None,
     ) -> Query:
         """The CLI's way: a main text or term, plus ``--add`` and ``--sub`` specs (``parse_term``)."""
         first = main if isinstance(main, Term) else Term(text=main)
@@ -123,6 +127,7 @@ class Query:
             filters=filters or Filters(),
             sort=sort,
             keywords=keywords,
+            text_match=text_match,
         )
 
     @property
@@ -135,8 +140,15 @@ class Query:
             return None
         return " ".join(texts)
 
+    @property
+    def text_words(self) -> str | None:
+        """The text matched against the words read in photos: every positive text, unless ``text_match`` is False
+        (an index without text matches nothing, so the default costs nothing there)."""
+        texts = [term.text for term in self.positive if term.text is not None]
+        return " ".join(texts) if texts and self.text_match is not False else None
+
     def with_filters(self, filters: Filters) -> Query:
-        return Query(self.positive, self.negative, filters, self.sort, self.keywords)
+        return Query(self.positive, self.negative, filters, self.sort, self.keywords, self.text_match)
 
     def to_dict(self) -> dict:
         return {
@@ -145,4 +157,5 @@ class Query:
             "filters": self.filters.to_dict(),
             "sort": self.sort,
             "keywords": self.keywords,
+            "text_match": self.text_match,
         }

@@ -27,7 +27,7 @@ class ResultOut(BaseModel):
     file_url: str
     stage: str = "clip"  # "itm" when the re-ranker produced score (then clip_score is the cosine)
     clip_score: float | None = None
-    matched: str = "clip"  # why it is here: "clip" (the picture) or "name" (file-name keywords)
+    matched: str = "clip"  # why it is here: "clip" (the picture), "name" (file-name keywords) or "text" (words read)
 
 
 class SearchOut(BaseModel):

@@ -36,6 +36,7 @@ from retrieval.errors import (
 )
 from retrieval.image_meta import ImageMeta
 from retrieval.model.spec import ModelIdentity
+from retrieval.store.image_text import register_text_index
 from retrieval.store.keywords import register_keyword_table
 from retrieval.store.paths import FsPath
 from retrieval.store.read_only import read_only_engine, writable
@@ -45,7 +46,8 @@ from retrieval.unit import unit_rows
 # 3: header facts for filters and date order (retrieval/image_meta.py); FTS5 keyword table over paths.
 # 4: no per-row insert trigger on the keyword table; writers fill it per chunk (retrieval/store/keywords.py).
 # 5: pixel_print, the thumbnail near-duplicates are verified with (retrieval/pixel_print.py); NULL until computed.
-SCHEMA_VERSION = 5
+# 6: per-image text (OCR lines, later captions), its passes and its FTS5 trigram index (retrieval/store/image_text.py).
+SCHEMA_VERSION = 6
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 EMBEDDING_DTYPE = np.float16
@@ -116,6 +118,38 @@ class ImageRow(Base):
 register_keyword_table(ImageRow.__table__)
 
 
+class TextLine(Base):
+    """One piece of text about an image from one ``source`` ("ocr": a line read in the photo, with its confidence
+    and its box as four upright full-size pixel corners in JSON). Deleted with its image, or when its content
+    changes (triggers, ``retrieval.store.image_text``); a move keeps it, since the row keeps its id."""
+
+    __tablename__ = "text_lines"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String)
+    text: Mapped[str] = mapped_column(String)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    box: Mapped[str | None] = mapped_column(String, nullable=True)
+
+    __table_args__ = (Index("ix_text_lines_image", "image_id", "source"),)
+
+
+class TextPass(Base):
+    """That ``source`` has looked at an image (with or without finding text): ok, or failed with its reason. An
+    image without a pass row for a source is that source's pending work, which is what makes a pass resumable."""
+
+    __tablename__ = "text_passes"
+    image_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String, primary_key=True)
+    status: Mapped[str] = mapped_column(String)
+    error: Mapped[str | None] = mapped_column(String, nullable=True)
+    lines: Mapped[int] = mapped_column(Integer, default=0)
+    done_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+register_text_index(TextPass.__table__)
+
+
 class MetaKey:
     """Every key of the ``meta`` table, in one place: what the catalog records about itself and its FAISS file."""
 
@@ -130,6 +164,7 @@ class MetaKey:
     BUILT_N = "index_built_n"  # vectors at the last (re)build: the IVF types are retrained once it doubles
     RECALL = "index_recall"  # JSON: recall@10 against exact search, queries, kind, effort, when
     TEXT_TOWER = "text_tower"  # JSON TextTowerRecord: the exported ONNX text tower, its model and file digests
+    OCR = "ocr"  # "on" or "off": whether `clipsearch index` reads the text in photos (index --ocr / --no-ocr)
 
 
 class Meta(Base):

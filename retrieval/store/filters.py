@@ -68,6 +68,9 @@ class Filters:
     types: tuple[str, ...] = _filter(
         (), "File types, comma-separated: jpg,png,webp,gif,bmp,tiff,heic.", "--type", "TYPES", max_length=20
     )
+    has_text: bool | None = _filter(
+        None, "Only photos with text read in them (index --ocr); --no-has-text: without.", "--has-text"
+    )
 
     def __post_init__(self) -> None:
         from retrieval.image_meta import normalise_type
@@ -156,7 +159,19 @@ def conditions(filters: Filters) -> list:
         found.append(ImageRow.height >= filters.min_height)
     if filters.types:
         found.append(ImageRow.file_type.in_(filters.types))
+    if filters.has_text is not None:
+        found.append(_has_text() if filters.has_text else ~_has_text())
     return found
+
+
+def _has_text():
+    """SQL for "OCR read some text in this image": a primary-key lookup in ``text_passes`` per row."""
+    from sqlalchemy import exists
+
+    from retrieval.store.catalog import ImageRow, TextPass
+    from retrieval.store.image_text import OCR_SOURCE
+
+    return exists().where(TextPass.image_id == ImageRow.id, TextPass.source == OCR_SOURCE, TextPass.lines > 0)
 
 
 def allowed_ids(catalog: Catalog, filters: Filters) -> np.ndarray | None:
@@ -198,21 +213,37 @@ def passing(catalog: Catalog, ids: list[int], filters: Filters) -> set[int]:
 def keyword_ranking(catalog: Catalog, query: str, filters: Filters, limit: int) -> list[int]:
     """Ids of indexed images whose path holds every token of ``query`` (keywords.match_expression), best bm25
     first (a match in the file name weighs more than one in a folder name), within the filters."""
+    from retrieval.store.keywords import FOLDER_WEIGHT, FTS_TABLE, NAME_WEIGHT, match_expression
+
+    rank = f"bm25({FTS_TABLE}, {NAME_WEIGHT}, {FOLDER_WEIGHT})"
+    return _fts_ranking(catalog, FTS_TABLE, match_expression(query), rank, filters, limit)
+
+
+def text_ranking(catalog: Catalog, query: str, filters: Filters, limit: int) -> list[int]:
+    """Ids of indexed images whose text (read in the photo, ``image_text``) holds every word of ``query``, folded
+    as OCR needs (``image_text.match_expression``), best bm25 first, within the filters."""
+    from retrieval.store.image_text import TEXT_FTS, match_expression
+
+    return _fts_ranking(catalog, TEXT_FTS, match_expression(query), f"bm25({TEXT_FTS})", filters, limit)
+
+
+def _fts_ranking(
+    catalog: Catalog, fts_table: str, expression: str | None, rank: str, filters: Filters, limit: int
+) -> list[int]:
+    """The one FTS5 ranking: rows of ``fts_table`` (rowid = image id) matching ``expression``, by ``rank``."""
     from sqlalchemy import column, select, table, text
 
     from retrieval.store.catalog import STATUS_OK, ImageRow
-    from retrieval.store.keywords import FOLDER_WEIGHT, FTS_TABLE, NAME_WEIGHT, match_expression
 
-    expression = match_expression(query)
     if expression is None:
         return []
-    fts = table(FTS_TABLE, column("rowid"))
+    fts = table(fts_table, column("rowid"))
     statement = (
         select(ImageRow.id)
         .join(fts, fts.c.rowid == ImageRow.id)
-        .where(text(f"{FTS_TABLE} MATCH :expression").bindparams(expression=expression))
+        .where(text(f"{fts_table} MATCH :expression").bindparams(expression=expression))
         .where(ImageRow.status == STATUS_OK, *conditions(filters))
-        .order_by(text(f"bm25({FTS_TABLE}, {NAME_WEIGHT}, {FOLDER_WEIGHT})"), ImageRow.id)
+        .order_by(text(rank), ImageRow.id)
         .limit(limit)
     )
     with catalog.session() as session:

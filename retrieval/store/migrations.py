@@ -135,8 +135,46 @@ def _v4_to_v5(connection: sqlite3.Connection) -> None:
     connection.execute("ALTER TABLE images ADD COLUMN pixel_print BLOB")
 
 
+_FORGET_TEXT_V6 = (
+    "DELETE FROM text_lines WHERE image_id = old.id; DELETE FROM text_passes WHERE image_id = old.id; "
+    "DELETE FROM text_fts WHERE rowid = old.id;"
+)
+TEXT_V6 = (
+    """CREATE TABLE text_lines (
+    id INTEGER NOT NULL,
+    image_id INTEGER NOT NULL,
+    source VARCHAR NOT NULL,
+    text VARCHAR NOT NULL,
+    confidence FLOAT,
+    box VARCHAR,
+    PRIMARY KEY (id)
+)""",
+    "CREATE INDEX ix_text_lines_image ON text_lines (image_id, source)",
+    """CREATE TABLE text_passes (
+    image_id INTEGER NOT NULL,
+    source VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,
+    error VARCHAR,
+    lines INTEGER NOT NULL,
+    done_at FLOAT NOT NULL,
+    PRIMARY KEY (image_id, source)
+)""",
+    "CREATE VIRTUAL TABLE text_fts USING fts5(text, tokenize = 'trigram')",
+    f"CREATE TRIGGER text_forget_deleted AFTER DELETE ON images BEGIN {_FORGET_TEXT_V6} END",
+    "CREATE TRIGGER text_forget_changed AFTER UPDATE OF content_hash ON images "
+    f"WHEN old.content_hash IS NOT new.content_hash BEGIN {_FORGET_TEXT_V6} END",
+)
+
+
+def _v5_to_v6(connection: sqlite3.Connection) -> None:
+    """Per-image text (OCR now, captions later): its lines, the passes that read them, and its trigram index.
+    Empty: `clipsearch index --ocr` fills them."""
+    for statement in TEXT_V6:
+        connection.execute(statement)
+
+
 # From version N to N + 1: the step, and what it reads before taking the write lock (None: nothing).
-STEPS: dict[int, Callable[..., None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
+STEPS: dict[int, Callable[..., None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6}
 PREPARE: dict[int, Callable[[sqlite3.Connection], Any]] = {2: _read_headers_v2}
 
 

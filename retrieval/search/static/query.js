@@ -18,6 +18,7 @@ const QueryModel = (() => {
     min_width: { param: "min_width", id: "f-min-width", kind: "number" },
     min_height: { param: "min_height", id: "f-min-height", kind: "number" },
     types: { param: "type", id: "f-type", kind: "list" },
+    has_text: { param: "has_text", id: "f-has-text", kind: "flag" },
   };
   const READ = {
     text: (text) => text || null,
