@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from sqlalchemy import exists, select
 
 from retrieval.errors import Interrupted
+from retrieval.faults import fault_point
 from retrieval.images import DecodeError, content_hash, decode_image_and_size, read_file
 from retrieval.model.device import Device
 from retrieval.model.ocr import DECODE_MIN_SIDE, ReadLine, TextReader, require_ocr
@@ -57,9 +58,11 @@ def pending_ocr(catalog: Catalog) -> list[tuple[int, str, str | None]]:
         return [tuple(row) for row in session.execute(query.order_by(ImageRow.id))]
 
 
-def run_ocr_pass(catalog: Catalog, device: Device, workers: int, progress: bool) -> OcrSummary:
-    """Read the text of every pending image (the caller holds the write lock). Nothing pending: returns at once,
-    without loading the model."""
+def run_ocr_pass(
+    catalog: Catalog, device: Device, workers: int, progress: bool, commit_every: int = COMMIT_EVERY
+) -> OcrSummary:
+    """Read the text of every pending image (the caller holds the write lock), ``commit_every`` photos a
+    transaction. Nothing pending: returns at once, without loading the model."""
     summary = OcrSummary()
     work = pending_ocr(catalog)
     if not work:
@@ -75,7 +78,7 @@ def run_ocr_pass(catalog: Catalog, device: Device, workers: int, progress: bool)
             for (image_id, _path, indexed_hash), outcome in zip(work, _outcomes(work, device, workers)):
                 batch.append((image_id, indexed_hash, outcome))
                 bar.update(1)
-                if len(batch) >= COMMIT_EVERY or time.monotonic() - last_commit > COMMIT_EVERY_S:
+                if len(batch) >= commit_every or time.monotonic() - last_commit > COMMIT_EVERY_S:
                     _commit(catalog, batch, summary)
                     batch, last_commit = [], time.monotonic()
             _commit(catalog, batch, summary)
@@ -138,3 +141,5 @@ def _commit(catalog: Catalog, batch: list[tuple[int, str | None, Outcome]], summ
             summary.read += 1
             summary.with_text += bool(lines)
             summary.failed += error is not None
+        fault_point("ocr_commit_begin")
+    fault_point("ocr_commit_end")

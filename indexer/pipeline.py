@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from indexer.encoding import Chunk, ChunkSink, EncodedChunkSource
 from indexer.ingest import insert_new_rows
-from indexer.ocr_pass import run_ocr_pass
+from indexer.ocr_pass import COMMIT_EVERY, run_ocr_pass
 from indexer.overlap import EncodeOptions, OverlappedSource
 from indexer.plan import Plan, plan_changes
 from indexer.ray_runner import RaySettings, RaySource
@@ -212,7 +212,7 @@ def _plan_and_run(catalog: Catalog, layout: IndexLayout, folders, settings: Inde
     summary.vectors_note = rebuilt.line() if rebuilt else None
     if ocr_in_force(catalog, settings.ocr):  # after the vectors are saved: search works while text is read
         workers = default_workers(settings.device) if settings.workers is None else settings.workers
-        read = run_ocr_pass(catalog, settings.device, workers, progress)
+        read = run_ocr_pass(catalog, settings.device, workers, progress, min(settings.chunk_size, COMMIT_EVERY))
         summary.text_note = read.line() if read.read else None
 
 

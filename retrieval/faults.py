@@ -11,7 +11,8 @@ transaction, not committed), ``commit_end`` (chunk committed, FAISS not updated)
 file written under a temporary name), ``vectors_replaced`` (FAISS file renamed into place, its generation not yet
 recorded), ``migrate`` (schema migration done inside its transaction, not committed), ``repair`` (check --repair
 about to write), ``encode_batch`` (a Ray encoder actor about to encode a batch; ``indexer.ray_runner`` forwards
-``CLIPSEARCH_FAULT`` to its actors).
+``CLIPSEARCH_FAULT`` to its actors), ``ocr_commit_begin`` / ``ocr_commit_end`` (a batch of the OCR pass written
+inside its transaction, not committed / committed).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ POINTS = (
     "migrate",
     "repair",
     "encode_batch",
+    "ocr_commit_begin",
+    "ocr_commit_end",
 )
 
 _reached: Counter[str] = Counter()

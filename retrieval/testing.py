@@ -170,7 +170,7 @@ def machine_fonts() -> list[Path]:
     return sorted(p for folder in FONT_FOLDERS for p in Path(folder).glob("*.ttf") if "Math" not in p.name)
 
 
-def cluttered_background(size: tuple[int, int], rng: np.random.Generator):
+def cluttered_background(size: tuple[int, int], rng: np.random.Generator, noise: float = 8.0):
     """A photo-like backdrop without text: smooth colour fields, shapes and sensor noise."""
     from PIL import Image, ImageDraw, ImageFilter
 
@@ -183,8 +183,8 @@ def cluttered_background(size: tuple[int, int], rng: np.random.Generator):
         w, h = int(rng.integers(20, width // 3)), int(rng.integers(20, height // 3))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x, y, x + w, y + h), fill=colour)
-    noise = rng.normal(0, 8, (height, width, 3))
-    return Image.fromarray((np.asarray(image, dtype=np.float32) + noise).clip(0, 255).astype(np.uint8))
+    grain = rng.normal(0, noise, (height, width, 3))
+    return Image.fromarray((np.asarray(image, dtype=np.float32) + grain).clip(0, 255).astype(np.uint8))
 
 
 def printed_text_photo(
@@ -195,13 +195,14 @@ def printed_text_photo(
     angle: float = 0.0,
     dark_panel: bool = False,
     font: Path | None = None,
+    noise: float = 8.0,
 ):
     """A photo of a printed sign, label or receipt: ``lines`` on a light (or dark) panel, rotated by ``angle``
     degrees, pasted on a cluttered background. The text is real glyphs of a machine font, for a real OCR model."""
     from PIL import Image, ImageDraw, ImageFont
 
     rng = np.random.default_rng(seed)
-    image = cluttered_background(size, rng)
+    image = cluttered_background(size, rng, noise)
     typeface = ImageFont.truetype(str(font or machine_fonts()[0]), font_px)
     widths = [typeface.getbbox(text)[2] for text in lines]
     pad, step = font_px // 2, int(font_px * 1.4)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from clipsearch.cli import app
@@ -20,8 +21,10 @@ from retrieval.model.ocr import CPU, CUDA, ocr_provider
 from retrieval.search.engine import SearchEngine
 from retrieval.search.info import index_info, photo_text
 from retrieval.search.query import Filters, Query
+from retrieval.search.server import ServerSettings, create_app
 from retrieval.store.image_text import fold, match_expression
-from retrieval.testing import cluttered_background, printed_text_photo
+from retrieval.testing import cluttered_background, load_script, printed_text_photo
+from tests.crash_harness import KILLED, run_in_child
 
 pytest.importorskip("rapidocr_onnxruntime")
 
@@ -96,6 +99,18 @@ def test_the_text_read_is_shown_by_clipsearch_text_and_counted_by_info(ocr_index
     assert "ocr:     on; 2 photos with text, of 3 read (0 failed)" in info.output
 
 
+def test_the_api_says_why_a_result_matched_and_shows_the_text_read(ocr_index):
+    index_dir, _, _ = ocr_index
+    with TestClient(create_app(index_dir, ServerSettings(device="cpu")), base_url="http://127.0.0.1") as client:
+        query = {"query": {"positive": [{"text": "departures"}]}, "k": 3}
+        first = client.post("/api/query", json=query).json()["results"][0]
+        assert first["matched"] == "text" and first["path"].endswith("b.jpg")
+        details = client.get(f"/api/images/{first['image_id']}").json()
+        assert details["text_status"] == "ok" and "departures" in " ".join(t["text"] for t in details["text"]).lower()
+        with_text = client.post("/api/query", json=query | {"filters": {"has_text": True}}).json()["results"]
+        assert len(with_text) == 2
+
+
 def test_a_refresh_keeps_ocr_on_reads_nothing_unchanged_and_a_move_keeps_the_text(ocr_index):
     index_dir, photos, settings = ocr_index
     moved = photos / "sub" / "invoice.jpg"
@@ -123,6 +138,24 @@ def test_a_changed_photo_is_read_again(ocr_index, tmp_path, tiny_spec):
     assert search(tmp_path / "index", "daily")[0].matched == "clip"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["ocr_commit_begin:2", "ocr_commit_end:2"])
+def test_a_pass_killed_midway_keeps_what_it_committed_and_the_next_run_resumes(point, tmp_path, tiny_spec):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed, words in enumerate([["NORTH EXIT"], ["GATE 12"], ["FRESH BREAD"], ["NO PARKING"]]):
+        printed_text_photo(words, size=(640, 480), seed=seed, font_px=40).save(photos / f"{seed}.jpg")
+    settings = IndexSettings(model=tiny_spec, batch_size=8, workers=0, chunk_size=1, device="cpu", ocr=True)
+    run = lambda: index_paths(tmp_path / "index", [photos], settings, progress=False)  # noqa: E731
+    assert run_in_child(run, fault=point) == KILLED
+    kept = index_info(tmp_path / "index").text_read
+    assert kept == (1 if point.startswith("ocr_commit_begin") else 2)  # the batch being written is lost, no more
+    summary = run()
+    assert summary.encoded == 0 and summary.text_note.startswith(f"text: read {4 - kept} photos (")
+    assert index_info(tmp_path / "index").with_text == 4
+    assert search(tmp_path / "index", "fresh bread")[0].path.endswith("2.jpg")
+
+
 def test_a_photo_that_cannot_be_read_gives_a_reason_not_an_exception(tmp_path):
     digest, lines, error = read_photo(str(tmp_path / "gone.jpg"))
     assert (digest, lines) == (None, []) and "vanished" in error
@@ -148,3 +181,11 @@ def test_without_the_ocr_extra_index_ocr_says_how_to_install_it(monkeypatch, tmp
     result = CliRunner().invoke(app, ["index", str(tmp_path / "photos"), "--index", str(tmp_path / "i"), "--ocr"])
     assert result.exit_code != 0
     assert "pip install 'clipsearch[ocr]'" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_generated_benchmark_set_has_queries_printed_in_exactly_one_photo(tmp_path):
+    queries = load_script("make_text_photos").generate_text_photos(tmp_path, 3, 1, seed=0)
+    photos = sorted(p.name for p in tmp_path.glob("*.jpg"))
+    assert len(photos) == 4 and {q["target"] for q in queries} <= set(photos) and len(queries) == 3
+    assert [q["kind"] for q in queries] == ["word", "number", "phrase"]
+    assert json.loads((tmp_path / "queries.json").read_text()) == queries

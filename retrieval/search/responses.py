@@ -11,6 +11,7 @@ from retrieval.search.engine import SearchResult
 from retrieval.search.service import SearchService
 from retrieval.search.thumbnails import THUMBNAIL_SIZES
 from retrieval.store.catalog import ImageRow
+from retrieval.store.image_text import ImageText
 from retrieval.store.paths import display_path
 
 
@@ -39,6 +40,12 @@ class SearchOut(BaseModel):
     results: list[ResultOut]
 
 
+class TextLineOut(BaseModel):
+    text: str
+    confidence: float | None
+    box: list[list[int]] | None  # four corners in upright full-size pixels, clockwise from the top left
+
+
 class ImageOut(BaseModel):
     image_id: int
     path: str
@@ -50,6 +57,9 @@ class ImageOut(BaseModel):
     thumbnail_url: str
     preview_url: str
     file_url: str
+    text: list[TextLineOut] = []  # the lines read in the photo (index --ocr), in reading order
+    text_status: str | None = None  # ok or failed (text_error says why); None: not read (OCR off, or not yet)
+    text_error: str | None = None
 
 
 class DuplicateMemberOut(BaseModel):
@@ -100,7 +110,8 @@ def groups_out(service: SearchService, groups: list[DuplicateGroup]) -> list[Dup
     return [DuplicateGroupOut(members=[member(m) for m in group.members]) for group in groups]
 
 
-def image_out(row: ImageRow) -> ImageOut:
+def image_out(row: ImageRow, text: ImageText | None = None) -> ImageOut:
+    read = {"text": text.lines, "text_status": text.status, "text_error": text.error} if text else {}
     return ImageOut(
         image_id=row.id,
         path=display_path(row.path),  # as every answer shows paths; the API accepts this form back
@@ -110,4 +121,5 @@ def image_out(row: ImageRow) -> ImageOut:
         status=row.status,
         error=None if row.error is None else display_path(row.error),
         **urls(row.id, row.mtime_ns),
+        **read,
     )

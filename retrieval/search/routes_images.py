@@ -23,13 +23,15 @@ def image_by_path(
     service: Service, path: Annotated[str, Query(description="The absolute path of an indexed file.")]
 ) -> ImageOut:
     """Look an indexed file up by its path (a catalog lookup: the path never touches the disk)."""
-    return image_out(service.row_by_path(path))
+    row = service.row_by_path(path)
+    return image_out(row, service.text_of(row))
 
 
 @router.get("/{image_id}", response_model=ImageOut)
 def image_details(service: Service, image_id: int) -> ImageOut:
-    """The facts the catalog holds about one image."""
-    return image_out(service.row(image_id))
+    """The facts the catalog holds about one image, and the text read in it (index --ocr)."""
+    row = service.row(image_id)
+    return image_out(row, service.text_of(row))
 
 
 @router.get("/{image_id}/thumbnail", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})

@@ -151,6 +151,12 @@ function appendTiles(results, first) {
     score.className = "score";
     score.textContent = result.stage === "itm" ? `ITM ${result.score.toFixed(3)}` : result.score.toFixed(3);
     if (result.stage === "itm") score.title = `re-ranker match probability; CLIP cosine ${result.clip_score.toFixed(3)}`;
+    if (result.matched && result.matched !== "clip") {
+      // found by the words read in the photo, or by its file name: said on the tile, not only by the score
+      tile.classList.add("matched");
+      score.textContent = `${result.matched} · ${score.textContent}`;
+      score.title = result.matched === "text" ? "its text holds the words you typed" : "its file name matches";
+    }
     tile.append(img, label, score);
     fragment.append(tile);
   });
@@ -202,10 +208,26 @@ function openViewer(index) {
   const taken = result.taken_at ? `taken ${result.taken_at} · ` : "";
   $("viewer-facts").textContent = `${size}${taken}score ${result.score.toFixed(3)} · #${result.rank}`;
   $("viewer-original").href = result.file_url;
+  showPhotoText(result.image_id, index);
   $("viewer-prev").disabled = index === 0;
   $("viewer-next").disabled = index >= state.results.length - 1;
   if (!$("viewer").open) $("viewer").showModal();
   if (index >= state.results.length - 3 && state.hasMore) loadMore();
+}
+
+// The text read in the photo (index --ocr), from GET /api/images/{id}; hidden when there is none.
+async function showPhotoText(imageId, index) {
+  const box = $("viewer-text");
+  box.hidden = true;
+  box.textContent = "";
+  try {
+    const details = await (await fetch(`/api/images/${imageId}`)).json();
+    if (state.viewing !== index || !details.text || !details.text.length) return;
+    box.textContent = `Text in this photo: ${details.text.map((line) => line.text).join(" · ")}`;
+    box.hidden = false;
+  } catch {
+    // the facts above still stand; the text is a plus
+  }
 }
 
 function closeViewer() {
