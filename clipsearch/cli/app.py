@@ -18,7 +18,7 @@ from retrieval.errors import ClipsearchError, Interrupted
 
 # The order a newcomer needs them in: the daily commands first, maintenance next, the lab last.
 COMMAND_ORDER = (
-    "index", "search", "similar", "text", "info", "duplicates", "serve",
+    "index", "search", "similar", "info", "text", "duplicates", "serve",
     "check", "forget", "reindex", "export-text",
     "eval", "train", "train-itm",
 )  # fmt: skip
