@@ -145,3 +145,23 @@ def test_duplicates_api_and_page(duplicate_index):
         page = client.get("/duplicates")
         assert page.status_code == 200 and "duplicates.js" in page.text
         assert client.get("/static/duplicates.js").status_code == 200
+
+
+def test_the_server_searches_pairs_once_at_the_lowest_threshold_and_filters_for_higher_ones(duplicate_index):
+    """Each new threshold used to be a full pass over every vector (5 thresholds at 10,000 images: 13.5 s)."""
+    from retrieval.search.duplicates import PairsAtLowest
+    from retrieval.store.catalog import Catalog
+
+    index_dir, _ = duplicate_index
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    try:
+        pairs = PairsAtLowest()
+        for threshold in (0.85, 0.9, 0.95, 0.97, 0.99):
+            filtered = pairs.groups(catalog, threshold)
+            fresh = duplicates_in_index(index_dir, threshold)
+            assert [[m.path for m in g.members] for g in filtered] == [[m.path for m in g.members] for g in fresh]
+        assert pairs.passes == 1
+        pairs.groups(catalog, 0.8)  # lower than any before: a new pass
+        assert pairs.passes == 2
+    finally:
+        catalog.close()

@@ -90,8 +90,22 @@ def find_duplicates(
     check_threshold(threshold)
     check_threshold(pixel_threshold, "--pixels")
     ids, vectors = _all_vectors(catalog)
-    pairs = candidate_pairs(catalog, ids, vectors, threshold)
-    keep = pairs.pixels >= pixel_threshold
+    return group_pairs(
+        candidate_pairs(catalog, ids, vectors, threshold), ids, vectors, threshold, pixel_threshold, linkage
+    )
+
+
+def group_pairs(
+    pairs: CandidatePairs,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    threshold: float,
+    pixel_threshold: float = DEFAULT_PIXEL_THRESHOLD,
+    linkage: str = "complete",
+) -> list[DuplicateGroup]:
+    """Groups from candidate pairs found at ``threshold`` or below: the pairs at ``threshold`` that pass the
+    pixel check, linked, each group best first."""
+    keep = (pairs.cosine >= threshold) & (pairs.pixels >= pixel_threshold)
     involved = np.unique(np.concatenate([pairs.first[keep], pairs.second[keep]]))
     keys = {int(pos): best_first_key(pairs.rows[int(ids[pos])]) for pos in involved}
     groups = []
@@ -104,6 +118,26 @@ def find_duplicates(
         groups.append(DuplicateGroup(members))
     groups.sort(key=lambda group: (-len(group.members), group.best.path))
     return groups
+
+
+class PairsAtLowest:
+    """The server's candidate pairs of one index state, found at the lowest threshold asked for so far: a higher
+    threshold only filters them (no new pass over every vector), a lower one or a new index state searches again.
+    Five thresholds cost one pass when the lowest comes first, and at most five otherwise."""
+
+    def __init__(self) -> None:
+        self._state: tuple[int, float, np.ndarray, np.ndarray, CandidatePairs] | None = None
+        self.passes = 0  # how many passes over every vector were made (the costly part)
+
+    def groups(self, catalog: Catalog, threshold: float) -> list[DuplicateGroup]:
+        check_threshold(threshold)
+        generation = catalog.vectors_generation()
+        if self._state is None or self._state[0] != generation or threshold < self._state[1]:
+            ids, vectors = _all_vectors(catalog)
+            self._state = (generation, threshold, ids, vectors, candidate_pairs(catalog, ids, vectors, threshold))
+            self.passes += 1
+        _, _, ids, vectors, pairs = self._state
+        return group_pairs(pairs, ids, vectors, threshold)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from fastapi import Depends, Request
 from retrieval.errors import EmptyIndexError, UsageError
 from retrieval.model.device import Device
 from retrieval.search.duplicate_jobs import DuplicateJobs
-from retrieval.search.duplicates import DuplicateGroup, find_duplicates
+from retrieval.search.duplicates import DuplicateGroup, PairsAtLowest
 from retrieval.search.engine import SearchEngine
 from retrieval.search.file_guard import OpenedFile, open_indexed
 from retrieval.search.info import index_info
@@ -68,7 +68,8 @@ class SearchService:
         cache_dir = cache_dir_for(self.engine.layout.root, self.engine.catalog.read_only)
         self.thumbnails = ThumbnailCache(cache_dir, self.decodes, settings.max_thumbnail_bytes)
         self._generation = self.engine.catalog.vectors_generation()
-        self.duplicates = DuplicateJobs(lambda threshold: find_duplicates(self.engine.catalog, threshold))
+        self.duplicate_pairs = PairsAtLowest()  # used on the duplicates thread only, one pass at a time
+        self.duplicates = DuplicateJobs(lambda threshold: self.duplicate_pairs.groups(self.engine.catalog, threshold))
 
     def warm(self, wait: bool = True) -> None:
         """Load the model and the vectors, so the first query is as fast as the rest. ``wait=False``: on the
