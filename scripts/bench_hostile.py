@@ -282,9 +282,16 @@ def duplicate_thresholds(folder: Path, images: int) -> dict:
     try:
         from retrieval.search.duplicate_jobs import DuplicateJobs
 
-        jobs = DuplicateJobs(lambda threshold: find_duplicates(catalog, threshold))
+        try:  # the pairs searched once at the lowest threshold asked, filtered for higher ones
+            from retrieval.search.duplicates import PairsAtLowest
+
+            pairs = PairsAtLowest()
+            jobs = DuplicateJobs(lambda threshold: pairs.groups(catalog, threshold))
+            version = "duplicate jobs (pairs at the lowest threshold, filtered)"
+        except ImportError:
+            jobs = DuplicateJobs(lambda threshold: find_duplicates(catalog, threshold))
+            version = "duplicate jobs (kept per threshold)"
         groups = lambda threshold: jobs.groups(0, threshold)[0]  # noqa: E731
-        version = "duplicate jobs (kept per threshold)"
     except ImportError:  # before issue 23: one result kept, each other threshold recomputed
         kept: dict[float, list] = {}
 
