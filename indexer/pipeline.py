@@ -59,6 +59,7 @@ class IndexSettings:
     ray: RaySettings | None = None  # encode on a Ray cluster (indexer.ray_runner); None: on this machine
     export_text: bool = True  # after a run that encoded images: export the text tower if missing or stale
     ocr: bool | None = None  # read the text in photos (indexer.ocr_pass); None keeps the index's own (new: off)
+    export_image: bool = True  # and record the model's cached ONNX image tower, exporting it once per model
 
 
 @dataclass
@@ -74,6 +75,7 @@ class IndexSummary:
     warnings: list[str] = field(default_factory=list)
     vectors_note: str | None = None  # set when the run rebuilt the vector index as another type
     text_tower_note: str | None = None  # what the text-tower export after the run did, when it did something
+    image_tower_note: str | None = None  # the same for the image tower (indexer.image_export)
     encode_seconds: float = 0.0  # decoding + encoding + committing, without the model load (steady throughput)
     unchanged_failed: int = 0  # of ``unchanged``: files that failed before and were not retried
     text_note: str | None = None  # set when the OCR pass read photos (indexer.ocr_pass)
@@ -134,6 +136,10 @@ def index_paths(
         from indexer.text_export import refresh_text_tower
 
         summary.text_tower_note = refresh_text_tower(layout.root, on_wait=on_wait, on_export=on_export)
+    if summary.encoded and settings.export_image:
+        from indexer.image_export import refresh_image_tower
+
+        summary.image_tower_note = refresh_image_tower(layout.root, on_wait=on_wait)
     return summary
 
 

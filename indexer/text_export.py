@@ -148,7 +148,7 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
         as_float = load_graph(work, FLOAT_FILE).encode_texts(captions)
         min_cosine = float(np.min(np.sum(reference * as_float, axis=1)))
         database = _database(catalog)
-        top10_same = _overlap(database, reference, as_float) == 1.0
+        top10_same = top_k_overlap(database, reference, as_float) == 1.0
         if min_cosine < MIN_COSINE or not top10_same:
             raise TextExportError(
                 f"the exported text tower does not match torch (min cosine {min_cosine:.6f}, same top-10: "
@@ -159,7 +159,7 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
         if precision != "float32":
             quantize_int8(work / FLOAT_FILE, work / INT8_FILE)
             check_in_fresh_process(work, INT8_FILE)
-            overlap = _overlap(database, as_float, load_graph(work, INT8_FILE).encode_texts(captions))
+            overlap = top_k_overlap(database, as_float, load_graph(work, INT8_FILE).encode_texts(captions))
             if precision == "int8" or overlap >= INT8_MIN_OVERLAP:
                 chosen = INT8_FILE
         os.replace(work / chosen, work / TOWER_FILE)
@@ -198,9 +198,18 @@ assert vectors.dtype.name == "float32" and vectors.shape[0] == 8
 """
 
 
-def check_in_fresh_process(folder: Path, name: str, timeout: float = 300.0) -> None:
+def check_in_fresh_process(
+    folder: Path,
+    name: str,
+    timeout: float = 300.0,
+    script: str = _LOAD_CHECK,
+    what: str = "text tower",
+    fallback: str = "text queries use torch",
+    error: type[ClipsearchError] = TextExportError,
+) -> None:
     """Load and run a graph in a new process before this one touches it: a graph onnxruntime cannot run (fp16
-    weights in a "float32" file once crashed it with a segfault) then costs a message, not the run."""
+    weights in a "float32" file once crashed it with a segfault) then costs a message, not the run. ``script`` runs
+    with the folder and the file name as its arguments; ``what``, ``fallback`` and ``error`` word the failure."""
     import subprocess
     import sys
 
@@ -210,19 +219,17 @@ def check_in_fresh_process(folder: Path, name: str, timeout: float = 300.0) -> N
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _LOAD_CHECK, str(folder), name],
+            [sys.executable, "-c", script, str(folder), name],
             env=env,
             capture_output=True,
             text=True,
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        raise TextExportError(
-            f"the exported text tower did not answer within {timeout:.0f} s; text queries use torch"
-        ) from None
+        raise error(f"the exported {what} did not answer within {timeout:.0f} s; {fallback}") from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise TextExportError(f"onnxruntime cannot run the exported text tower ({last}); text queries use torch")
+        raise error(f"onnxruntime cannot run the exported {what} ({last}); {fallback}")
 
 
 def load_graph(folder: Path, name: str) -> OnnxTextEncoder:
@@ -239,7 +246,7 @@ def _database(catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
-def _overlap(database: tuple[np.ndarray, np.ndarray], a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+def top_k_overlap(database: tuple[np.ndarray, np.ndarray], a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     """Mean share of query ``a``'s top-k found in query ``b``'s (sets: the order of near-ties may swap)."""
     ids, vectors = database
     if not len(ids):

@@ -135,8 +135,9 @@ def _report_run(summary) -> None:
     for note in (summary.vectors_note, summary.text_note):
         if note:
             typer.echo(note)
-    if summary.text_tower_note:
-        typer.echo(f"clipsearch: {summary.text_tower_note}", err=True)
+    for note in (summary.text_tower_note, summary.image_tower_note):
+        if note:
+            typer.echo(f"clipsearch: {note}", err=True)
 
 
 def _watch(index_dir: Path, paths: list[Path], settings, progress: bool) -> None:

@@ -148,13 +148,13 @@ class Encoder:
         return image_input_dtype(self.model)
 
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
-        """Encode a preprocessed batch (N, 3, H, W)."""
+        """Encode a preprocessed batch (N, 3, H, W): a tensor or a numpy array (an ``ImageEncoder``)."""
         import torch
 
         if self.text_only:
             raise RuntimeError("this encoder holds only the text tower: use Encoder.load for images")
         with torch.inference_mode():
-            pixels = pixels.to(self.device.torch_name, dtype=self.dtype, non_blocking=True)
+            pixels = torch.as_tensor(pixels).to(self.device.torch_name, dtype=self.dtype, non_blocking=True)
             features = self.model.encode_image(pixels, normalize=False)
             features = torch.nn.functional.normalize(features.float(), dim=-1)  # in float32 for half towers too
         return features.cpu().numpy()

@@ -165,6 +165,7 @@ class MetaKey:
     RECALL = "index_recall"  # JSON: recall@10 against exact search, queries, kind, effort, when
     TEXT_TOWER = "text_tower"  # JSON TextTowerRecord: the exported ONNX text tower, its model and file digests
     OCR = "ocr"  # "on" or "off": whether `clipsearch index` reads the text in photos (index --ocr / --no-ocr)
+    IMAGE_TOWER = "image_tower"  # JSON TextTowerRecord of the cached ONNX image tower this index checked
 
 
 class Meta(Base):

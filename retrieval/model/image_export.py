@@ -1,0 +1,70 @@
+"""Write a CLIP image tower as ONNX (float32), for indexing and image queries without torch.
+
+The graph takes preprocessed pixels (dynamic batch, float32, N x 3 x S x S) and returns L2-normalised features:
+``encode_image`` as the torch ``Encoder`` runs it. Needs torch and ``onnxscript`` (torch's exporter): export time
+only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from retrieval.model.text_export import UnsupportedExport, _quiet
+
+
+def check_image_exportable(model: Any) -> None:
+    """Only a model with an ``encode_image`` and a ``visual`` tower of square input is exported."""
+    visual = getattr(model, "visual", None)
+    if visual is None or not hasattr(model, "encode_image"):
+        raise UnsupportedExport(f"{type(model).__name__} has no image tower")
+    size = getattr(visual, "image_size", None)
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    if not all(isinstance(side, int) for side in size) or size[0] != size[1]:
+        raise UnsupportedExport(f"image size {size!r} is not one square side")
+
+
+def image_side(model: Any) -> int:
+    """The side, in pixels, of the square images the tower takes."""
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def export_image_onnx(model: Any, path: Path) -> Path:
+    """The image tower of an open_clip model as one ONNX file (float32 weights inside)."""
+    import torch
+
+    check_image_exportable(model)
+    tower = _image_tower(model).eval()
+    side = image_side(model)
+    example = torch.rand((2, 3, side, side), dtype=torch.float32)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet(), torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            tower,
+            (example,),
+            str(path),
+            input_names=["pixels"],
+            output_names=["features"],
+            dynamic_shapes={"pixels": {0: batch}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    return path
+
+
+def _image_tower(model: Any) -> Any:
+    """The tower as a module of its own (defined here: this file imports without torch)."""
+    import torch
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self, clip: Any):
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            features = self.clip.encode_image(pixels, normalize=False).float()
+            return torch.nn.functional.normalize(features, dim=-1)
+
+    return ImageTower(model)

@@ -1,0 +1,137 @@
+"""The image tower exported to ONNX once per model: checked against torch, cached, recorded in the catalog, and
+usable without torch (issue 27)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.image_export import export_image_tower, probe_pixels, refresh_image_tower
+from indexer.pipeline import index_paths
+from retrieval.model.device import CPU
+from retrieval.model.encoder import Encoder
+from retrieval.model.image_onnx import RECORD_FILE, cached_image_tower, image_tower_cache
+from retrieval.model.spec import ModelSpec
+from retrieval.store.catalog import Catalog, MetaKey
+from retrieval.store.layout import IndexLayout
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ModelSpec(f"local-dir:{ROOT / 'data' / 'models' / 'shapes-clip'}", None)
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch) -> Path:
+    """A cache of our own: exports of other tests and of the user are not seen."""
+    home = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    monkeypatch.delenv("CLIPSEARCH_EXPORT_IMAGE", raising=False)
+    return home
+
+
+def _index(tmp_path: Path, folder: Path, settings, name: str = "index") -> Path:
+    index_paths(tmp_path / name, [folder], settings, progress=False)
+    return tmp_path / name
+
+
+def _recorded(index_dir: Path) -> dict:
+    catalog = Catalog(IndexLayout(index_dir).catalog, create=False)
+    try:
+        return json.loads(catalog.get_meta(MetaKey.IMAGE_TOWER) or "{}")
+    finally:
+        catalog.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec_name", ["tiny", "shapes"])
+def test_onnx_image_vectors_match_torch(spec_name, tiny_spec, settings, photo_folder, tmp_path, cache_home):
+    """The exported tower encodes as torch does (cosine >= 0.9999) on pixels it was not checked on; shapes-clip
+    is stored in fp16 and exported from its float32 load."""
+    from dataclasses import replace
+
+    spec = tiny_spec if spec_name == "tiny" else SHAPES
+    index_dir = _index(tmp_path, photo_folder, replace(settings, model=spec))
+    report = export_image_tower(index_dir)
+    assert report.exported and report.record.min_cosine >= 0.9999 and report.record.top10_same
+    tower = cached_image_tower(report.record.model_key)
+    assert tower.current
+    torch_encoder = Encoder.load(spec, CPU)
+    side = int(tower.open().session.get_inputs()[0].shape[-1])
+    pixels = np.random.default_rng(5).standard_normal((12, 3, side, side)).astype(np.float32)
+    cosines = np.sum(torch_encoder.encode_images(pixels) * tower.open().encode_images(pixels), axis=1)
+    assert cosines.min() >= 0.9999
+
+
+@pytest.mark.slow
+def test_second_index_of_the_same_model_reuses_the_cache(settings, photo_folder, tmp_path, cache_home):
+    """One export per model: a second index finds it in the cache and records it without exporting."""
+    from dataclasses import replace
+
+    first = _index(tmp_path, photo_folder, replace(settings, export_image=True), "first")
+    record = _recorded(first)
+    assert record["model_key"] and Path(record["folder"]).is_dir()
+    assert Path(record["folder"]).parent == cache_home / "clipsearch" / "image-towers"
+    stamp = (Path(record["folder"]) / RECORD_FILE).stat().st_mtime_ns
+    second = _index(tmp_path, photo_folder, replace(settings, export_image=True), "second")
+    assert _recorded(second) == record
+    assert (Path(record["folder"]) / RECORD_FILE).stat().st_mtime_ns == stamp  # not written again
+    assert refresh_image_tower(second) is None  # current: nothing to say
+
+
+def test_switched_off_by_the_environment(settings, photo_folder, tmp_path, cache_home, monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setenv("CLIPSEARCH_EXPORT_IMAGE", "0")
+    index_dir = _index(tmp_path, photo_folder, replace(settings, export_image=True))
+    assert _recorded(index_dir) == {}
+    assert not (cache_home / "clipsearch" / "image-towers").exists()
+
+
+@pytest.mark.slow
+def test_a_changed_graph_is_not_used(settings, photo_folder, tmp_path, cache_home):
+    index_dir = _index(tmp_path, photo_folder, settings)
+    report = export_image_tower(index_dir)
+    graph = report.folder / "image.onnx"
+    graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
+    assert not cached_image_tower(report.record.model_key).current
+    again = export_image_tower(index_dir)  # made again, not trusted
+    assert again.exported and cached_image_tower(again.record.model_key).current
+
+
+ENCODE_WITHOUT_TORCH = """
+import sys
+from retrieval.model.image_onnx import cached_image_tower
+tower = cached_image_tower(sys.argv[1])
+assert tower.current, tower.problem
+from indexer.image_export import probe_pixels
+side = int(tower.open().session.get_inputs()[0].shape[-1])
+vectors = tower.open().encode_images(probe_pixels(side, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+assert vectors.shape[0] == 64
+heavy = sorted(name for name in ("torch", "open_clip") if name in sys.modules)
+assert not heavy, heavy
+"""
+
+
+@pytest.mark.slow
+def test_cached_tower_encodes_without_torch(settings, photo_folder, tmp_path, cache_home):
+    index_dir = _index(tmp_path, photo_folder, settings)
+    key = export_image_tower(index_dir).record.model_key
+    done = subprocess.run(
+        [sys.executable, "-c", ENCODE_WITHOUT_TORCH, key],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_probe_pixels_are_fixed():
+    a, b = probe_pixels(32, (0.5,) * 3, (0.25,) * 3), probe_pixels(32, (0.5,) * 3, (0.25,) * 3)
+    assert a.shape == (64, 3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
+    assert image_tower_cache("a") != image_tower_cache("b")
