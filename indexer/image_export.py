@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.text_export import MIN_COSINE, check_in_fresh_process, top_k_overlap
-from retrieval.errors import ClipsearchError, EmptyIndexError
+from indexer.text_export import MIN_COSINE, check_in_fresh_process, indexed_model, top_k_overlap
+from retrieval.errors import ClipsearchError
 from retrieval.model.image_onnx import (
     RECORD_FILE,
     TOWER_FILE,
@@ -75,9 +75,7 @@ def export_image_tower(
     layout = IndexLayout(Path(index_dir).expanduser())
     catalog = Catalog(layout.catalog, create=False)
     try:
-        identity = catalog.model_identity()
-        if identity is None:
-            raise EmptyIndexError(f"the index at {layout.root} is empty: run `clipsearch index FOLDER` first")
+        identity = indexed_model(catalog, layout)
         cached = cached_image_tower(identity.key())
         exported = force or not cached.current
         if exported:

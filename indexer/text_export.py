@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import ClipsearchError, EmptyIndexError, UsageError
+from retrieval.model.spec import ModelIdentity
 from retrieval.model.text_onnx import (
     FOLDER_PREFIX,
     TOWER_FILE,
@@ -101,9 +102,7 @@ def export_text_tower(
     layout = IndexLayout(Path(index_dir).expanduser())
     catalog = Catalog(layout.catalog, create=False)
     try:
-        identity = catalog.model_identity()
-        if identity is None:
-            raise EmptyIndexError(f"the index at {layout.root} is empty: run `clipsearch index FOLDER` first")
+        indexed_model(catalog, layout)
         with write_lock(layout, wait, on_wait):
             current = catalog.get_meta(MetaKey.TEXT_TOWER)
             if not force and tower_current(catalog, layout):
@@ -118,6 +117,14 @@ def export_text_tower(
             return TextExportReport(record, exported=True)
     finally:
         catalog.close()
+
+
+def indexed_model(catalog: Catalog, layout: IndexLayout) -> ModelIdentity:
+    """The model the index records; an index that never encoded an image is a one-line error."""
+    identity = catalog.model_identity()
+    if identity is None:
+        raise EmptyIndexError(f"the index at {layout.root} is empty: run `clipsearch index FOLDER` first")
+    return identity
 
 
 def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerRecord:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from retrieval.model.text_export import UnsupportedExport, _quiet
+from retrieval.model.text_export import UnsupportedExport, export_module
 
 
 def check_image_exportable(model: Any) -> None:
@@ -38,20 +38,7 @@ def export_image_onnx(model: Any, path: Path) -> Path:
     tower = _image_tower(model).eval()
     side = image_side(model)
     example = torch.rand((2, 3, side, side), dtype=torch.float32)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with _quiet(), torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(
-            tower,
-            (example,),
-            str(path),
-            input_names=["pixels"],
-            output_names=["features"],
-            dynamic_shapes={"pixels": {0: batch}},
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    return path
+    return export_module(tower, example, path, "pixels", {0: torch.export.Dim("batch", min=1, max=4096)})
 
 
 def _image_tower(model: Any) -> Any:

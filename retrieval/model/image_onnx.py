@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from retrieval.model.text_onnx import TextTowerRecord, files_match
+from retrieval.model.text_onnx import TextTowerRecord, cpu_session, files_match
 from retrieval.unit import unit_rows
 
 TOWER_FILE = "image.onnx"
@@ -48,16 +48,8 @@ class OnnxImageEncoder:
     """Normalised float32 image features from an exported tower: an ``ImageEncoder``."""
 
     def __init__(self, folder: Path, record: TextTowerRecord, graph_file: str = TOWER_FILE, threads: int | None = None):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        if threads:
-            options.intra_op_num_threads = threads
         self.record = record
-        self.session = onnxruntime.InferenceSession(
-            str(folder / graph_file), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(folder / graph_file, threads)
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
     def describe(self) -> str:

@@ -40,14 +40,22 @@ def export_onnx(model: Any, path: Path) -> Path:
     example = torch.zeros((2, min(8, context)), dtype=torch.long)
     example[:, -1] = 1  # an end-of-text position for the argmax
     batch, length = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("length", min=2, max=context)
+    return export_module(tower, example, path, "tokens", {0: batch, 1: length})
+
+
+def export_module(module: Any, example: Any, path: Path, input_name: str, dynamic: dict) -> Path:
+    """One module of one input as one ONNX file with ``features`` as its output: torch's dynamo exporter, quiet,
+    weights inside the file; ``dynamic`` maps the input's dynamic axes to ``torch.export.Dim``s."""
+    import torch
+
     with _quiet(), torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(
-            tower,
+            module,
             (example,),
             str(path),
-            input_names=["tokens"],
+            input_names=[input_name],
             output_names=["features"],
-            dynamic_shapes={"tokens": {0: batch, 1: length}},
+            dynamic_shapes={input_name: dynamic},
             dynamo=True,
             external_data=False,
             verbose=False,

@@ -78,21 +78,24 @@ def files_match(folder: Path, record: TextTowerRecord) -> bool:
     return True
 
 
+def cpu_session(graph: Path, threads: int | None = None):
+    """An ONNX Runtime session on the CPU that logs errors only; ``threads``: its intra-op threads (None: all)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxTextEncoder:
     """Normalised float32 text features from an exported tower: a ``TextEncoder`` (``text_encoder``)."""
 
     def __init__(self, folder: Path, record: TextTowerRecord, graph_file: str = TOWER_FILE, threads: int | None = None):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        if threads:
-            options.intra_op_num_threads = threads
         self.record = record
         self.tokenizer = ClipTokenizer(folder)
-        self.session = onnxruntime.InferenceSession(
-            str(folder / graph_file), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(folder / graph_file, threads)
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
     def describe(self) -> str:
