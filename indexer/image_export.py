@@ -1,6 +1,7 @@
 """Export the image tower of the index's model to ONNX once per model, check it against torch, record it.
 
-Run after a `clipsearch index` run that encoded images (``CLIPSEARCH_EXPORT_IMAGE=0`` turns it off). The graph
+Run after an index run that encoded images when ``IndexSettings.export_image`` asks (opt-in until indexing encodes
+with it; ``CLIPSEARCH_EXPORT_IMAGE=0`` turns it off whatever the settings say). The graph
 goes to the per-user cache of that model (``retrieval.model.image_onnx.image_tower_cache``): another index of the
 same model finds it there and only records it. The float32 graph must match the torch tower on 64 fixed probe
 images (cosine >= 0.9999 on every one, the same top-10 among them), and load and run in a fresh process, or

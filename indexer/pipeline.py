@@ -59,7 +59,8 @@ class IndexSettings:
     ray: RaySettings | None = None  # encode on a Ray cluster (indexer.ray_runner); None: on this machine
     export_text: bool = True  # after a run that encoded images: export the text tower if missing or stale
     ocr: bool | None = None  # read the text in photos (indexer.ocr_pass); None keeps the index's own (new: off)
-    export_image: bool = True  # and record the model's cached ONNX image tower, exporting it once per model
+    export_image: bool = False  # record the cached ONNX image tower (exported once per model); opt-in until
+    # indexing encodes with it (issue 27): until then an export would cost the first run minutes for nothing
 
 
 @dataclass

@@ -22,7 +22,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # `clipsearch index` exports the text tower to ONNX after encoding (seconds each time): tests of indexing leave it
 # out; tests/test_text_onnx.py exports on purpose.
 os.environ.setdefault("CLIPSEARCH_EXPORT_TEXT", "0")
-os.environ.setdefault("CLIPSEARCH_EXPORT_IMAGE", "0")  # the same for the image tower: tests/test_image_onnx.py
+os.environ.setdefault("CLIPSEARCH_EXPORT_IMAGE", "0")  # the same for the image tower (tests/test_image_onnx.py)
 
 
 @pytest.fixture(scope="session")
@@ -40,15 +40,7 @@ def tiny_spec(tiny_model_dir) -> ModelSpec:
 def settings(tiny_spec) -> IndexSettings:
     """In-process decoding keeps small tests fast; worker processes are tested on their own, and so is the text
     tower export that follows a run (tests/test_text_onnx.py: seconds per run, so not after every test's)."""
-    return IndexSettings(
-        model=tiny_spec,
-        batch_size=8,
-        workers=0,
-        chunk_size=8,
-        device="cpu",
-        export_text=False,
-        export_image=False,
-    )
+    return IndexSettings(model=tiny_spec, batch_size=8, workers=0, chunk_size=8, device="cpu", export_text=False)
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:
