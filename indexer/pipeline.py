@@ -10,6 +10,7 @@ import errno
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -242,7 +243,13 @@ def _check_model(catalog: Catalog, spec: ModelSpec) -> None:
 
 
 class _Writer:
-    """Applies decoded + encoded files to the catalog and the in-memory FAISS index, chunk by chunk."""
+    """Applies decoded + encoded files to the catalog and the in-memory FAISS index, chunk by chunk.
+
+    A chunk's FAISS work (removals, normalisation, the add) runs on one helper thread while the next chunk is
+    written to SQLite: both release the GIL, so on two cores the writer's wall time is the larger of the two, not
+    their sum (``scripts/bench_ingest.py``). One thread keeps the FAISS steps in commit order; ``settle`` waits for
+    them, and every save and the end of a run settle first, so the saved index always matches its generation.
+    """
 
     def __init__(self, catalog: Catalog, layout: IndexLayout, vectors: VectorIndex | None, save_every_s: float):
         self.catalog = catalog
@@ -252,6 +259,8 @@ class _Writer:
         self.saved_generation = self.generation
         self.save_every_s = save_every_s
         self.last_save = time.monotonic()
+        self._faiss = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faiss-writer")
+        self._pending: Future | None = None
 
     def commit(self, session_work) -> None:
         with self.catalog.session() as session, session.begin():
@@ -261,18 +270,37 @@ class _Writer:
             fault_point("commit_begin")
         self.generation = generation  # only once committed: a failed commit must not mark the FAISS file newer
         fault_point("commit_end")
+        self.settle()
         if self.vectors is not None:
-            self.vectors.remove(removed_ids)
-            if len(added_ids):
-                self.vectors.add(added_ids, unit_rows(added_vectors))
+            self._pending = self._faiss.submit(_apply_to_faiss, self.vectors, removed_ids, added_ids, added_vectors)
         if time.monotonic() - self.last_save > self.save_every_s:
             self.save()
 
+    def settle(self) -> None:
+        """Wait for the last chunk's FAISS work (raising its error, if any)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def save(self) -> None:
+        self.settle()
         if self.vectors is not None and self.saved_generation != self.generation:
             save_vectors(self.catalog, self.layout, self.vectors, self.generation)
             self.saved_generation = self.generation
             self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        """Settle, save, and stop the helper thread (the end of every run, also an interrupted one)."""
+        try:
+            self.save()
+        finally:
+            self._faiss.shutdown(wait=True)
+
+
+def _apply_to_faiss(vectors: VectorIndex, removed_ids, added_ids, added_vectors) -> None:
+    vectors.remove(removed_ids)
+    if len(added_ids):
+        vectors.add(added_ids, unit_rows(added_vectors))
 
 
 def ingest_encoded(
@@ -291,7 +319,7 @@ def ingest_encoded(
         for chunk in chunks:
             writer.commit(lambda session, chunk=chunk: _apply_chunk(session, chunk, summary))
     finally:
-        writer.save()
+        writer.close()
     return summary
 
 
@@ -337,7 +365,7 @@ def _run_plan(
             sink = ChunkSink(load=load, ready=on_encoder, write=commit)
             summary.encode_seconds = encoding_source(settings, device).run(plan.work, sink, progress)
     finally:
-        writer.save()
+        writer.close()
 
 
 def _apply_moves_and_removals(session: Session, plan: Plan, summary: IndexSummary):
@@ -477,6 +505,6 @@ def _forget_locked(catalog: Catalog, layout: IndexLayout, folders: list[str]) ->
     try:
         writer.commit(forget)
     finally:
-        writer.save()
+        writer.close()
     catalog.remove_roots([root for root in roots if any(root == f or is_under(root, f) for f in folders)])
     return ForgetSummary(folders, len(removed))

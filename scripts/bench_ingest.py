@@ -7,7 +7,10 @@ Rows go through ``indexer.pipeline.ingest_encoded``, the very writer a run (loca
 SQLite transaction per chunk (rows, float16 embedding blobs, file-name keywords, the generation), then the
 in-memory FAISS index. Goal: >= 50,000 rows/s, the output of ~20 GPUs. Reported per index type and chunk size:
   wall   rows/s by the clock (on a shared machine this counts time spent waiting for a core)
-  cpu    rows/s of this process's CPU time (user + sys): what one idle core gives; the writer is single-threaded
+  cpu    rows/s of this process's CPU time (user + sys), all threads: the work done, whatever the cores
+  writer rows/s of the writing thread's CPU time alone: SQLite (rows, keywords, commit). FAISS adds run on a
+         helper thread beside it, so with two free cores this, not cpu, bounds the rate; wall shows what the
+         machine's load allowed
   catalog-only is the same without a FAISS index, to split the two costs.
 Rows carry their header facts (schema 3), as rows from Ray decode tasks do; a local run's writer reads them per
 file itself, at the rate printed on the last line (small JPEGs in the page cache).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -79,9 +83,9 @@ def measure(kind: str, chunk: int, rows: list, space: EmbeddingSpace, dim: int) 
         catalog, layout = fresh_catalog(Path(folder), dim)
         vectors = vector_index(kind, space, len(rows), dim)
         chunks = (rows[start : start + chunk] for start in range(0, len(rows), chunk))
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu, writer = time.perf_counter(), time.process_time(), time.thread_time()
         summary = ingest_encoded(catalog, layout, chunks, vectors, save_every_s=1e9)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        wall, cpu, writer = time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - writer
         assert summary.added == len(rows) - summary.failed and catalog.count() == len(rows)
         catalog.close()
     return {
@@ -90,6 +94,7 @@ def measure(kind: str, chunk: int, rows: list, space: EmbeddingSpace, dim: int) 
         "rows": len(rows),
         "wall_rows_per_s": round(len(rows) / wall),
         "cpu_rows_per_s": round(len(rows) / cpu),
+        "writer_rows_per_s": round(len(rows) / writer),
     }
 
 
@@ -128,11 +133,14 @@ def main() -> None:
     if args.json:
         print(json.dumps({"results": results, "header_files_per_s": round(headers)}, indent=2))
         return
-    print(f"{'index':>12} {'chunk':>6} {'rows':>8} {'wall rows/s':>12} {'cpu rows/s':>11}  goal {GOAL:,}")
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"load average before: {load} ({os.cpu_count()} cores)")
+    print(f"{'index':>12} {'chunk':>6} {'rows':>8} {'wall rows/s':>12} {'cpu rows/s':>11} {'writer rows/s':>14}"
+          f"  goal {GOAL:,} (writer)")  # fmt: skip
     for r in results:
-        mark = "ok" if r["cpu_rows_per_s"] >= GOAL else "below"
+        mark = "ok" if r["writer_rows_per_s"] >= GOAL else "below"
         print(f"{r['index']:>12} {r['chunk']:>6} {r['rows']:>8} {r['wall_rows_per_s']:>12,} {r['cpu_rows_per_s']:>11,}"
-              f"  {mark}")  # fmt: skip
+              f" {r['writer_rows_per_s']:>14,}  {mark}")  # fmt: skip
     print(f"header facts read per file by a local run's writer: {headers:,.0f} files/s (cached small JPEGs)")
 
 

@@ -113,3 +113,26 @@ def test_a_run_that_ends_as_another_type_builds_it_once_at_the_end_even_after_a_
         assert catalog.get_meta(MetaKey.INDEX_TYPE) == "ivf" and catalog.count(STATUS_OK) == 16
     finally:
         catalog.close()
+
+
+def test_faiss_adds_beside_the_sqlite_writes_end_in_step_with_the_catalog(tmp_path):
+    """FAISS work runs on a helper thread while the next chunk is written: after the run (and in the saved file)
+    the index holds every ok row once, with its latest vector, also for files changed in a later chunk."""
+    layout = IndexLayout(tmp_path / "index")
+    catalog = Catalog(layout.catalog, create=True)
+    catalog.set_model_identity(ModelIdentity("test", None, "test", 8, 32, {}))
+    basis = np.eye(8, dtype=np.float32)
+
+    def entry(i: int, row_id: int | None, axis: int) -> tuple:
+        facts = FileFacts(f"/x/{i}.jpg", 10, 20 + axis)
+        return WorkItem(facts, row_id), DecodedItem(i, None, f"h{axis}", 40, 30, None, None), basis[axis]
+
+    vectors = VectorIndex.create(8, "flat")
+    first = [[entry(i, None, i % 4) for i in range(start, start + 5)] for start in range(0, 40, 5)]
+    changed = [entry(i, i + 1, 4 + i % 4) for i in range(0, 40, 3)]  # a later chunk rewrites every third file
+    ingest_encoded(catalog, layout, [*first, changed], vectors)
+    assert sorted(int(i) for i in vectors.ids()) == list(range(1, 41))
+    scores, ids = vectors.search(basis[4:5], 40)
+    assert sorted(int(i) for i, s in zip(ids[0], scores[0]) if s > 0.99) == [i + 1 for i in range(0, 40, 12)]
+    assert len(VectorIndex.load(layout.vectors)) == 40
+    catalog.close()
