@@ -246,9 +246,10 @@ class _Writer:
     """Applies decoded + encoded files to the catalog and the in-memory FAISS index, chunk by chunk.
 
     A chunk's FAISS work (removals, normalisation, the add) runs on one helper thread while the next chunk is
-    written to SQLite: both release the GIL, so on two cores the writer's wall time is the larger of the two, not
-    their sum (``scripts/bench_ingest.py``). One thread keeps the FAISS steps in commit order; ``settle`` waits for
-    them, and every save and the end of a run settle first, so the saved index always matches its generation.
+    written to SQLite: both release the GIL, so with a second free core the writer's wall time tends to the larger
+    of the two, not their sum (``scripts/bench_ingest.py`` prints the writing thread's own rate). One thread keeps
+    the FAISS steps in commit order; ``settle`` waits for them, and every save and the end of a run settle first,
+    so the saved index always matches its generation.
     """
 
     def __init__(self, catalog: Catalog, layout: IndexLayout, vectors: VectorIndex | None, save_every_s: float):
