@@ -111,6 +111,15 @@ def _header(page_size: int, pages: int, old: bytes) -> bytes:
     return bytes(fields)
 
 
+def _copy_rows(old: sqlite3.Connection, new: sqlite3.Connection, table: str, with_rowid: bool) -> None:
+    columns = (["rowid"] if with_rowid else []) + [row[1] for row in old.execute(f'PRAGMA table_info("{table}")')]
+    marks = ", ".join("?" * len(columns))
+    names = ", ".join(column if column == "rowid" else f'"{column}"' for column in columns)
+    cursor = old.execute(f'SELECT {names} FROM "{table}"')
+    while batch := cursor.fetchmany(5000):
+        new.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', batch)
+
+
 def _copy_into(source: Path, target: Path) -> int:
     """The schema and rows of ``source`` in a new file ``target``, the keyword table rebuilt; the image count."""
     old = _open_read_only(source)
@@ -119,18 +128,18 @@ def _copy_into(source: Path, target: Path) -> int:
         schema = old.execute(
             "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid"
         ).fetchall()
-        tables = [name for kind, name, _ in schema if kind == "table" and not name.startswith((FTS_TABLE, "sqlite_"))]
+        virtual = [name for kind, name, sql in schema if kind == "table" and sql.upper().startswith("CREATE VIRTUAL")]
+        created = [  # a full-text table makes its own shadow tables (``<name>_data``, ...) when created
+            (name, sql)
+            for kind, name, sql in schema
+            if kind == "table" and not name.startswith(("sqlite_", *(f"{table}_" for table in virtual)))
+        ]
         new.execute(f"PRAGMA user_version = {int(old.execute('PRAGMA user_version').fetchone()[0])}")
-        for kind, name, sql in schema:  # tables first, then what refers to them
-            if kind == "table" and not (name.startswith(FTS_TABLE + "_") or name.startswith("sqlite_")):
-                new.execute(sql)
-        for table in tables:
-            columns = [row[1] for row in old.execute(f'PRAGMA table_info("{table}")')]
-            marks = ", ".join("?" * len(columns))
-            names = ", ".join(f'"{column}"' for column in columns)
-            cursor = old.execute(f'SELECT {names} FROM "{table}"')
-            while batch := cursor.fetchmany(5000):
-                new.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', batch)
+        for _name, sql in created:  # tables first, then what refers to them
+            new.execute(sql)
+        for table, _sql in created:  # the keyword table is rebuilt from the paths below; other full-text tables
+            if table != FTS_TABLE:  # are copied with their rowids (the image ids they index)
+                _copy_rows(old, new, table, with_rowid=table in virtual)
         if any(name == "sqlite_sequence" for _, name, _ in schema):  # AUTOINCREMENT: ids are never reused
             new.executemany(
                 "INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",

@@ -47,10 +47,13 @@ GOAL = 50_000
 META = ImageMeta("2023-07-14 18:02:11", "exif", "Canon", "EOS R6", 1, 4032, 3024, True, "jpg")  # read by the worker
 
 
-def encoded_rows(vectors: np.ndarray, failed_every: int = 500) -> list[tuple[WorkItem, DecodedItem, np.ndarray | None]]:
-    """What the cluster streams back: facts, content hash, size in pixels, the vector (None for a broken file)."""
+def encoded_rows(
+    vectors: np.ndarray, failed_every: int = 500, first: int = 0
+) -> list[tuple[WorkItem, DecodedItem, np.ndarray | None]]:
+    """What the cluster streams back: facts, content hash, size in pixels, the vector (None for a broken file).
+    Files are numbered from ``first``, so batches made one after another name distinct files."""
     rows = []
-    for i, vector in enumerate(vectors):
+    for i, vector in enumerate(vectors, start=first):
         facts = FileFacts(f"/archive/{i // 1000:05d}/IMG_{i:08d}.jpg", 3_000_000 + i, 1_700_000_000_000_000_000 + i)
         broken = failed_every and i % failed_every == failed_every - 1
         decoded = DecodedItem(i, None, f"{i:064x}", None if broken else 4032, None if broken else 3024,

@@ -183,6 +183,8 @@ def keyword_search(index_dir: Path):
 
 
 def test_a_damaged_keyword_table_is_found_and_rebuilt_from_the_catalog(index_dir):
+    with sqlite3.connect(index_dir / "catalog.sqlite") as connection:  # text read in a photo (schema 6)
+        connection.execute("INSERT INTO text_fts (rowid, text) VALUES (3, 'invoice')")
     before = rows(index_dir)
     damage_page(index_dir, "images_fts_data")
     found = runner.invoke(app, ["check", "--index", str(index_dir)])
@@ -193,6 +195,8 @@ def test_a_damaged_keyword_table_is_found_and_rebuilt_from_the_catalog(index_dir
     assert rows(index_dir) == before  # every row and embedding, same ids
     assert check_index(index_dir).healthy
     assert keyword_search(index_dir)[0].path.endswith("img_1_003.jpg")
+    with sqlite3.connect(index_dir / "catalog.sqlite") as connection:  # the text index is copied, not lost
+        assert connection.execute("SELECT rowid FROM text_fts WHERE text_fts MATCH 'voic'").fetchall() == [(3,)]
     assert list(index_dir.glob(f"{'catalog.sqlite'}.damaged-*"))  # the damaged file is kept, not thrown away
 
 
