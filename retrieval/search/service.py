@@ -6,10 +6,12 @@ folders, the generation of the vectors, an opened indexed file, a decoded upload
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -76,14 +78,20 @@ class SearchService:
         query thread, in the background: the page and every route that needs no model answer at once, and a
         query that comes early waits its turn behind the loading (a failure is logged, and each query then says
         it in its own answer)."""
-        # Two turns on the query thread: a text query that arrives meanwhile runs between them, as soon as the
-        # vectors and the text encoder (ONNX when exported: well under a second) are in, before the image model.
-        steps = [self._worker.submit(self._warm_text), self._worker.submit(self._warm_images)]
-        for loading in steps:
+        # The vectors and the text encoder (ONNX when exported: well under a second) on the query thread; the image
+        # model (seconds of torch) beside it, so a text query that arrives meanwhile does not wait for it.
+        loading = [self._worker.submit(self._warm_text)]
+        if wait:
+            loading.append(self._worker.submit(self._warm_images))
+        else:
+            images = Future()
+            threading.Thread(target=_run_into, args=(self._warm_images, images), daemon=True).start()
+            loading.append(images)
+        for step in loading:
             if wait:
-                loading.result()
+                step.result()
             else:
-                loading.add_done_callback(_log_failure)
+                step.add_done_callback(_log_failure)
 
     def _warm_text(self) -> None:
         try:
@@ -93,11 +101,10 @@ class SearchService:
             pass  # nothing indexed yet: search answers 409 until the indexer has committed
 
     def _warm_images(self) -> None:
-        try:
-            self.engine.vectors  # noqa: B018
-            self.engine.encoder.encode_texts(["warm up"])  # uploads and images outside the index need the model
-        except EmptyIndexError:
-            pass
+        """The image model (uploads and images outside the index need it); ``Encoder.load`` builds it once even
+        when a query asks for it at the same time."""
+        with contextlib.suppress(EmptyIndexError):
+            self.engine.encoder  # noqa: B018
 
     def query(self, search: Callable[[SearchEngine], T]) -> T:
         """``search(engine)`` on the query thread, after picking up vectors an indexer committed meanwhile."""
@@ -195,3 +202,12 @@ def _log_failure(loading) -> None:
     error = loading.exception()
     if error is not None:
         logging.getLogger("clipsearch").error("loading the model failed: %s", error)
+
+
+def _run_into(work: Callable[[], None], future: Future) -> None:
+    try:
+        work()
+    except BaseException as error:  # noqa: BLE001  (reported through the future, logged by _log_failure)
+        future.set_exception(error)
+    else:
+        future.set_result(None)
