@@ -149,7 +149,7 @@ def preload_encoder(settings: IndexSettings) -> None:
     """Load the model a run with ``settings`` encodes with, now: `index --watch` and `serve --watch` call it after
     their first run, so the first photo copied in is searchable in the time it takes to encode, not to load a
     model (one load per process: ``Encoder.load``)."""
-    if settings.model.local_dir is None and not settings.model.pretrained:
+    if settings.model.random_weights:
         return  # random weights are refused by the run itself, with its message
     Encoder.load(settings.model, resolve_device(settings.device), int8=settings.int8)
 
@@ -345,7 +345,7 @@ def _run_plan(
         if plan.moved or plan.gone or plan.unreadable:
             writer.commit(lambda session: _apply_moves_and_removals(session, plan, summary))
         if plan.work:  # only now: a run with nothing to encode never imports torch nor loads the model
-            if settings.model.local_dir is None and not settings.model.pretrained:
+            if settings.model.random_weights:
                 raise ModelLoadError(
                     "random weights differ at every load: pass --pretrained TAG|FILE or a local-dir: model"
                 )

@@ -40,6 +40,11 @@ class ModelSpec:
         return None
 
     @property
+    def random_weights(self) -> bool:
+        """No tag, checkpoint or folder: weights drawn afresh at every load, so no index can be built with them."""
+        return self.local_dir is None and not self.pretrained
+
+    @property
     def checkpoint_file(self) -> Path | None:
         """The checkpoint path when ``pretrained`` names a file rather than a tag."""
         if self.local_dir is not None or not self.pretrained:
