@@ -1,7 +1,8 @@
 """Export the image tower of the index's model to ONNX once per model, check it against torch, record it.
 
-Run after an index run that encoded images when ``IndexSettings.export_image`` asks (opt-in until indexing encodes
-with it; ``CLIPSEARCH_EXPORT_IMAGE=0`` turns it off whatever the settings say). The graph
+Run after an index run that encoded images on the CPU (``IndexSettings.export_image``: None follows the device;
+``CLIPSEARCH_EXPORT_IMAGE=0`` turns it off whatever the settings say), so that later runs encode with ONNX Runtime
+without importing torch (``indexer.pipeline``, ``retrieval.model.image_onnx.choose_image_backend``). The graph
 goes to the per-user cache of that model (``retrieval.model.image_onnx.image_tower_cache``): another index of the
 same model finds it there and only records it. The float32 graph must match the torch tower on 64 fixed probe
 images (cosine >= 0.9999 on every one, the same top-10 among them), and load and run in a fresh process, or
@@ -22,6 +23,7 @@ import numpy as np
 from indexer.text_export import MIN_COSINE, check_in_fresh_process, indexed_model, top_k_overlap
 from retrieval.errors import ClipsearchError
 from retrieval.model.image_onnx import (
+    IDENTITY_FILE,
     RECORD_FILE,
     TOWER_FILE,
     OnnxImageEncoder,
@@ -146,7 +148,8 @@ def _export(catalog: Catalog):
                 f"the exported image tower does not match torch (min cosine {min_cosine:.6f}, same top-10: "
                 f"{'yes' if top10_same else 'no'}); indexing uses torch"
             )
-        files, digest = stamp_files(work, [TOWER_FILE])
+        (work / IDENTITY_FILE).write_text(identity.to_json())  # a new index of this model records it, torch-free
+        files, digest = stamp_files(work, [TOWER_FILE, IDENTITY_FILE])
         record = TextTowerRecord(
             folder=str(target),
             model_key=identity.key(),

@@ -1,6 +1,8 @@
 """The encoding run as overlapping stages, so that no stage waits for another that could run beside it:
 
-    DataLoader workers (processes)  read, hash and decode files (only read and hash on the nvJPEG path)
+    DataLoader workers (processes)  read, hash and decode files (only read and hash on the nvJPEG path); on the
+                                    ONNX path (``options.onnx``) ``indexer.decode_pool`` workers instead, which
+                                    hand over uint8 crops and need no torch
     feed thread                     nvJPEG decode and preprocess on the GPU, on its own CUDA stream; stack the
                                     batch, pin it and copy it to the device while the previous batch encodes
     model-load thread               builds the model while the workers decode the first batches
@@ -23,6 +25,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from indexer.encoding import Chunk, ChunkSink, Encoded
 from indexer.gpu_decode import JpegBytesDataset, decode_batch, gpu_decode_available
 from indexer.plan import WorkItem
@@ -31,6 +35,7 @@ from retrieval.images import ImageFileDataset, collate_decoded
 from retrieval.model.build import build_image_transform
 from retrieval.model.device import Device
 from retrieval.model.encoder import Encoder
+from retrieval.model.pixels import SquareCrop
 from retrieval.model.spec import ModelSpec
 
 QUEUED_BATCHES = 2  # decoded batches waiting for the encoder (each is batch_size images on the device)
@@ -44,6 +49,7 @@ class EncodeOptions:
     batch_size: int
     workers: int
     chunk_size: int
+    onnx: SquareCrop | None = None  # the ONNX path: workers crop to this uint8 square, no torch is imported
 
 
 @dataclass(frozen=True)
@@ -56,13 +62,70 @@ class OverlappedSource:
         return encode_and_commit(work, self.options, sink, progress)
 
 
+@dataclass(frozen=True)
+class _Front:
+    """How batches reach the encoder: ``feed`` fills the channel (in the feed thread), ``encode`` turns one fed
+    item into vectors (in the main thread), ``close`` stops the workers once the feed thread is done."""
+
+    feed: Callable[[Channel], None]
+    encode: Callable[[Any, tuple], Any]
+    close: Callable[[], None]
+    encoder: Any = None  # loaded before the workers started (the transform needed the model)
+
+
 def encode_and_commit(work: Sequence[WorkItem], options: EncodeOptions, sink: ChunkSink, progress: bool) -> float:
     """Decode, encode and commit ``work``; returns the seconds from a loaded model to the last commit.
 
     ``sink.ready`` runs in this thread once the model is loaded, before the first commit; ``sink.write`` runs in
     the writer thread, one chunk at a time, in file order.
     """
-    import torch
+    paths = [item.facts.path for item in work]
+    front = _onnx_front(paths, options) if options.onnx is not None else _torch_front(paths, options, sink)
+    stop = threading.Event()
+    fed, encoded = Channel(QUEUED_BATCHES, stop), Channel(QUEUED_CHUNKS, stop)
+    feeder = Stage("feed", lambda: front.feed(fed), stop)
+    writer = Stage("writer", lambda: _write(encoded, sink.write), stop)
+    loading = Stage("model-load", sink.load, stop) if front.encoder is None else None
+    stages = [stage for stage in (loading, feeder, writer) if stage is not None]
+    for stage in stages:
+        stage.start()
+    try:
+        try:
+            encoder = loading.wait() if loading is not None else front.encoder
+            sink.ready(encoder)
+            started = time.perf_counter()
+            _encode(work, encoder, front.encode, fed, encoded, options, progress)
+            writer.wait()
+            return time.perf_counter() - started
+        except Stopped:
+            pass  # another stage failed: raised below, once every stage has stopped
+    finally:
+        stop.set()
+        writer.join()  # a commit under way ends (or fails) before the caller saves the vectors
+        feeder.join(timeout=5)  # it may sit in a worker's next batch: a daemon, never waited for long
+        front.close()
+    raise first_error(stages) or RuntimeError("indexing stopped without a reason")
+
+
+def _onnx_front(paths: list[str], options: EncodeOptions) -> _Front:
+    """Workers crop to uint8 squares (no torch anywhere); the encoder normalises and encodes a batch at a time."""
+    from indexer.decode_pool import DecodePool
+
+    crop = options.onnx
+    pool = DecodePool(ImageFileDataset(paths, crop, crop.side), options.batch_size, options.workers)  # forks now
+
+    def feed(out: Channel) -> None:
+        for batch in pool:
+            ok = [item for item in batch if item.pixels is not None]
+            out.put((batch, ok, np.stack([item.pixels for item in ok]) if ok else None, None))
+        out.put(DONE)
+
+    return _Front(feed, lambda encoder, item: encoder.encode_crops(item[2]), pool.close)
+
+
+def _torch_front(paths: list[str], options: EncodeOptions, sink: ChunkSink) -> _Front:
+    """DataLoader workers preprocess to tensors (or read bytes for nvJPEG); a feed thread moves them to the
+    device."""
     from torch.utils.data import DataLoader
 
     encoder: Encoder | None = None
@@ -74,7 +137,7 @@ def encode_and_commit(work: Sequence[WorkItem], options: EncodeOptions, sink: Ch
         preprocess, cfg = transform
         size = _side(cfg)
     on_gpu = gpu_decode_available(options.device, cfg)
-    dataset = (JpegBytesDataset if on_gpu else ImageFileDataset)([item.facts.path for item in work], preprocess, size)
+    dataset = (JpegBytesDataset if on_gpu else ImageFileDataset)(paths, preprocess, size)
     loader = DataLoader(
         dataset,
         batch_size=options.batch_size,
@@ -84,29 +147,12 @@ def encode_and_commit(work: Sequence[WorkItem], options: EncodeOptions, sink: Ch
         worker_init_fn=_ignore_ctrl_c,
     )
     batches = iter(loader)  # forks the workers now, before this run starts any thread
-    stop = threading.Event()
-    fed, encoded = Channel(QUEUED_BATCHES, stop), Channel(QUEUED_CHUNKS, stop)
-    feeder = Stage("feed", lambda: _feed(batches, fed, on_gpu, size, cfg, preprocess, options.device), stop)
-    writer = Stage("writer", lambda: _write(encoded, sink.write), stop)
-    loading = Stage("model-load", sink.load, stop) if encoder is None else None
-    stages = [stage for stage in (loading, feeder, writer) if stage is not None]
-    for stage in stages:
-        stage.start()
-    try:
-        try:
-            encoder = loading.wait() if loading is not None else encoder
-            sink.ready(encoder)
-            started = time.perf_counter()
-            _encode(work, encoder, fed, encoded, options, progress, torch)
-            writer.wait()
-            return time.perf_counter() - started
-        except Stopped:
-            pass  # another stage failed: raised below, once every stage has stopped
-    finally:
-        stop.set()
-        writer.join()  # a commit under way ends (or fails) before the caller saves the vectors
-        feeder.join(timeout=5)  # it may sit in a worker's next batch: a daemon, never waited for long
-    raise first_error(stages) or RuntimeError("indexing stopped without a reason")
+    return _Front(
+        lambda out: _feed(batches, out, on_gpu, size, cfg, preprocess, options.device),
+        _encode_on_device,
+        lambda: None,
+        encoder,
+    )
 
 
 def _ignore_ctrl_c(_worker_id: int) -> None:
@@ -149,18 +195,26 @@ def _to_device(pixels: list, device: Device):
     return torch.stack([p.to(name, non_blocking=True) for p in pixels])  # nvJPEG's, and a few CPU fall-backs
 
 
-def _encode(work, encoder: Encoder, fed: Channel, out: Channel, options: EncodeOptions, progress: bool, torch):
+def _encode_on_device(encoder: Encoder, item: tuple):
+    """One fed batch through the torch encoder, once its copy to the device (on the feed stream) is done."""
+    import torch
+
+    _batch, _ok, pixels, ready = item
+    if ready is not None:
+        current = torch.cuda.current_stream(pixels.device)
+        current.wait_event(ready)
+        pixels.record_stream(current)  # made on the feed stream, read on this one
+    return encoder.encode_images(pixels)
+
+
+def _encode(work, encoder, encode: Callable, fed: Channel, out: Channel, options: EncodeOptions, progress: bool):
     from tqdm import tqdm
 
     pending: list[Encoded] = []
     with tqdm(total=len(work), unit="img", disable=not progress, dynamic_ncols=True, desc="indexing") as bar:
         while (item := fed.get()) is not DONE:
-            batch, ok, pixels, ready = item
-            if ready is not None:
-                current = torch.cuda.current_stream(pixels.device)
-                current.wait_event(ready)
-                pixels.record_stream(current)  # made on the feed stream, read on this one
-            vectors = encoder.encode_images(pixels) if ok else []
+            batch, ok, _pixels, _ready = item
+            vectors = encode(encoder, item) if ok else []
             by_position = {decoded.position: vector for decoded, vector in zip(ok, vectors)}
             for decoded in batch:  # without its pixels: chunks wait in a queue, and a commit needs only the facts
                 vector = by_position.get(decoded.position)

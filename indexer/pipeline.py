@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -31,8 +32,19 @@ from retrieval.image_meta import read_image_meta
 from retrieval.images import hash_file
 from retrieval.model.device import Device, resolve_device
 from retrieval.model.encoder import Encoder
+from retrieval.model.image_onnx import (
+    ONNX,
+    TORCH,
+    ExportedImageTower,
+    ImageEncoder,
+    cached_image_tower,
+    choose_image_backend,
+    shared_image_encoder,
+)
 from retrieval.model.ocr import require_ocr
-from retrieval.model.spec import ModelSpec, check_spec, spec_key
+from retrieval.model.pixels import SquareCrop, crop_for
+from retrieval.model.spec import ModelIdentity, ModelSpec, check_spec, spec_key
+from retrieval.model.text_encoder import BackendChoice
 from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, ImageRow, MetaKey, encode_embedding, is_under
 from retrieval.store.index_types import check_index_type
 from retrieval.store.keywords import fill_keywords
@@ -60,8 +72,8 @@ class IndexSettings:
     ray: RaySettings | None = None  # encode on a Ray cluster (indexer.ray_runner); None: on this machine
     export_text: bool = True  # after a run that encoded images: export the text tower if missing or stale
     ocr: bool | None = None  # read the text in photos (indexer.ocr_pass); None keeps the index's own (new: off)
-    export_image: bool = False  # record the cached ONNX image tower (exported once per model); opt-in until
-    # indexing encodes with it (issue 27): until then an export would cost the first run minutes for nothing
+    export_image: bool | None = None  # after a run that encoded images: export the image tower to the per-model
+    # cache if missing (then record it), so later runs encode with ONNX Runtime; None: on the CPU only
 
 
 @dataclass
@@ -138,20 +150,74 @@ def index_paths(
         from indexer.text_export import refresh_text_tower
 
         summary.text_tower_note = refresh_text_tower(layout.root, on_wait=on_wait, on_export=on_export)
-    if summary.encoded and settings.export_image:
+    if summary.encoded and _exports_image(settings):
         from indexer.image_export import refresh_image_tower
 
         summary.image_tower_note = refresh_image_tower(layout.root, on_wait=on_wait)
     return summary
 
 
+def _exports_image(settings: IndexSettings) -> bool:
+    if settings.export_image is None:
+        return not settings.device.is_cuda and settings.ray is None
+    return settings.export_image
+
+
 def preload_encoder(settings: IndexSettings) -> None:
     """Load the model a run with ``settings`` encodes with, now: `index --watch` and `serve --watch` call it after
     their first run, so the first photo copied in is searchable in the time it takes to encode, not to load a
-    model (one load per process: ``Encoder.load``)."""
+    model (one load per process: ``Encoder.load``, ``shared_image_encoder``)."""
     if settings.model.random_weights:
         return  # random weights are refused by the run itself, with its message
-    Encoder.load(settings.model, resolve_device(settings.device), int8=settings.int8)
+    device = resolve_device(settings.device)
+    ImageEncoding.choose(settings, device).load()
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """Who encodes a run's images (``choose_image_backend``: ONNX Runtime on the CPU when the model's image tower
+    is cached, else torch), with how many decode workers and encoder threads."""
+
+    settings: IndexSettings
+    device: Device
+    choice: BackendChoice
+    tower: ExportedImageTower
+    workers: int
+
+    @classmethod
+    def choose(cls, settings: IndexSettings, device: Device) -> ImageEncoding:
+        tower = cached_image_tower(spec_key(settings.model, check=False))
+        if settings.ray is not None:
+            choice = BackendChoice(TORCH, "--ray: the cluster encodes with torch", "torch on the cluster")
+        else:
+            choice = choose_image_backend(device, tower, settings.int8)
+        onnx = choice.backend == ONNX
+        workers = default_workers(device, onnx) if settings.workers is None else settings.workers
+        return cls(settings, device, choice, tower, workers)
+
+    @property
+    def onnx(self) -> bool:
+        return self.choice.backend == ONNX
+
+    @property
+    def crop(self) -> SquareCrop | None:
+        """What decode workers hand over on the ONNX path (uint8 squares); None: torch's preprocessing."""
+        identity = self.tower.identity
+        return crop_for(identity.image_size, identity.preprocess) if self.onnx and identity else None
+
+    def load(self) -> ImageEncoder:
+        """The encoder: one ONNX Runtime session using the cores the decode workers leave (its idle threads
+        sleep, so a busy worker gets its core), or the torch model, also when the session does not open."""
+        if self.onnx:
+            try:
+                return shared_image_encoder(self.tower, onnx_threads(self.workers), spin=False)
+            except Exception as error:  # noqa: BLE001  (torch encodes the same crops: the run goes on)
+                warnings.warn(f"the ONNX image tower did not open ({error}); encoding with torch", stacklevel=2)
+        return Encoder.load(self.settings.model, self.device, int8=self.settings.int8)
+
+    def identity(self, encoder: ImageEncoder) -> ModelIdentity:
+        """What a new index records: the loaded model's identity, as this run's spec names it."""
+        return encoder.identity.named_as(self.settings.model)
 
 
 def is_disk_full(error: BaseException | None) -> bool:
@@ -237,8 +303,8 @@ def _check_model(catalog: Catalog, spec: ModelSpec) -> None:
     checking a tag imports open_clip and torch, over a second that a run with nothing to encode does not need."""
     key = spec_key(spec, check=False)
     recorded = catalog.model_identity()
-    if recorded is None or recorded.key() != key:
-        check_spec(spec)  # a spec that cannot load says so, before any mismatch
+    if (recorded is None or recorded.key() != key) and not cached_image_tower(key).current:
+        check_spec(spec)  # a spec that cannot load says so, before any mismatch (a cached export proves it loads)
     catalog.check_model(key, spec.describe())
 
 
@@ -350,21 +416,19 @@ def _run_plan(
                     "random weights differ at every load: pass --pretrained TAG|FILE or a local-dir: model"
                 )
             device = settings.device
+            encoding = ImageEncoding.choose(settings, device)
 
-            def on_encoder(encoder: Encoder) -> None:
+            def on_encoder(encoder: ImageEncoder) -> None:
                 if catalog.model_identity() is None:
-                    catalog.set_model_identity(encoder.identity)
+                    catalog.set_model_identity(encoding.identity(encoder))
                 if writer.vectors is None and not at_end():
                     writer.vectors = open_vectors(catalog, layout, encoder.dim, persist=False)
 
             def commit(chunk: Chunk) -> None:
                 writer.commit(lambda session: _apply_chunk(session, chunk, summary))
 
-            def load() -> Encoder:
-                return Encoder.load(settings.model, device, int8=settings.int8)
-
-            sink = ChunkSink(load=load, ready=on_encoder, write=commit)
-            summary.encode_seconds = encoding_source(settings, device).run(plan.work, sink, progress)
+            sink = ChunkSink(load=encoding.load, ready=on_encoder, write=commit)
+            summary.encode_seconds = encoding_source(settings, encoding).run(plan.work, sink, progress)
     finally:
         writer.close()
 
@@ -395,14 +459,16 @@ def _apply_moves_and_removals(session: Session, plan: Plan, summary: IndexSummar
     return removed, np.zeros(0, dtype=np.int64), None
 
 
-def encoding_source(settings: IndexSettings, device: Device) -> EncodedChunkSource:
-    """Who decodes and encodes: a Ray cluster (``--ray``) or this machine's overlapped stages. The one place a
-    run's shape depends on it (``indexer.encoding``)."""
+def encoding_source(settings: IndexSettings, encoding: ImageEncoding) -> EncodedChunkSource:
+    """Who decodes and encodes: a Ray cluster (``--ray``) or this machine's overlapped stages, with torch's
+    preprocessing or, on the ONNX path, uint8 crops. The one place a run's shape depends on it
+    (``indexer.encoding``)."""
+    device = encoding.device
     batch_size = settings.batch_size or default_batch_size(device)
     if settings.ray is not None:
         return RaySource(settings.ray, settings.model, batch_size, settings.chunk_size, settings.int8)
-    workers = default_workers(device) if settings.workers is None else settings.workers
-    return OverlappedSource(EncodeOptions(settings.model, device, batch_size, workers, settings.chunk_size))
+    options = EncodeOptions(settings.model, device, batch_size, encoding.workers, settings.chunk_size, encoding.crop)
+    return OverlappedSource(options)
 
 
 def _apply_chunk(session: Session, chunk: Chunk, summary):
@@ -447,11 +513,25 @@ def default_batch_size(device: Device) -> int:
     return 256 if device.is_cuda else 32
 
 
-def default_workers(device: Device) -> int:
+def default_workers(device: Device, onnx: bool = False) -> int:
     """CPU: one per core, at most 4 (the encoder needs the cores too). CUDA: decoding must keep up with the GPU,
-    so every core, up to 16."""
-    cap = 16 if device.is_cuda else 4
-    return max(1, min(cap, os.cpu_count() or 1))
+    so every core, up to 16. The ONNX path: its workers only crop (no float tensors), about a sixth of the
+    encoder's CPU for ViT-B-32 (docs/benchmarks.md), so one per four cores."""
+    cores = os.cpu_count() or 1
+    if onnx:
+        return max(1, cores // 4)
+    return max(1, min(16 if device.is_cuda else 4, cores))
+
+
+DECODE_SHARE = 1 / 6  # of a core, per ONNX-path decode worker while the encoder keeps up (ViT-B-32, 12 MP JPEGs)
+
+
+def onnx_threads(workers: int) -> int:
+    """The ONNX session's intra-op threads: the cores the decode workers leave. A worker is busy about a sixth of
+    the time, so it leaves most of its core to the encoder (whose idle threads sleep: ``spin=False`` lets the
+    worker in when it needs its core)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - int(workers * DECODE_SHARE))
 
 
 @dataclass

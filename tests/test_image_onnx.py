@@ -20,6 +20,7 @@ from retrieval.model.image_onnx import RECORD_FILE, cached_image_tower, image_to
 from retrieval.model.spec import ModelSpec
 from retrieval.store.catalog import Catalog, MetaKey
 from retrieval.store.layout import IndexLayout
+from retrieval.unit import unit_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ModelSpec(f"local-dir:{ROOT / 'data' / 'models' / 'shapes-clip'}", None)
@@ -55,7 +56,7 @@ def test_onnx_image_vectors_match_torch(spec_name, tiny_spec, settings, photo_fo
     from dataclasses import replace
 
     spec = tiny_spec if spec_name == "tiny" else SHAPES
-    index_dir = _index(tmp_path, photo_folder, replace(settings, model=spec))
+    index_dir = _index(tmp_path, photo_folder, replace(settings, model=spec, export_image=False))
     report = export_image_tower(index_dir)
     assert report.exported and report.record.min_cosine >= 0.9999 and report.record.top10_same
     tower = cached_image_tower(report.record.model_key)
@@ -94,7 +95,7 @@ def test_switched_off_by_the_environment(settings, photo_folder, tmp_path, cache
 
 @pytest.mark.slow
 def test_a_changed_graph_is_not_used(settings, photo_folder, tmp_path, cache_home):
-    index_dir = _index(tmp_path, photo_folder, settings)
+    index_dir = _index(tmp_path, photo_folder, settings)  # exports (the CPU's default)
     report = export_image_tower(index_dir)
     graph = report.folder / "image.onnx"
     graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
@@ -135,3 +136,91 @@ def test_probe_pixels_are_fixed():
     a, b = probe_pixels(32, (0.5,) * 3, (0.25,) * 3), probe_pixels(32, (0.5,) * 3, (0.25,) * 3)
     assert a.shape == (64, 3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
     assert image_tower_cache("a") != image_tower_cache("b")
+
+
+def _vectors_by_name(index_dir: Path, folder: Path) -> dict[str, np.ndarray]:
+    catalog = Catalog(IndexLayout(index_dir).catalog, create=False)
+    try:
+        with catalog.session() as session:
+            rows = catalog.rows_under(session, str(folder))
+            return {Path(row.path).name: unit_rows(row.vector()[None])[0] for row in rows}  # stored as float16
+    finally:
+        catalog.close()
+
+
+@pytest.mark.slow
+def test_cpu_indexing_encodes_with_the_cached_tower_as_torch_does(settings, photo_folder, tmp_path, cache_home):
+    """The first CPU run encodes with torch and exports the tower; a new index of the same model then encodes with
+    ONNX Runtime, through decode workers that hand over uint8 crops, and stores the same vectors (cosine >=
+    0.9999); `info` says which backend encodes."""
+    from dataclasses import replace
+
+    from retrieval.model.device import CPU
+    from retrieval.search.info import index_info
+
+    first = _index(tmp_path, photo_folder, settings, "torch")
+    assert cached_image_tower(_recorded(first)["model_key"]).current
+    second = _index(tmp_path, photo_folder, replace(settings, workers=1), "onnx")
+    assert index_info(second, device=CPU).image_encoding == "ONNX float32 image tower (exported, current)"
+    by_torch, by_onnx = _vectors_by_name(first, photo_folder), _vectors_by_name(second, photo_folder)
+    assert sorted(by_onnx) == sorted(by_torch) and len(by_onnx) == 16
+    cosines = [float(np.dot(by_torch[name], by_onnx[name])) for name in by_torch]
+    assert min(cosines) >= 0.9999
+    assert Catalog(IndexLayout(second).catalog, create=False).model_identity().key() == _recorded(first)["model_key"]
+
+
+INDEX_WITHOUT_TORCH = """
+import sys
+from clipsearch.cli.app import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    heavy = sorted(name for name in ("torch", "open_clip", "torchvision") if name in sys.modules)
+    print("heavy:", heavy)
+"""
+
+
+@pytest.mark.slow
+def test_indexing_with_an_existing_export_never_imports_torch(settings, photo_folder, tmp_path, cache_home):
+    """`clipsearch index` of a new index, then a refresh that encodes 2 new photos, with the model's tower in the
+    cache: neither process imports torch or open_clip."""
+    from tests.conftest import make_images
+
+    _index(tmp_path, photo_folder, settings, "first")  # torch, then the export
+
+    def index(*args: str) -> str:
+        command = [sys.executable, "-c", INDEX_WITHOUT_TORCH, "index", str(photo_folder)]
+        done = subprocess.run(
+            [*command, "--index", str(tmp_path / "new"), "--model", settings.model.name, "--workers", "1", *args],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_EXPORT_TEXT": "0"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    out = index()
+    assert "added 16" in out and "heavy: []" in out
+    make_images(photo_folder / "new", 2, seed=9)
+    out = index()
+    assert "added 2" in out and "heavy: []" in out
+
+
+@pytest.mark.parametrize("mode", ["shortest", "squash"])
+def test_torch_free_crops_are_open_clips_preprocessing(mode):
+    """Workers on the ONNX path crop with Pillow and the encoder normalises: the same pixels as open_clip's eval
+    transform (which the torch path runs), for wide, tall and square images."""
+    import open_clip
+    from PIL import Image
+
+    from retrieval.model.pixels import crop_for, normalisation_for
+
+    config = {"resize_mode": mode, "interpolation": "bicubic", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    transform = open_clip.image_transform(48, False, mean=config["mean"], std=config["std"], resize_mode=mode)
+    rng = np.random.default_rng(3)
+    for width, height in [(96, 72), (72, 97), (48, 48), (333, 100), (47, 50)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        crops = crop_for(48, config)(image)[None]
+        assert crops.dtype == np.uint8 and crops.shape == (1, 48, 48, 3)
+        assert np.abs(normalisation_for(config)(crops)[0] - transform(image).numpy()).max() < 1e-5

@@ -19,7 +19,7 @@ from PIL import Image
 
 from indexer.encoding import ChunkSink
 from indexer.overlap import OverlappedSource
-from indexer.pipeline import encoding_source, index_paths
+from indexer.pipeline import ImageEncoding, encoding_source, index_paths
 from indexer.plan import WorkItem
 from indexer.ray_runner import RaySettings, RaySource
 from indexer.scan import FileFacts
@@ -67,7 +67,7 @@ def test_a_source_feeds_the_sink_every_item_once_in_work_order_after_the_model(s
         ready=lambda encoder: events.append(("ready", encoder.dim)),
         write=lambda chunk: events.append(("chunk", [(item.facts.path, vector is None) for item, _, vector in chunk])),
     )
-    source = encoding_source(settings, CPU)
+    source = encoding_source(settings, ImageEncoding.choose(settings, CPU))
     assert isinstance(source, OverlappedSource)
     assert source.run(work, sink, progress=False) > 0
     assert events[0] == ("ready", 32) and all(kind == "chunk" for kind, _ in events[1:])
@@ -75,7 +75,8 @@ def test_a_source_feeds_the_sink_every_item_once_in_work_order_after_the_model(s
     assert all(len(chunk) <= settings.chunk_size for chunk in chunks)
     assert [path for chunk in chunks for path, _ in chunk] == paths
     assert [path for chunk in chunks for path, failed in chunk if failed] == [paths[4]]
-    assert isinstance(encoding_source(replace(settings, ray=RaySettings()), CPU), RaySource)
+    ray = replace(settings, ray=RaySettings())
+    assert isinstance(encoding_source(ray, ImageEncoding.choose(ray, CPU)), RaySource)
 
 
 def test_a_failing_writer_stops_the_run_with_its_error(settings, tmp_path, monkeypatch):

@@ -319,6 +319,7 @@ def info_report(details) -> Report:
         )
     table += [
         line("text:    {}", details.text_queries or "(no model yet)"),
+        line("encode:  {}", details.image_encoding or "(no model yet)"),
         line(
             "ocr:     {}; {} photos with text, of {} read ({} failed)",
             "on" if details.ocr else "off",

@@ -17,12 +17,12 @@ from urllib.parse import urlparse
 from retrieval.errors import ModelLoadError
 from retrieval.model.spec import (
     CONFIG_FILE,
-    LOCAL_DIR_PREFIX,
     WEIGHTS_FILE,
     ModelIdentity,
     ModelSpec,
     check_spec,
     file_digest,
+    recorded_names,
     weights_path,
 )
 
@@ -294,10 +294,10 @@ def model_identity(spec: ModelSpec, model: Any) -> ModelIdentity:
     image_size = model.visual.image_size
     if isinstance(image_size, (tuple, list)):
         image_size = int(image_size[0])
-    local, checkpoint = spec.local_dir, spec.checkpoint_file
-    return ModelIdentity(  # absolute paths, so the index opens from any working directory
-        name=f"{LOCAL_DIR_PREFIX}{local.resolve()}" if local is not None else spec.name,
-        pretrained=str(checkpoint.resolve()) if checkpoint is not None else spec.pretrained,
+    name, pretrained = recorded_names(spec)
+    return ModelIdentity(
+        name=name,
+        pretrained=pretrained,
         weights_digest=file_digest(weights) if weights is not None else None,
         embed_dim=int(model.text_projection.shape[1])
         if getattr(model, "text_projection", None) is not None and hasattr(model.text_projection, "shape")

@@ -159,6 +159,13 @@ class Encoder:
             features = torch.nn.functional.normalize(features.float(), dim=-1)  # in float32 for half towers too
         return features.cpu().numpy()
 
+    def encode_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Encode a (N, S, S, 3) uint8 batch of ``retrieval.model.pixels`` crops (the ONNX path's workers make
+        them; torch encodes them when the ONNX tower does not open)."""
+        from retrieval.model.pixels import normalisation_for
+
+        return self.encode_images(normalisation_for(self.identity.preprocess)(crops))
+
     def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
         import torch
 

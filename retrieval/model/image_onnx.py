@@ -2,26 +2,35 @@
 
 The export depends only on the model, so it lives in a per-user cache keyed by the model's identity
 (``$XDG_CACHE_HOME/clipsearch/image-towers/<key digest>``): another index of the same model never needs torch to
-make it again. The folder holds the graph and ``record.json`` (a ``TextTowerRecord``: the same facts, for this
-tower); an index's catalog records the export it checked (``MetaKey.IMAGE_TOWER``). A tower is used only when
-the record's model is the index's model and the files are the ones recorded.
+make it again. The folder holds the graph, the model's ``ModelIdentity`` (``identity.json``: what a new index
+records, and the preprocessing ``retrieval.model.pixels`` repeats without torch) and ``record.json`` (a
+``TextTowerRecord``: the same facts as for the text tower); an index's catalog records the export it checked
+(``MetaKey.IMAGE_TOWER``). A tower is used only when the record's model is the index's model and the files are the
+ones recorded. ``choose_image_backend`` is the one rule for which backend encodes images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from retrieval.model.device import Device
+from retrieval.model.pixels import SquareCrop, crop_for, normalisation_for, unsupported_preprocess
+from retrieval.model.spec import ModelIdentity
+from retrieval.model.text_encoder import BackendChoice
 from retrieval.model.text_onnx import TextTowerRecord, cpu_session, files_match
 from retrieval.unit import unit_rows
 
 TOWER_FILE = "image.onnx"
 RECORD_FILE = "record.json"
+IDENTITY_FILE = "identity.json"
+ONNX, TORCH = "onnx", "torch"
 
 
 class ImageEncoder(Protocol):
@@ -36,6 +45,10 @@ class ImageEncoder(Protocol):
         """L2-normalised float32 features of a preprocessed (N, 3, S, S) batch."""
         ...
 
+    def encode_crops(self, crops: np.ndarray) -> np.ndarray:
+        """The same for a (N, S, S, 3) uint8 batch of ``retrieval.model.pixels`` crops."""
+        ...
+
 
 def image_tower_cache(model_key: str) -> Path:
     """The cache folder of the image tower exported from the model with ``model_key``."""
@@ -45,12 +58,33 @@ def image_tower_cache(model_key: str) -> Path:
 
 
 class OnnxImageEncoder:
-    """Normalised float32 image features from an exported tower: an ``ImageEncoder``."""
+    """Normalised float32 image features from an exported tower: an ``ImageEncoder``. ``identity``: the model's,
+    which says how its images are cropped and normalised (``crop``, ``encode_crops``)."""
 
-    def __init__(self, folder: Path, record: TextTowerRecord, graph_file: str = TOWER_FILE, threads: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        record: TextTowerRecord,
+        graph_file: str = TOWER_FILE,
+        threads: int | None = None,
+        identity: ModelIdentity | None = None,
+        spin: bool = True,
+    ):
         self.record = record
-        self.session = cpu_session(folder / graph_file, threads)
+        self.identity = identity
+        self.session = cpu_session(folder / graph_file, threads, spin)
         self.dim = int(self.session.get_outputs()[0].shape[-1])
+        self.side = int(self.session.get_inputs()[0].shape[-1])
+        self._normalise = normalisation_for(identity.preprocess if identity else {})
+
+    @property
+    def crop(self) -> SquareCrop:
+        """What a decode worker makes of an image for this tower: the uint8 square ``encode_crops`` takes."""
+        return crop_for(self.side, self.identity.preprocess if self.identity else {})
+
+    def encode_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Features of a (N, S, S, 3) uint8 batch from ``crop``: normalised here, a batch at a time."""
+        return self.encode_images(self._normalise(crops))
 
     def describe(self) -> str:
         return f"ONNX {self.record.precision or 'float32'} image tower"
@@ -67,15 +101,33 @@ class ExportedImageTower:
     folder: Path
     record: TextTowerRecord | None
     problem: str | None
+    identity: ModelIdentity | None = None  # the model's, as recorded beside the graph
 
     @property
     def current(self) -> bool:
         return self.problem is None
 
-    def open(self, threads: int | None = None) -> OnnxImageEncoder:
+    def open(self, threads: int | None = None, spin: bool = True) -> OnnxImageEncoder:
+        """The tower in ONNX Runtime; ``threads``: intra-op threads (None: every core); ``spin=False`` when other
+        processes (decode workers) need the cores its threads would wait on."""
         if self.record is None or self.problem is not None:
             raise ValueError(self.problem or "no exported image tower")
-        return OnnxImageEncoder(self.folder, self.record, threads=threads)
+        return OnnxImageEncoder(self.folder, self.record, threads=threads, identity=self.identity, spin=spin)
+
+
+_OPEN: dict[tuple, OnnxImageEncoder] = {}
+_OPENING = threading.Lock()
+
+
+def shared_image_encoder(tower: ExportedImageTower, threads: int | None = None, spin: bool = True) -> OnnxImageEncoder:
+    """One session per process for a tower and thread count, as ``Encoder.load`` keeps one torch model: a
+    watcher's preload and its runs, a server's image queries share it."""
+    key = (str(tower.folder), tower.record.digest if tower.record else "", threads, spin)
+    with _OPENING:
+        if key not in _OPEN:
+            _OPEN.clear()  # one image tower in memory
+            _OPEN[key] = tower.open(threads, spin)
+        return _OPEN[key]
 
 
 def cached_image_tower(model_key: str) -> ExportedImageTower:
@@ -91,4 +143,27 @@ def cached_image_tower(model_key: str) -> ExportedImageTower:
         return ExportedImageTower(folder, record, "the cached image tower is of another model")
     if not files_match(folder, record):
         return ExportedImageTower(folder, record, "the cached image tower's files changed")
-    return ExportedImageTower(folder, record, None)
+    if IDENTITY_FILE not in record.files:
+        return ExportedImageTower(folder, record, "the cached image tower predates identity.json")
+    try:
+        identity = ModelIdentity.from_json((folder / IDENTITY_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return ExportedImageTower(folder, record, "the cached image tower's identity.json is unreadable")
+    return ExportedImageTower(folder, record, None, identity)
+
+
+def choose_image_backend(device: Device, tower: ExportedImageTower, int8: bool = False) -> BackendChoice:
+    """The one rule for who encodes images: on the CPU the cached ONNX tower when it is current and its
+    preprocessing can be done without torch; torch on CUDA, for ``--int8`` (torch's dynamic int8) and for models
+    that do not export. Decided from facts known without loading anything (`clipsearch info` says it)."""
+    if device.is_cuda:
+        return BackendChoice(TORCH, "CUDA: the ONNX image tower runs on the CPU", f"torch model on {device}")
+    if int8:
+        return BackendChoice(TORCH, "--int8: torch's dynamic int8 image tower", "torch model (int8)")
+    if not tower.current:
+        return BackendChoice(TORCH, f"{tower.problem}; a CPU run that encodes exports it", f"torch model on {device}")
+    why = unsupported_preprocess(tower.identity.preprocess if tower.identity else {})
+    if why is not None:
+        return BackendChoice(TORCH, why, f"torch model on {device}")
+    precision = tower.record.precision if tower.record else "?"
+    return BackendChoice(ONNX, "exported, current", f"ONNX {precision} image tower")

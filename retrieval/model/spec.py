@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,11 @@ class ModelIdentity:
         """The spec that loads this model again."""
         return ModelSpec(self.name, self.pretrained)
 
+    def named_as(self, spec: ModelSpec) -> ModelIdentity:
+        """This model as ``spec`` names it (a cached copy of the identity may name the folder it was made from)."""
+        name, pretrained = recorded_names(spec)
+        return replace(self, name=name, pretrained=pretrained)
+
     def describe(self) -> str:
         if self.name.startswith(LOCAL_DIR_PREFIX) or self.weights_digest:
             return f"{self.name} [{(self.weights_digest or '')[:12]}]"
@@ -95,6 +100,14 @@ class ModelIdentity:
     @classmethod
     def from_json(cls, text: str) -> ModelIdentity:
         return cls(**json.loads(text))
+
+
+def recorded_names(spec: ModelSpec) -> tuple[str, str | None]:
+    """The (name, pretrained) an index records for a spec: absolute paths, so the index opens from any working
+    directory."""
+    local, checkpoint = spec.local_dir, spec.checkpoint_file
+    name = f"{LOCAL_DIR_PREFIX}{local.resolve()}" if local is not None else spec.name
+    return name, str(checkpoint.resolve()) if checkpoint is not None else spec.pretrained
 
 
 def spec_key(spec: ModelSpec, check: bool = True) -> str:

@@ -37,8 +37,9 @@ ONNX, LOADED, TEXT_TOWER, TEXT_BF16, WHOLE = "onnx", "loaded", "torch-text", "to
 
 
 @dataclass(frozen=True)
-class TextChoice:
-    """The backend that answers text queries (one of the names above) and the reason, for a person."""
+class BackendChoice:
+    """The backend that encodes (text here; images in ``image_onnx.choose_image_backend``) and the reason, for a
+    person."""
 
     backend: str
     reason: str
@@ -50,19 +51,19 @@ class TextChoice:
 
 def choose_text_backend(
     device: Device, tower: ExportedTower, bf16: bool = False, model_loaded: bool = False
-) -> TextChoice:
+) -> BackendChoice:
     """The one rule. The whole model once loaded (image queries loaded it); on CUDA the whole model; on the CPU
     a bfloat16 text tower when asked for, else the exported ONNX tower when current, else the torch text tower."""
     if model_loaded and not bf16:
-        return TextChoice(LOADED, "loaded already for image queries", f"torch model on {device}")
+        return BackendChoice(LOADED, "loaded already for image queries", f"torch model on {device}")
     if device.is_cuda:
-        return TextChoice(WHOLE, "CUDA: the exported ONNX tower runs on the CPU only", f"torch model on {device}")
+        return BackendChoice(WHOLE, "CUDA: the exported ONNX tower runs on the CPU only", f"torch model on {device}")
     if bf16:
-        return TextChoice(TEXT_BF16, "--bf16-text", "torch bfloat16 text tower")
+        return BackendChoice(TEXT_BF16, "--bf16-text", "torch bfloat16 text tower")
     if tower.current:
         precision = tower.record.precision if tower.record else "?"
-        return TextChoice(ONNX, "exported, current", f"ONNX {precision} text tower")
-    return TextChoice(TEXT_TOWER, tower.problem or "no exported tower", "torch text tower")
+        return BackendChoice(ONNX, "exported, current", f"ONNX {precision} text tower")
+    return BackendChoice(TEXT_TOWER, tower.problem or "no exported tower", "torch text tower")
 
 
 def open_text_encoder(
@@ -72,7 +73,7 @@ def open_text_encoder(
     bf16: bool = False,
     model_loaded: bool = False,
     before_torch: Callable[[], None] | None = None,
-) -> tuple[TextEncoder, TextChoice]:
+) -> tuple[TextEncoder, BackendChoice]:
     """The encoder the chooser picks, loaded (or the shared one), and the choice. A tower that is current but
     does not open (no onnxruntime, an unreadable graph) is passed over for the torch text tower, with that reason.
     ``before_torch``: called before a torch backend loads (the engine checks the index's model there)."""

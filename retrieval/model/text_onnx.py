@@ -78,14 +78,17 @@ def files_match(folder: Path, record: TextTowerRecord) -> bool:
     return True
 
 
-def cpu_session(graph: Path, threads: int | None = None):
-    """An ONNX Runtime session on the CPU that logs errors only; ``threads``: its intra-op threads (None: all)."""
+def cpu_session(graph: Path, threads: int | None = None, spin: bool = True):
+    """An ONNX Runtime session on the CPU that logs errors only; ``threads``: its intra-op threads (None: all);
+    ``spin=False``: idle threads sleep instead of spinning (other processes need the cores)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
 

@@ -13,7 +13,7 @@ from retrieval.errors import EmptyIndexError, UsageError
 from retrieval.model.device import Device, resolve_device
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelIdentity, ModelSpec, spec_key
-from retrieval.model.text_encoder import TextChoice, TextEncoder, open_text_encoder
+from retrieval.model.text_encoder import BackendChoice, TextEncoder, open_text_encoder
 from retrieval.model.text_onnx import exported_tower
 from retrieval.search.arguments import check_image_file
 from retrieval.search.fusion import KEYWORD_WEIGHT, TEXT_WEIGHT, newest_first, reciprocal_rank_fusion
@@ -81,7 +81,7 @@ class SearchEngine:
             self.catalog.check_model(spec_key(model), model.describe())
         self._encoder: Encoder | None = None
         self._vectors: VectorIndex | None = None
-        self._text: tuple[tuple, TextEncoder, TextChoice] | None = None  # (what it was chosen from, encoder, choice)
+        self._text: tuple[tuple, TextEncoder, BackendChoice] | None = None  # (what it was chosen from, encoder, choice)
         self.rerank_model = rerank_model  # ITM re-ranker folder; None: FOLDER-itm beside a local-dir:FOLDER model
         self.force_rerank = force_rerank  # use a re-ranker even when it validated worse than the dual encoder
         self._reranker = None
@@ -118,11 +118,11 @@ class SearchEngine:
         return self._text_backend()[0]
 
     @property
-    def text_choice(self) -> TextChoice:
+    def text_choice(self) -> BackendChoice:
         """Which backend answers text queries, and why."""
         return self._text_backend()[1]
 
-    def _text_backend(self) -> tuple[TextEncoder, TextChoice]:
+    def _text_backend(self) -> tuple[TextEncoder, BackendChoice]:
         spec = self.model_spec
         record = self.catalog.get_meta(MetaKey.TEXT_TOWER)
         facts = (record, self._encoder is not None)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from retrieval.errors import UsageError
 from retrieval.model.device import Device
+from retrieval.model.image_onnx import cached_image_tower, choose_image_backend
+from retrieval.model.spec import ModelIdentity
 from retrieval.model.text_encoder import choose_text_backend
 from retrieval.store.catalog import STATUS_FAILED, STATUS_OK, Catalog, MetaKey
 from retrieval.store.image_text import ImageText, read_text, text_counts
@@ -36,6 +38,7 @@ class IndexInfo:
     recall_query_kind: str | None = None  # "text" (or "image" when the model could not be loaded)
     text_tower: str | None = None  # the exported ONNX text tower's precision when current (None: queries use torch)
     text_queries: str | None = None  # which backend answers text queries on the device asked about, and why
+    image_encoding: str | None = None  # which backend `index` encodes images with on that device, and why
     ocr: bool = False  # whether `clipsearch index` reads the text in photos (index --ocr)
     text_read: int = 0  # photos the OCR pass has looked at ...
     with_text: int = 0  # ... found text in ...
@@ -77,6 +80,7 @@ def index_info(index_dir: Path, with_failures: bool = False, device: Device | No
             recall_query_kind=recall.kind if recall else None,
             text_tower=tower.record.precision if tower.current and tower.record else None,
             text_queries=choose_text_backend(device, tower).line() if device is not None and identity else None,
+            image_encoding=_image_encoding(device, identity),
             ocr=catalog.get_meta(MetaKey.OCR) == "on",
             text_read=counts.read,
             with_text=counts.with_text,
@@ -110,6 +114,12 @@ def photo_text(index_dir: Path, photo: Path | str) -> PhotoText:
             return PhotoText(row.path, row.id, read_text(session, row.id))
     finally:
         catalog.close()
+
+
+def _image_encoding(device: Device | None, identity: ModelIdentity | None) -> str | None:
+    if device is None or identity is None:
+        return None
+    return choose_image_backend(device, cached_image_tower(identity.key())).line()
 
 
 def _size(layout: IndexLayout) -> int:
