@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.text_export import MIN_COSINE, check_in_fresh_process, indexed_model, top_k_overlap
+from indexer.text_export import INT8_MIN_OVERLAP, MIN_COSINE, check_in_fresh_process, indexed_model, top_k_overlap
 from retrieval.errors import ClipsearchError
 from retrieval.model.image_onnx import (
     IDENTITY_FILE,
+    INT8_FILE,
     RECORD_FILE,
     TOWER_FILE,
     OnnxImageEncoder,
@@ -51,9 +52,10 @@ class ImageExportReport:
     def line(self) -> str:
         r = self.record
         verb = "exported to" if self.exported else "found in"
+        int8 = "dropped" if r.int8_overlap is None else f"top-10 overlap with float32 {r.int8_overlap:.3f}"
         return (
             f"image tower {verb} {self.folder} (float32 vs torch: min cosine {r.min_cosine:.6f}, "
-            f"same top-10 {'yes' if r.top10_same else 'no'})"
+            f"same top-10 {'yes' if r.top10_same else 'no'}; int8: {int8})"
         )
 
 
@@ -148,8 +150,10 @@ def _export(catalog: Catalog):
                 f"the exported image tower does not match torch (min cosine {min_cosine:.6f}, same top-10: "
                 f"{'yes' if top10_same else 'no'}); indexing uses torch"
             )
+        int8_overlap = _int8_variant(work, pixels, as_onnx)
         (work / IDENTITY_FILE).write_text(identity.to_json())  # a new index of this model records it, torch-free
-        files, digest = stamp_files(work, [TOWER_FILE, IDENTITY_FILE])
+        names = [TOWER_FILE, IDENTITY_FILE] + ([INT8_FILE] if int8_overlap is not None else [])
+        files, digest = stamp_files(work, names)
         record = TextTowerRecord(
             folder=str(target),
             model_key=identity.key(),
@@ -158,6 +162,7 @@ def _export(catalog: Catalog):
             files=files,
             min_cosine=round(min_cosine, 7),
             top10_same=top10_same,
+            int8_overlap=None if int8_overlap is None else round(int8_overlap, 4),
         )
         (work / RECORD_FILE).write_text(record.to_json())
         shutil.rmtree(target, ignore_errors=True)
@@ -165,6 +170,25 @@ def _export(catalog: Catalog):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return cached_image_tower(identity.key())
+
+
+def _int8_variant(work: Path, pixels: np.ndarray, as_float: np.ndarray) -> float | None:
+    """Quantise the checked float32 graph to int8 (dynamic, per channel) and keep it when its top-10 among the
+    probes agrees with float32's (mean overlap >= ``INT8_MIN_OVERLAP``); returns that overlap, None when dropped
+    or when quantisation fails (float32 alone is then exported)."""
+    from retrieval.model.text_export import quantize_int8
+
+    try:
+        quantize_int8(work / TOWER_FILE, work / INT8_FILE, per_channel=True)
+        as_int8 = load_graph(work, INT8_FILE).encode_images(pixels)
+    except Exception:  # noqa: BLE001  (an int8 variant is optional: float32 stands on its own)
+        (work / INT8_FILE).unlink(missing_ok=True)
+        return None
+    overlap = top_k_overlap((np.arange(len(as_float)), as_float), as_float, as_int8)
+    if overlap < INT8_MIN_OVERLAP:
+        (work / INT8_FILE).unlink()
+        return None
+    return overlap
 
 
 def refresh_image_tower(index_dir: Path, on_wait: Callable[[str], None] | None = None) -> str | None:

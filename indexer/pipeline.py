@@ -68,7 +68,8 @@ class IndexSettings:
     save_every_s: float = 120.0  # also save the FAISS file during long runs
     index_type: str | None = None  # auto, flat, ivf, ivfpq or hnsw; None keeps the index's own (new: auto)
     max_memory: int | None = None  # bytes auto may plan with; None keeps the recorded budget (default: RAM / 2)
-    int8: bool = False  # CPU only: dynamic int8 image encoder, faster, slightly different vectors (opt-in)
+    int8: bool = False  # CPU only: int8 image encoder, faster, slightly different vectors (opt-in): the cached ONNX
+    # tower's int8 graph when the export kept one, else torch's dynamic int8
     ray: RaySettings | None = None  # encode on a Ray cluster (indexer.ray_runner); None: on this machine
     export_text: bool = True  # after a run that encoded images: export the text tower if missing or stale
     ocr: bool | None = None  # read the text in photos (indexer.ocr_pass); None keeps the index's own (new: off)
@@ -210,7 +211,7 @@ class ImageEncoding:
         sleep, so a busy worker gets its core), or the torch model, also when the session does not open."""
         if self.onnx:
             try:
-                return shared_image_encoder(self.tower, onnx_threads(self.workers), spin=False)
+                return shared_image_encoder(self.tower, onnx_threads(self.workers), False, self.settings.int8)
             except Exception as error:  # noqa: BLE001  (torch encodes the same crops: the run goes on)
                 warnings.warn(f"the ONNX image tower did not open ({error}); encoding with torch", stacklevel=2)
         return Encoder.load(self.settings.model, self.device, int8=self.settings.int8)

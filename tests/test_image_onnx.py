@@ -169,7 +169,7 @@ def test_cpu_indexing_encodes_with_the_cached_tower_as_torch_does(settings, phot
     assert Catalog(IndexLayout(second).catalog, create=False).model_identity().key() == _recorded(first)["model_key"]
 
 
-INDEX_WITHOUT_TORCH = """
+CLI_WITHOUT_TORCH = """
 import sys
 from clipsearch.cli.app import app
 try:
@@ -182,16 +182,15 @@ finally:
 
 @pytest.mark.slow
 def test_indexing_with_an_existing_export_never_imports_torch(settings, photo_folder, tmp_path, cache_home):
-    """`clipsearch index` of a new index, then a refresh that encodes 2 new photos, with the model's tower in the
-    cache: neither process imports torch or open_clip."""
-    from tests.conftest import make_images
+    """With the model's tower in the cache, `clipsearch index` of a new index, a refresh that encodes 2 new photos
+    and `similar` with a file outside the index: no process imports torch or open_clip."""
+    from tests.conftest import make_images, write_image
 
     _index(tmp_path, photo_folder, settings, "first")  # torch, then the export
 
-    def index(*args: str) -> str:
-        command = [sys.executable, "-c", INDEX_WITHOUT_TORCH, "index", str(photo_folder)]
+    def clipsearch(*args: str) -> str:
         done = subprocess.run(
-            [*command, "--index", str(tmp_path / "new"), "--model", settings.model.name, "--workers", "1", *args],
+            [sys.executable, "-c", CLI_WITHOUT_TORCH, *args, "--index", str(tmp_path / "new")],
             env={**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_EXPORT_TEXT": "0"},
             capture_output=True,
             text=True,
@@ -200,27 +199,12 @@ def test_indexing_with_an_existing_export_never_imports_torch(settings, photo_fo
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    out = index()
+    model = ["--model", settings.model.name, "--workers", "1"]
+    out = clipsearch("index", str(photo_folder), *model)
     assert "added 16" in out and "heavy: []" in out
     make_images(photo_folder / "new", 2, seed=9)
-    out = index()
+    out = clipsearch("index", str(photo_folder), *model)
     assert "added 2" in out and "heavy: []" in out
-
-
-@pytest.mark.parametrize("mode", ["shortest", "squash"])
-def test_torch_free_crops_are_open_clips_preprocessing(mode):
-    """Workers on the ONNX path crop with Pillow and the encoder normalises: the same pixels as open_clip's eval
-    transform (which the torch path runs), for wide, tall and square images."""
-    import open_clip
-    from PIL import Image
-
-    from retrieval.model.pixels import crop_for, normalisation_for
-
-    config = {"resize_mode": mode, "interpolation": "bicubic", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
-    transform = open_clip.image_transform(48, False, mean=config["mean"], std=config["std"], resize_mode=mode)
-    rng = np.random.default_rng(3)
-    for width, height in [(96, 72), (72, 97), (48, 48), (333, 100), (47, 50)]:
-        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        crops = crop_for(48, config)(image)[None]
-        assert crops.dtype == np.uint8 and crops.shape == (1, 48, 48, 3)
-        assert np.abs(normalisation_for(config)(crops)[0] - transform(image).numpy()).max() < 1e-5
+    outside = write_image(tmp_path / "outside.jpg", 9000)
+    out = clipsearch("similar", str(outside), "-k", "3", "--format", "paths")
+    assert len([line for line in out.splitlines() if line.endswith((".jpg", ".png"))]) == 3 and "heavy: []" in out

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -27,7 +28,11 @@ from retrieval.model.text_encoder import BackendChoice
 from retrieval.model.text_onnx import TextTowerRecord, cpu_session, files_match
 from retrieval.unit import unit_rows
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 TOWER_FILE = "image.onnx"
+INT8_FILE = "image-int8.onnx"  # dynamic int8, per channel: kept when its top-10 agrees with float32 on the probes
 RECORD_FILE = "record.json"
 IDENTITY_FILE = "identity.json"
 ONNX, TORCH = "onnx", "torch"
@@ -39,6 +44,9 @@ class ImageEncoder(Protocol):
     @property
     def dim(self) -> int: ...
 
+    @property
+    def identity(self) -> ModelIdentity | None: ...
+
     def describe(self) -> str: ...
 
     def encode_images(self, pixels) -> np.ndarray:
@@ -47,6 +55,10 @@ class ImageEncoder(Protocol):
 
     def encode_crops(self, crops: np.ndarray) -> np.ndarray:
         """The same for a (N, S, S, 3) uint8 batch of ``retrieval.model.pixels`` crops."""
+        ...
+
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The same for decoded images (query images, uploads)."""
         ...
 
 
@@ -72,6 +84,7 @@ class OnnxImageEncoder:
     ):
         self.record = record
         self.identity = identity
+        self.precision = "int8" if graph_file == INT8_FILE else (record.precision or "float32")
         self.session = cpu_session(folder / graph_file, threads, spin)
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.side = int(self.session.get_inputs()[0].shape[-1])
@@ -86,8 +99,12 @@ class OnnxImageEncoder:
         """Features of a (N, S, S, 3) uint8 batch from ``crop``: normalised here, a batch at a time."""
         return self.encode_images(self._normalise(crops))
 
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        crop = self.crop
+        return self.encode_crops(np.stack([crop(image) for image in images]))
+
     def describe(self) -> str:
-        return f"ONNX {self.record.precision or 'float32'} image tower"
+        return f"ONNX {self.precision} image tower"
 
     def encode_images(self, pixels) -> np.ndarray:
         (features,) = self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
@@ -107,26 +124,34 @@ class ExportedImageTower:
     def current(self) -> bool:
         return self.problem is None
 
-    def open(self, threads: int | None = None, spin: bool = True) -> OnnxImageEncoder:
+    @property
+    def has_int8(self) -> bool:
+        """Whether the export kept an int8 graph (its top-10 agreed with float32's on the probes)."""
+        return self.record is not None and INT8_FILE in self.record.files
+
+    def open(self, threads: int | None = None, spin: bool = True, int8: bool = False) -> OnnxImageEncoder:
         """The tower in ONNX Runtime; ``threads``: intra-op threads (None: every core); ``spin=False`` when other
-        processes (decode workers) need the cores its threads would wait on."""
+        processes (decode workers) need the cores its threads would wait on; ``int8``: the int8 graph."""
         if self.record is None or self.problem is not None:
             raise ValueError(self.problem or "no exported image tower")
-        return OnnxImageEncoder(self.folder, self.record, threads=threads, identity=self.identity, spin=spin)
+        graph = INT8_FILE if int8 else TOWER_FILE
+        return OnnxImageEncoder(self.folder, self.record, graph, threads, self.identity, spin)
 
 
 _OPEN: dict[tuple, OnnxImageEncoder] = {}
 _OPENING = threading.Lock()
 
 
-def shared_image_encoder(tower: ExportedImageTower, threads: int | None = None, spin: bool = True) -> OnnxImageEncoder:
-    """One session per process for a tower and thread count, as ``Encoder.load`` keeps one torch model: a
+def shared_image_encoder(
+    tower: ExportedImageTower, threads: int | None = None, spin: bool = True, int8: bool = False
+) -> OnnxImageEncoder:
+    """One session per process for a tower, graph and thread count, as ``Encoder.load`` keeps one torch model: a
     watcher's preload and its runs, a server's image queries share it."""
-    key = (str(tower.folder), tower.record.digest if tower.record else "", threads, spin)
+    key = (str(tower.folder), tower.record.digest if tower.record else "", threads, spin, int8)
     with _OPENING:
         if key not in _OPEN:
             _OPEN.clear()  # one image tower in memory
-            _OPEN[key] = tower.open(threads, spin)
+            _OPEN[key] = tower.open(threads, spin, int8)
         return _OPEN[key]
 
 
@@ -158,12 +183,14 @@ def choose_image_backend(device: Device, tower: ExportedImageTower, int8: bool =
     that do not export. Decided from facts known without loading anything (`clipsearch info` says it)."""
     if device.is_cuda:
         return BackendChoice(TORCH, "CUDA: the ONNX image tower runs on the CPU", f"torch model on {device}")
-    if int8:
-        return BackendChoice(TORCH, "--int8: torch's dynamic int8 image tower", "torch model (int8)")
+    if int8 and not (tower.current and tower.has_int8):
+        why = "the export kept no int8 graph" if tower.current else tower.problem
+        return BackendChoice(TORCH, f"--int8: torch's dynamic int8 image tower ({why})", "torch model (int8)")
     if not tower.current:
         return BackendChoice(TORCH, f"{tower.problem}; a CPU run that encodes exports it", f"torch model on {device}")
     why = unsupported_preprocess(tower.identity.preprocess if tower.identity else {})
     if why is not None:
         return BackendChoice(TORCH, why, f"torch model on {device}")
-    precision = tower.record.precision if tower.record else "?"
-    return BackendChoice(ONNX, "exported, current", f"ONNX {precision} image tower")
+    precision = "int8" if int8 else (tower.record.precision if tower.record else "?")
+    return BackendChoice(ONNX, "--int8: int8 graph, checked against float32" if int8 else "exported, current",
+                         f"ONNX {precision} image tower")  # fmt: skip

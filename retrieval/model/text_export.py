@@ -63,13 +63,14 @@ def export_module(module: Any, example: Any, path: Path, input_name: str, dynami
     return path
 
 
-def quantize_int8(source: Path, target: Path) -> Path:
+def quantize_int8(source: Path, target: Path, per_channel: bool = False) -> Path:
     """Dynamic int8 weights (MatMul and the token embedding), activations quantised per call: a quarter of the
-    bytes a query reads; docs/benchmarks.md has the measured cost in recall."""
+    bytes a query reads; docs/benchmarks.md has the measured cost in recall. ``per_channel``: a scale per output
+    channel (the image tower: its vectors move less)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet():
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=False)
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=per_channel)
     return target
 
 

@@ -12,6 +12,13 @@ import numpy as np
 from retrieval.errors import EmptyIndexError, UsageError
 from retrieval.model.device import Device, resolve_device
 from retrieval.model.encoder import Encoder
+from retrieval.model.image_onnx import (
+    ONNX,
+    ImageEncoder,
+    cached_image_tower,
+    choose_image_backend,
+    shared_image_encoder,
+)
 from retrieval.model.spec import ModelIdentity, ModelSpec, spec_key
 from retrieval.model.text_encoder import BackendChoice, TextEncoder, open_text_encoder
 from retrieval.model.text_onnx import exported_tower
@@ -80,6 +87,7 @@ class SearchEngine:
         if model is not None:
             self.catalog.check_model(spec_key(model), model.describe())
         self._encoder: Encoder | None = None
+        self._image: ImageEncoder | None = None  # image queries: ONNX or the torch model (image_encoder)
         self._vectors: VectorIndex | None = None
         self._text: tuple[tuple, TextEncoder, BackendChoice] | None = None  # (what it was chosen from, encoder, choice)
         self.rerank_model = rerank_model  # ITM re-ranker folder; None: FOLDER-itm beside a local-dir:FOLDER model
@@ -110,6 +118,22 @@ class SearchEngine:
             self.catalog.check_model(spec_key(spec), spec.describe())
             self._encoder = Encoder.load(spec, self.device)
         return self._encoder
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        """For images outside the index (``similar`` with a new file, uploads): the model's cached ONNX image tower
+        on the CPU when current (no torch: ``choose_image_backend``), else the torch model."""
+        if self._image is None:
+            self.model_spec  # noqa: B018  (an empty index says so)
+            tower = cached_image_tower(self.identity.key())
+            if choose_image_backend(self.device, tower).backend == ONNX:
+                try:
+                    self._image = shared_image_encoder(tower)
+                except Exception:  # noqa: BLE001  (the torch model still answers)
+                    self._image = None
+            if self._image is None:
+                self._image = self.encoder
+        return self._image
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -227,7 +251,7 @@ class SearchEngine:
     def _image_vector(self, term: Term) -> tuple[np.ndarray, int | None]:
         """An image term's vector, and its id when it is an indexed image (its stored vector is used)."""
         if term.picture is not None:
-            return self.encoder.encode_pil([term.picture]), None
+            return self.image_encoder.encode_pil([term.picture]), None
         if term.image_id is not None:
             row = self.row(term.image_id)
             if row is None or row.status != STATUS_OK:
@@ -342,10 +366,10 @@ class SearchEngine:
         from retrieval.images import DecodeError, load_image
 
         try:
-            image = load_image(path, self.encoder.identity.image_size)
+            image = load_image(path, self.image_encoder.identity.image_size)
         except DecodeError as error:
             raise UsageError(f"cannot use {path} as a query: {error}") from None
-        return self.encoder.encode_pil([image])
+        return self.image_encoder.encode_pil([image])
 
 
 def _result(rank: int, row: ImageRow, score: float, matched: str = "clip") -> SearchResult:

@@ -101,10 +101,11 @@ class SearchService:
             pass  # nothing indexed yet: search answers 409 until the indexer has committed
 
     def _warm_images(self) -> None:
-        """The image model (uploads and images outside the index need it); ``Encoder.load`` builds it once even
-        when a query asks for it at the same time."""
+        """The image encoder (uploads and images outside the index need it: the ONNX tower when cached, else the
+        torch model); ``Encoder.load`` and ``shared_image_encoder`` build it once even when a query asks for it at
+        the same time."""
         with contextlib.suppress(EmptyIndexError):
-            self.engine.encoder  # noqa: B018
+            self.engine.image_encoder  # noqa: B018
 
     def query(self, search: Callable[[SearchEngine], T]) -> T:
         """``search(engine)`` on the query thread, after picking up vectors an indexer committed meanwhile."""
