@@ -152,7 +152,7 @@ def _vectors_by_name(index_dir: Path, folder: Path) -> dict[str, np.ndarray]:
 def test_cpu_indexing_encodes_with_the_cached_tower_as_torch_does(settings, photo_folder, tmp_path, cache_home):
     """The first CPU run encodes with torch and exports the tower; a new index of the same model then encodes with
     ONNX Runtime, through decode workers that hand over uint8 crops, and stores the same vectors (cosine >=
-    0.9999); `info` says which backend encodes."""
+    0.9999); `info` says which backend encodes. `--int8` encodes with the int8 graph the export kept."""
     from dataclasses import replace
 
     from retrieval.model.device import CPU
@@ -167,6 +167,10 @@ def test_cpu_indexing_encodes_with_the_cached_tower_as_torch_does(settings, phot
     cosines = [float(np.dot(by_torch[name], by_onnx[name])) for name in by_torch]
     assert min(cosines) >= 0.9999
     assert Catalog(IndexLayout(second).catalog, create=False).model_identity().key() == _recorded(first)["model_key"]
+    assert _recorded(first)["int8_overlap"] >= 0.9  # the int8 graph was kept: `--int8` encodes with it
+    third = _index(tmp_path, photo_folder, replace(settings, int8=True), "int8")
+    by_int8 = _vectors_by_name(third, photo_folder)
+    assert min(float(np.dot(by_onnx[name], by_int8[name])) for name in by_onnx) >= 0.99
 
 
 CLI_WITHOUT_TORCH = """
