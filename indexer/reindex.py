@@ -125,8 +125,9 @@ def builds_at_end(catalog: Catalog, incoming: int, index_type: str | None, max_m
     requested = index_type or requested_type(catalog)
     budget = recorded_budget(catalog) if max_memory is None else max_memory
     count = catalog.count(STATUS_OK) + incoming
-    wanted = requested if requested != AUTO else choose_index_type(count, identity.embed_dim, budget)
-    return wanted != recorded_type(catalog)
+    current = recorded_type(catalog)
+    wanted = requested if requested != AUTO else choose_index_type(count, identity.embed_dim, budget, current)
+    return wanted != current
 
 
 def planned_type(catalog: Catalog, dim: int) -> str:
@@ -134,11 +135,19 @@ def planned_type(catalog: Catalog, dim: int) -> str:
     requested = requested_type(catalog)
     if requested != AUTO:
         return requested
-    return choose_index_type(catalog.count(STATUS_OK), dim, recorded_budget(catalog))
+    return choose_index_type(catalog.count(STATUS_OK), dim, recorded_budget(catalog), recorded_type(catalog))
 
 
-def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: Device) -> ReindexSummary:
-    """Build ``index_type`` from stored embeddings, tune and measure it, save it, then record it (write lock held)."""
+def rebuild_as(
+    catalog: Catalog,
+    layout: IndexLayout,
+    index_type: str,
+    device: Device,
+    probes: tuple[np.ndarray, str] | None = None,
+) -> ReindexSummary:
+    """Build ``index_type`` from stored embeddings, tune and measure it, save it, then record it (write lock held).
+    ``probes``: (query vectors, their kind) to tune with instead of the model's own text probes (a benchmark's
+    synthetic catalog has no model to encode them)."""
     started = time.perf_counter()
     identity = _identity(catalog, layout)
     previous = recorded_type(catalog)
@@ -146,7 +155,7 @@ def rebuild_as(catalog: Catalog, layout: IndexLayout, index_type: str, device: D
     params = default_params(index_type, count, dim)
     index, report, note = VectorIndex.build(dim, catalog.iter_embeddings(), index_type, params), None, None
     if not index.kind.exact:
-        queries, probe_kind = probe_queries(catalog, identity, device)
+        queries, probe_kind = probes or probe_queries(catalog, identity, device)
         exact = exact_top_k(catalog.iter_embeddings(), queries)
         index, report = _tuned(catalog, index, params, queries, exact, probe_kind)
         if report.recall < TARGET_RECALL:  # the promise cannot be kept: exact search, and the user is told

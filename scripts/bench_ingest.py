@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +48,22 @@ GOAL = 50_000
 META = ImageMeta("2023-07-14 18:02:11", "exif", "Canon", "EOS R6", 1, 4032, 3024, True, "jpg")  # read by the worker
 
 
+MONTHS = [replace(META, taken_at=f"{2015 + m // 12}-{m % 12 + 1:02d}-14 18:02:11") for m in range(120)]
+
+
 def encoded_rows(
-    vectors: np.ndarray, failed_every: int = 500, first: int = 0
+    vectors: np.ndarray, failed_every: int = 500, first: int = 0, dated: bool = False
 ) -> list[tuple[WorkItem, DecodedItem, np.ndarray | None]]:
     """What the cluster streams back: facts, content hash, size in pixels, the vector (None for a broken file).
-    Files are numbered from ``first``, so batches made one after another name distinct files."""
+    Files are numbered from ``first``, so batches made one after another name distinct files. ``dated``: taken
+    dates spread over the 120 months of 2015-2024 (file i in month i % 120), for filtered queries."""
     rows = []
     for i, vector in enumerate(vectors, start=first):
+        meta = MONTHS[i % 120] if dated else META
         facts = FileFacts(f"/archive/{i // 1000:05d}/IMG_{i:08d}.jpg", 3_000_000 + i, 1_700_000_000_000_000_000 + i)
         broken = failed_every and i % failed_every == failed_every - 1
         decoded = DecodedItem(i, None, f"{i:064x}", None if broken else 4032, None if broken else 3024,
-                              "corrupt or truncated image" if broken else None, None if broken else META)  # fmt: skip
+                              "corrupt or truncated image" if broken else None, None if broken else meta)  # fmt: skip
         rows.append((WorkItem(facts, None), decoded, None if broken else vector))
     return rows
 

@@ -1,16 +1,20 @@
-"""Search latency, memory and recall at 10k / 100k / 1M (and optionally 10M) vectors.
+"""Search latency, memory and recall at 10k / 100k / 1M vectors.
 
     python scripts/bench_search.py                      # 10k, 100k, 1M; flat everywhere, ivf/ivfpq from 100k
     python scripts/bench_search.py --sizes 10k,100k     # quicker
-    python scripts/bench_search.py --with-10m           # adds 10M as ivfpq only (about 3 GB, several minutes)
+
+10M and more go through the real writer and auto's build: scripts/bench_scale.py.
 
 Vectors are synthetic but CLIP-like (retrieval.testing: clustered, anisotropic, with a text/image
 modality gap), 512-d, rounded to float16 as the catalog stores them. Queries are text-like vectors; "one text query"
 latency adds the real encoding of a caption with ViT-B-32's text tower (random weights: same cost as trained ones).
 Reported per size and index type: build time, memory (size of the FAISS index, which is what stays resident),
 warm latency p50/p99 one query at a time and per query in batches of 64, and recall@10 against exact search.
-Approximate types are tuned (nprobe / efSearch / rescoring depth) on half the queries and measured on the others;
-ivfpq candidates are rescored from an in-memory float16 copy here (the engine reads them from the catalog).
+Approximate types are tuned (nprobe / efSearch / rescoring depth) on half the tuning queries and checked on the
+other half ("held-out"); latency and recall@10 are then measured on queries from another distribution (text-like
+vectors with more weight on their content: ``EmbeddingSpace.text_queries(content=0.4)``, another seed). ivfpq
+candidates are rescored from an in-memory float16 copy here (the engine reads them from the catalog). Each size
+also prints the type ``auto`` picks here (``choose_index_type``, with the exact scan timed on this machine).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrieval.store.index_types import default_params  # noqa: E402
+from retrieval.store.index_types import choose_index_type, default_params, exact_scan_seconds  # noqa: E402
 from retrieval.store.tuning import exact_top_k, probe_texts, recall_at_k, tune  # noqa: E402
 from retrieval.store.vectors import VectorIndex  # noqa: E402
 from retrieval.testing import EmbeddingSpace  # noqa: E402
@@ -37,6 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the clipsearch command
 
 DIM = 512
 BATCH = 64
+EVAL_CONTENT = 0.4  # measuring queries: another distribution than the tuning ones (0.25)
 GOALS_MS = {100_000: 20.0, 1_000_000: 50.0}  # p50 of one text query, encoding included
 
 
@@ -110,9 +115,13 @@ def bench_size(n: int, types: list[str], space: EmbeddingSpace, args, encoder, c
     started = time.perf_counter()
     vectors = space.all_images(n, seed=11).astype(np.float16).astype(np.float32)
     ids = np.arange(n, dtype=np.int64) + 1
-    queries = space.text_queries(args.queries, seed=12)
+    queries = space.text_queries(args.queries, seed=12)  # tuning
+    others = space.text_queries(args.queries, seed=13, content=EVAL_CONTENT)  # measuring: another distribution
     print(f"generated in {time.perf_counter() - started:.1f} s", flush=True)
-    exact = exact_top_k([(ids[i : i + 50_000], vectors[i : i + 50_000]) for i in range(0, n, 50_000)], queries)
+    blocks = [(ids[i : i + 50_000], vectors[i : i + 50_000]) for i in range(0, n, 50_000)]
+    exact = (exact_top_k(blocks, queries), others, exact_top_k(blocks, others))
+    auto = choose_index_type(n, DIM)
+    print(f"auto picks {auto} here (exact scan {exact_scan_seconds(DIM) * n * 1000:.1f} ms a query, timed)")
     rows = []
     for index_type in types:
         if index_type == "hnsw" and n > args.hnsw_max:
@@ -132,8 +141,8 @@ def bench_type(index_type, n, ids, vectors, queries, exact, encoder, captions, a
     if index_type != "flat":
         stored = vectors.astype(np.float16)
         index.rescore_source = lambda wanted: stored[np.asarray(wanted) - 1].astype(np.float32)
-        tuned = tune(index, queries, exact, "text")
-    row = measure(index, index_type, n, build_s, queries, exact, encoder, captions, tuned)
+        tuned = tune(index, queries, exact[0], "text")
+    row = measure(index, index_type, n, build_s, exact[1], exact[2], encoder, captions, tuned)
     print(json.dumps(row), flush=True)
     return row
 
@@ -164,44 +173,6 @@ def index_bytes(index: VectorIndex) -> int:
     import faiss
 
     return int(faiss.serialize_index(index.index).nbytes)
-
-
-def bench_10m(space: EmbeddingSpace, args, encoder, captions) -> list[dict]:
-    """10M as ivfpq. The float16 vectors go to a memory-mapped file (10 GB on disk, like the catalog), never all
-    into memory; exact top-10 is computed while they are written, and ivfpq rescores from the file."""
-    import tempfile
-
-    n, chunk = args.big_size, 250_000
-    print(f"\n== {n:,} vectors (ivfpq only) ==", flush=True)
-    queries = space.text_queries(args.queries, seed=12)
-    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-        stored = np.lib.format.open_memmap(Path(scratch) / "vectors.npy", "w+", np.float16, (n, DIM))
-        started = time.perf_counter()
-
-        def generated():
-            for i, block in enumerate(space.images(n, seed=13, chunk=chunk)):
-                stored[i * chunk : i * chunk + len(block)] = block
-                yield np.arange(i * chunk, i * chunk + len(block), dtype=np.int64), block.astype(np.float16)
-
-        exact = exact_top_k(((ids, block.astype(np.float32)) for ids, block in generated()), queries)
-        stored.flush()
-        print(f"generated, written and exact top-10 found in {time.perf_counter() - started:.0f} s", flush=True)
-
-        def from_file():
-            for start in range(0, n, chunk):
-                rows = np.asarray(stored[start : start + chunk], dtype=np.float32)
-                yield np.arange(start, start + len(rows), dtype=np.int64), rows
-
-        started = time.perf_counter()
-        index = VectorIndex.build(DIM, from_file(), "ivfpq", default_params("ivfpq", n, DIM))
-        build_s = time.perf_counter() - started
-        index.rescore_source = lambda wanted: np.asarray(stored[np.sort(wanted)], np.float32)[
-            np.argsort(np.argsort(wanted))
-        ]
-        tuned = tune(index, queries, exact, "text")
-        row = measure(index, "ivfpq", n, build_s, queries, exact, encoder, captions, tuned)
-    print(json.dumps(row), flush=True)
-    return [row]
 
 
 def bench_cold(n: int, space: EmbeddingSpace, model: str | None, args) -> dict:
@@ -347,9 +318,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="text encoder (default: random ViT-B-32; none: skip)")
     parser.add_argument("--hnsw-max", type=parse_size, default=100_000, help="largest size to build hnsw at")
     parser.add_argument("--ivf-min", type=parse_size, default=100_000, help="smallest size to build ivf types at")
-    parser.add_argument("--with-10m", action="store_true", help="also 10M vectors as ivfpq")
-    parser.add_argument("--big-size", type=parse_size, default=10_000_000, help="the size --with-10m uses")
-    parser.add_argument("--scratch", type=Path, default=None, help="folder for the 10M float16 file (10 GB)")
+    parser.add_argument("--scratch", type=Path, default=None, help="folder for the --cold index")
     parser.add_argument("--cold", type=parse_size, default=0, help="also time `clipsearch search` cold at this size")
     parser.add_argument("--cold-runs", type=int, default=10, help="fresh processes per cold command")
     parser.add_argument("--reuse-index", type=Path, default=None, help="cold runs on an index --cold built before")
@@ -378,8 +347,6 @@ def main() -> None:
     rows = []
     for n in [parse_size(s) for s in args.sizes.split(",") if s.strip()]:
         rows.extend(bench_size(n, types, space, args, encoder, captions))
-    if args.with_10m:
-        rows.extend(bench_10m(space, args, encoder, captions))
     cold = bench_cold(args.cold, space, args.model, args) if args.cold else None
     print("\nvectors     type    build s  memory MB  search p50/p99 ms  text query p50/p99 ms  batched ms/q  recall@10")
     for r in rows:

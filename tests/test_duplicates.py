@@ -21,9 +21,10 @@ from indexer.pipeline import IndexSettings, index_paths
 from retrieval.model.spec import ModelSpec
 from retrieval.pixel_print import PRINT_BYTES
 from retrieval.search.duplicate_defaults import DEFAULT_PIXEL_THRESHOLD
-from retrieval.search.duplicates import duplicates_in_index, link_pairs
+from retrieval.search.duplicates import NEIGHBOURS, duplicates_in_index, link_pairs, similar_pairs
 from retrieval.store.layout import IndexLayout
-from retrieval.testing import load_script
+from retrieval.testing import EmbeddingSpace, load_script
+from retrieval.unit import unit_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ModelSpec(f"local-dir:{ROOT / 'data' / 'models' / 'shapes-clip'}", None)
@@ -42,6 +43,24 @@ def duplicate_index(tmp_path_factory):
 
 def pairs(groups) -> set[tuple[str, str]]:
     return {tuple(sorted(p)) for group in groups for p in itertools.combinations(group, 2)}
+
+
+def test_the_neighbour_graph_finds_the_pairs_all_pairs_finds():
+    """Past EXACT_PAIRS_LIMIT candidate pairs come from a k-NN graph: on clustered CLIP-like vectors with planted
+    copies (pairs, and one photo with more copies than NEIGHBOURS) it finds exactly the pairs scoring every pair
+    finds, at two thresholds."""
+    rng = np.random.default_rng(4)
+    vectors = EmbeddingSpace.make(64, clusters=50, seed=4).all_images(4000, seed=5)
+    originals = rng.choice(len(vectors), size=120, replace=False)
+    copies = [unit_rows(vectors[i] + 0.03 * rng.standard_normal(64)) for i in originals[:100]]
+    crowd = [unit_rows(vectors[originals[100]] + 0.01 * rng.standard_normal(64)) for _ in range(NEIGHBOURS + 8)]
+    vectors = np.vstack([vectors, *copies, *crowd]).astype(np.float32)
+    for threshold in (0.97, 0.95):
+        exact = similar_pairs(vectors, threshold)
+        graph = similar_pairs(vectors, threshold, exact_limit=0)
+        assert len(exact[0]) > (NEIGHBOURS + 8) * (NEIGHBOURS + 9) // 2  # the crowd alone
+        assert set(zip(*graph[:2])) == set(zip(*exact[:2]))
+        assert np.allclose(np.sort(graph[2]), np.sort(exact[2]), atol=1e-5)
 
 
 def test_link_pairs_complete_does_not_chain():

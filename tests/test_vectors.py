@@ -8,7 +8,13 @@ import pytest
 
 from retrieval.errors import UsageError
 from retrieval.model.device import CPU
-from retrieval.store.index_types import EXACT_LIMIT, bytes_per_vector, choose_index_type, parse_memory
+from retrieval.store.index_types import (
+    EXACT_LIMIT,
+    bytes_per_vector,
+    choose_index_type,
+    exact_scan_seconds,
+    parse_memory,
+)
 from retrieval.store.tuning import exact_top_k, recall_at_k, tune
 from retrieval.store.vectors import VectorIndex
 from retrieval.testing import EmbeddingSpace
@@ -143,14 +149,26 @@ def test_ivf_trains_itself_on_first_vectors_when_built_empty(collection):
     assert index.params.nlist <= 300 // 39
 
 
-def test_auto_is_exact_up_to_a_million_then_fits_the_memory_budget():
-    dim = 512
-    assert choose_index_type(10_000, dim) == "flat"
-    assert choose_index_type(EXACT_LIMIT, dim, max_memory=8 << 30) == "flat"
-    assert choose_index_type(EXACT_LIMIT + 1, dim, max_memory=8 << 30) == "ivf"
-    assert choose_index_type(10_000_000, dim, max_memory=8 << 30) == "ivfpq"
-    assert choose_index_type(100_000, dim, max_memory=100 << 20) == "ivfpq"  # flat would need ~200 MB
+def test_auto_is_exact_while_a_scan_is_fast_enough_then_fits_the_memory_budget():
+    dim, fast, slow = 512, 1e-9, 50e-9  # seconds a vector of bare scan: a fast machine, this 2-core one
+    assert choose_index_type(10_000, dim) == "flat"  # small: never timed
+    assert choose_index_type(EXACT_LIMIT, dim, max_memory=8 << 30, scan_s=fast) == "flat"
+    assert choose_index_type(EXACT_LIMIT + 1, dim, max_memory=8 << 30, scan_s=fast) == "ivf"
+    assert choose_index_type(EXACT_LIMIT, dim, max_memory=8 << 30, scan_s=slow) == "ivf"  # 50 ms bare scan
+    assert choose_index_type(150_000, dim, max_memory=8 << 30, scan_s=slow) == "flat"  # 7.5 ms: within 20 / 2
+    assert choose_index_type(250_000, dim, max_memory=8 << 30, scan_s=slow) == "ivf"  # 12.5 ms
+    assert choose_index_type(250_000, dim, max_memory=8 << 30, current="flat", scan_s=slow) == "flat"  # no flapping
+    assert choose_index_type(10_000_000, dim, max_memory=8 << 30, scan_s=fast) == "ivfpq"
+    assert choose_index_type(100_000, dim, max_memory=100 << 20, scan_s=fast) == "ivfpq"  # flat: ~200 MB
     assert bytes_per_vector("ivfpq", dim) < bytes_per_vector("flat", dim) / 20
+
+
+def test_the_exact_scan_is_timed_on_this_machine():
+    """The cost auto budgets with is a measurement of the flat kind's own search: slower than a memory read of
+    the vectors can be, and far faster than a Python loop over them."""
+    per_vector = exact_scan_seconds(512)
+    assert 1e-10 < per_vector < 1e-5
+    assert exact_scan_seconds(512) == per_vector  # measured once
 
 
 def test_memory_sizes_read_like_people_write_them():

@@ -1,10 +1,11 @@
 """Near-duplicate photos: the vectors propose pairs, the pixels decide, and groups hold only mutual copies.
 
-The exact stored embeddings are read from the catalog (the FAISS file may be approximate) and
-range-searched with an exact inner-product index, block by block, so memory stays at one float32 copy of the
-vectors: every pair at or above the cosine ``threshold`` is a candidate. A cosine cannot tell a copy from another
-picture of the same kind (a generic or small model puts unrelated scenes above 0.99), so each candidate pair is
-then verified on the images' pixel prints (``retrieval.pixel_print``, stored at index time; rows indexed before
+The exact stored embeddings are read from the catalog (the FAISS file may be approximate); every pair at or above
+the cosine ``threshold`` is a candidate. Up to ``EXACT_PAIRS_LIMIT`` vectors they are range-searched with an exact
+inner-product index, block by block; past it each vector's nearest neighbours come from an HNSW graph built for the
+pass, since all pairs cost the square of the collection (``similar_pairs``). A cosine cannot tell a copy from
+another picture of the same kind (a generic or small model puts unrelated scenes above 0.99), so each candidate pair
+is then verified on the images' pixel prints (``retrieval.pixel_print``, stored at index time; rows indexed before
 schema 5 get theirs computed from the file here, once, and stored when the catalog can be written).
 
 Linkage: ``complete`` (the default) makes groups in which every two members are verified duplicates of each
@@ -33,6 +34,9 @@ from retrieval.store.paths import display_path
 
 LINKAGES = ("complete", "single")
 QUERY_BLOCK = 4096  # query rows per range search: bounds FAISS's result buffers
+EXACT_PAIRS_LIMIT = 50_000  # up to this many vectors every pair is scored; past it a k-NN graph proposes pairs
+NEIGHBOURS = 32  # graph neighbours looked at per vector (a row with more copies is range-searched exactly)
+GRAPH_M, GRAPH_EF_BUILD, GRAPH_EF_SEARCH = 32, 80, 128  # HNSW links per node, build and search breadth
 ROWS_CHUNK = 500  # ids per catalog lookup
 
 
@@ -223,26 +227,72 @@ def check_threshold(threshold: float, option: str = "--threshold") -> None:
         raise UsageError(f"{option} must be a similarity above 0 and at most 1, e.g. 0.9")
 
 
-def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair of rows (i < j) whose inner product is at least ``threshold``: (i, j, similarity) arrays."""
-    import faiss
-
+def similar_pairs(
+    vectors: np.ndarray, threshold: float, exact_limit: int = EXACT_PAIRS_LIMIT
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of rows (i < j) whose inner product is at least ``threshold``: (i, j, similarity) arrays. Up to
+    ``exact_limit`` rows every pair is scored; past it a k-nearest-neighbour graph proposes them (``_graph_pairs``),
+    since scoring every pair grows with the square of the collection (200k rows: over 10 minutes here)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(vectors) < 2:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0, dtype=np.float32)
+    if len(vectors) > exact_limit:
+        return _graph_pairs(vectors, threshold)
+    return _range_pairs(vectors, np.arange(len(vectors)), threshold)
+
+
+def _range_pairs(vectors: np.ndarray, rows: np.ndarray, threshold: float):
+    """Exact: the pairs (i < j) at or above ``threshold`` that involve one of ``rows``, by range search."""
+    import faiss
+
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     radius = np.nextafter(np.float32(threshold), np.float32(-np.inf))  # FAISS keeps scores strictly above it
     firsts, seconds, scores = [], [], []
+    for start in range(0, len(rows), QUERY_BLOCK):
+        block = rows[start : start + QUERY_BLOCK]
+        lims, found_scores, found = index.range_search(vectors[block], float(radius))
+        queried = np.repeat(block, np.diff(lims).astype(np.int64))
+        keep = (found != queried) & (found_scores >= threshold)
+        firsts.append(queried[keep])
+        seconds.append(found[keep].astype(np.int64))
+        scores.append(found_scores[keep])
+    return _unique_pairs(np.concatenate(firsts), np.concatenate(seconds), np.concatenate(scores))
+
+
+def _graph_pairs(vectors: np.ndarray, threshold: float):
+    """Each row's ``NEIGHBOURS`` nearest rows from an HNSW graph (about N log N work instead of N^2), the pairs at
+    or above ``threshold`` kept. A row whose neighbours all clear the threshold may have more copies than that:
+    those rows alone are range-searched exactly, so a large group of copies is found whole."""
+    import faiss
+
+    graph = faiss.IndexHNSWFlat(vectors.shape[1], GRAPH_M, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = GRAPH_EF_BUILD
+    graph.add(vectors)
+    graph.hnsw.efSearch = GRAPH_EF_SEARCH
+    firsts, seconds, scores, crowded = [], [], [], []
     for start in range(0, len(vectors), QUERY_BLOCK):
-        lims, found_scores, found = index.range_search(vectors[start : start + QUERY_BLOCK], float(radius))
-        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims).astype(np.int64))
-        keep = (found > rows) & (found_scores >= threshold)
-        firsts.append(rows[keep])
+        found_scores, found = graph.search(vectors[start : start + QUERY_BLOCK], NEIGHBOURS)
+        queried = np.repeat(np.arange(start, start + len(found)), NEIGHBOURS).reshape(found.shape)
+        keep = (found >= 0) & (found != queried) & (found_scores >= threshold)
+        firsts.append(queried[keep])
         seconds.append(found[keep])
         scores.append(found_scores[keep])
-    return np.concatenate(firsts), np.concatenate(seconds).astype(np.int64), np.concatenate(scores)
+        crowded.append(start + np.flatnonzero(found_scores[:, -1] >= threshold))
+    del graph
+    crowded_rows = np.concatenate(crowded)
+    if len(crowded_rows):
+        first, second, score = _range_pairs(vectors, crowded_rows, threshold)
+        firsts, seconds, scores = [*firsts, first], [*seconds, second], [*scores, score]
+    return _unique_pairs(np.concatenate(firsts), np.concatenate(seconds), np.concatenate(scores))
+
+
+def _unique_pairs(first: np.ndarray, second: np.ndarray, score: np.ndarray):
+    """Each pair once, as (i < j), in (i, j) order, whichever side found it."""
+    low, high = np.minimum(first, second).astype(np.int64), np.maximum(first, second).astype(np.int64)
+    _, at = np.unique(low * (int(high.max(initial=0)) + 1) + high, return_index=True)
+    return low[at], high[at], score[at].astype(np.float32)
 
 
 def link_pairs(

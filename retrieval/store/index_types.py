@@ -16,6 +16,7 @@ is a new class here and its entry in ``KINDS`` (``tests/test_index_types.py`` ke
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,7 +28,12 @@ from retrieval.errors import IndexCorruptError, UsageError
 if TYPE_CHECKING:
     import numpy as np
 
-EXACT_LIMIT = 1_000_000  # auto keeps exact search up to this many vectors
+EXACT_LIMIT = 1_000_000  # auto keeps exact search up to this many vectors at most
+LATENCY_TARGET_S = 0.020  # auto keeps exact search while a lone query's scan is measured to take less
+ALWAYS_EXACT = 50_000  # below this many vectors a scan takes a few ms on any machine: not measured
+LEAVE_EXACT = 1.5  # an index that is exact now stays so until its scan is this much over the target (no flapping)
+SCAN_SHARE = 0.5  # of the target, for the bare scan: a lone query's whole path took 1.9x it at 1M (docs/scale.md)
+SCAN_SAMPLE = 131_072  # vectors in the timed scan: 128 MB at 512-d float16, past the CPU caches like a real one
 ID_BYTES = 24  # an int64 id plus its share of the reverse map
 TARGET_RECALL = 0.95
 RESCORE_MARGIN = 32  # extra candidates ranked exactly: covers float16 rounding (GPU) and ties at the cut
@@ -317,7 +323,7 @@ class IvfPq(Ivf):
         # OPQ rotates the vectors so that PQ's sub-vectors carry even shares of the variance: on text queries it
         # lifted recall@10 from 0.79 to 0.96 at 100 rescored candidates (100k CLIP-like vectors, 64 bytes each)
         rotate = sample is None or sample >= OPQ_MIN_TRAIN
-        factory = f"{f'OPQ{params.pq_m},' if rotate else ''}IVF{params.nlist},PQ{params.pq_m}x{params.pq_bits}"
+        factory = f"{f'OPQ{params.pq_m},' if rotate else ''}IVF{params.nlist},PQ{params.pq_m}x{params.pq_bits}np"
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         if rotate:
             faiss.downcast_VectorTransform(index.chain.at(0)).niter = OPQ_ITERATIONS
@@ -418,18 +424,48 @@ def default_memory_budget() -> int:
         return 8 << 30
 
 
-AUTO_RULE = "exact flat up to 1M images, then ivf, then ivfpq to fit --max-memory"  # for --index-type's help
+AUTO_RULE = (  # for --index-type's help
+    f"exact flat while a query's scan is measured under {LATENCY_TARGET_S * 1000:.0f} ms here (at most 1M "
+    "images), then ivf, then ivfpq to fit --max-memory"
+)
 
 
-def choose_index_type(n: int, dim: int, max_memory: int | None = None) -> str:
-    """Exact search while it fits (up to ``EXACT_LIMIT`` vectors), then IVF over full vectors, then IVF-PQ."""
+def choose_index_type(
+    n: int, dim: int, max_memory: int | None = None, current: str | None = None, scan_s: float | None = None
+) -> str:
+    """Exact search while it fits and a lone query answers within ``LATENCY_TARGET_S`` (its bare scan, timed on
+    this machine: ``scan_s`` seconds a vector, measured when None, within ``SCAN_SHARE`` of the target; an index
+    that is exact now stays exact up to ``LEAVE_EXACT`` times that), then IVF over full vectors, then IVF-PQ."""
     budget = default_memory_budget() if max_memory is None else max_memory
     params = IndexParams()
     if n <= EXACT_LIMIT and n * FLAT.bytes_per_vector(dim, params) <= budget:
-        return FLAT.name
+        allowed = LATENCY_TARGET_S * SCAN_SHARE * (LEAVE_EXACT if current == FLAT.name else 1.0)
+        if n <= ALWAYS_EXACT or n * (scan_s or exact_scan_seconds(dim)) <= allowed:
+            return FLAT.name
     if n * IVF.bytes_per_vector(dim, params) <= budget:
         return IVF.name
     return IVFPQ.name
+
+
+@functools.cache
+def exact_scan_seconds(dim: int) -> float:
+    """Seconds a lone query's exact scan takes per vector on this machine: the flat kind's own search over
+    ``SCAN_SAMPLE`` random vectors, best of 5 (the least disturbed by other work). Measured once a process."""
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    index = FLAT.make(dim, IndexParams())
+    index.add_with_ids(rng.standard_normal((SCAN_SAMPLE, dim), dtype=np.float32), np.arange(SCAN_SAMPLE))
+    query = rng.standard_normal((1, dim), dtype=np.float32)
+    index.search(query, 10)
+    best = math.inf
+    for _ in range(5):
+        started = time.perf_counter()
+        index.search(query, 10)
+        best = min(best, time.perf_counter() - started)
+    return best / SCAN_SAMPLE
 
 
 def check_index_type(index_type: str) -> str:
