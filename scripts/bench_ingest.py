@@ -129,10 +129,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunk", type=int, action="append", help="rows per commit (repeatable; default 256, 4096)")
     parser.add_argument("--index", action="append", choices=["none", "flat", "ivf"], help="default: all three")
+    parser.add_argument("--dated", action="store_true", help="taken dates over 120 months (bench_scale's rows)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     space = EmbeddingSpace.make(args.dim)
-    rows = encoded_rows(np.concatenate(list(space.images(args.rows, seed=1))).astype(np.float16).astype(np.float32))
+    vectors = np.concatenate(list(space.images(args.rows, seed=1))).astype(np.float16).astype(np.float32)
+    rows = encoded_rows(vectors, dated=args.dated)
     results = [
         measure(kind, chunk, rows, space, args.dim)
         for kind in args.index or ["none", "flat", "ivf"]

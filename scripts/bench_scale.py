@@ -152,6 +152,7 @@ def stage_build(args) -> dict:
     from indexer.reindex import planned_type, rebuild_as
     from retrieval.model.device import CPU
     from retrieval.store.catalog import Catalog, MetaKey
+    from retrieval.store.index_types import choose_index_type
     from retrieval.store.layout import IndexLayout
     from retrieval.store.write_lock import write_lock
 
@@ -159,12 +160,14 @@ def stage_build(args) -> dict:
     wall, cpu = time.perf_counter(), cpu_s()
     with write_lock(layout, True):
         catalog = Catalog(layout.catalog, create=False)
-        chosen = args.index_type or planned_type(catalog, DIM)
+        auto = planned_type(catalog, DIM)
+        chosen = args.index_type or auto
         summary = rebuild_as(catalog, layout, chosen, CPU, probes=(tune_queries(), "text"))
         catalog.close()
     print(summary.line(), flush=True)
     return {
-        "auto_choice": chosen,
+        "auto_choice": auto,
+        "auto_choice_at_10m": choose_index_type(10_000_000, DIM),
         "index_type": summary.index_type,
         "params": json.loads(_meta(layout, MetaKey.PARAMS) or "{}"),
         "build_wall_s": round(time.perf_counter() - wall, 1),
