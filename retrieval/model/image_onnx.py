@@ -85,7 +85,7 @@ class OnnxImageEncoder:
         self.record = record
         self.identity = identity
         self.precision = "int8" if graph_file == INT8_FILE else (record.precision or "float32")
-        self.session = cpu_session(folder / graph_file, threads, spin)
+        self.session = cpu_session(folder / graph_file, threads, spin, arena=False)
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.side = int(self.session.get_inputs()[0].shape[-1])
         self._normalise = normalisation_for(identity.preprocess if identity else {})

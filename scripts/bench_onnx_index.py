@@ -1,0 +1,269 @@
+"""CPU indexing through the ONNX image tower (issue 27) against a checkout of the code before, side by side.
+
+    python scripts/bench_onnx_index.py --before /tmp/main27            # both sets, both sides, one round
+    python scripts/bench_onnx_index.py --before /tmp/main27 --only refresh query
+
+For each side, fresh processes of `clipsearch index` on a fresh index (ViT-B-32, seeded random weights, the
+photos of scripts/bench_index.py: 200 x 12 MP and 1,000 x 500x375 JPEGs), from process start to exit:
+  img/s, wall, CPU (user + system of the process and its decode workers), peak memory of the process tree
+  (RSS summed, and PSS summed: forked workers share pages, which RSS counts once per process), load
+  bound      the decode+encode bound of that side's encoder: C / (C / E + 1 / D), E the encoder's images/s on
+             all C cores on prepared batches, D one worker's images/s decoding on one core
+  refresh    `clipsearch index` of an index of 100 photos after 2 new ones were copied in (text tower current)
+  query      cold `clipsearch search "a red car at night"`: wall, CPU and max RSS (/usr/bin/time), median of 3
+The image tower must already be in the per-user cache for the "after" side (any `clipsearch index` of the
+model on the CPU exports it; the first one pays for it): `--prepare` does that and the refresh index.
+Run it under the bench lock, with the others at nice 19: `flock /work/notes/bench.lock python ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.bench_index import CACHE, SETS, _exactly, ensure_model, ensure_photos  # noqa: E402
+
+QUERY = "a red car at night"
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every descendant, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def _memory(pids: list[int]) -> tuple[int, int]:
+    """(RSS, PSS) summed over ``pids``, in bytes."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return rss, pss
+
+
+def run_measured(command: list[str], env: dict, cwd: Path) -> dict:
+    """Wall, CPU (the process and the children it waited for) and peak tree memory of one command."""
+    peak = [0, 0]
+    started = time.perf_counter()
+    command = ["/usr/bin/time", "-f", "maxrss_kb=%M", *command]  # its own max RSS (the child's: not this process's)
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss, pss = _memory(_tree(process.pid))
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = process.stdout.read()
+    err = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{err[-3000:]}")
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "sys_s": round(usage.ru_stime, 1),
+        "peak_tree_rss_mb": round(peak[0] / 1e6),
+        "peak_tree_pss_mb": round(peak[1] / 1e6),
+        "main_process_max_rss_mb": round(int(err.rsplit("maxrss_kb=", 1)[1].split()[0]) / 1e3),
+        "load": round(os.getloadavg()[0], 2),
+        "out": out,
+    }
+
+
+def clipsearch(checkout: Path, *arguments: str) -> tuple[list[str], dict]:
+    env = {**os.environ, "PYTHONPATH": str(checkout), "CLIPSEARCH_EXPORT_TEXT": "0"}
+    return [sys.executable, "-c", "from clipsearch.cli import main; main()", *arguments], env
+
+
+def fresh_index(checkout: Path, folder: Path, model: str, count: int, scratch: Path) -> dict:
+    index_dir = Path(tempfile.mkdtemp(prefix="bench-onnx-", dir=scratch))
+    command, env = clipsearch(checkout, "index", str(folder), "--index", str(index_dir), "--model", model, "-q")
+    result = run_measured(command, env, checkout)
+    assert f"added {count}" in result.pop("out")
+    shutil.rmtree(index_dir, ignore_errors=True)
+    return result | {"images_per_s": round(count / result["wall_s"], 2)}
+
+
+def bound_torch(folder: Path, model: str) -> dict:
+    from scripts.bench_index import decode_bound
+
+    return decode_bound(folder, model, 32)
+
+
+def bound_onnx(folder: Path, model: str) -> dict:
+    """The same bound for the ONNX path: workers crop to uint8 squares, the session encodes them."""
+    from retrieval.images import ImageFileDataset
+    from retrieval.model.image_onnx import cached_image_tower
+    from retrieval.model.spec import ModelSpec, spec_key
+
+    tower = cached_image_tower(spec_key(ModelSpec(model, None), check=False))
+    encoder = tower.open(threads=os.cpu_count())
+    paths = [str(p) for p in sorted(folder.glob("photo_*.jpg"))[:32]]
+    dataset = ImageFileDataset(paths, encoder.crop, encoder.side)
+    started = time.perf_counter()
+    crops = np.stack([dataset[i].pixels for i in range(len(paths))])
+    decode = len(paths) / (time.perf_counter() - started)
+    encoder.encode_crops(crops)  # warm-up
+    started, done = time.perf_counter(), 0
+    while done < 64:
+        encoder.encode_crops(crops)
+        done += len(crops)
+    encode = done / (time.perf_counter() - started)
+    cores = os.cpu_count() or 1
+    bound = cores / (cores / encode + 1 / decode)
+    return {"encoder_only": round(encode, 2), "decode_one_core": round(decode, 1), "bound": round(bound, 2)}
+
+
+def prepare(model: str, scratch: Path) -> Path:
+    """The refresh/query index: 100 small photos, text tower exported (this checkout; the schema is shared)."""
+    folder = scratch / "refresh-photos"
+    index_dir = scratch / "refresh-index"
+    if not index_dir.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for path in sorted((CACHE / SETS["small"][2]).glob("photo_*.jpg"))[:100]:
+            shutil.copy(path, folder / path.name)
+        command, env = clipsearch(ROOT, "index", str(folder), "--index", str(index_dir), "--model", model, "-q")
+        subprocess.run(command, env=env, check=True)
+        command, env = clipsearch(ROOT, "export-text", "--index", str(index_dir))
+        subprocess.run(command, env=env, check=True)
+    return index_dir
+
+
+def refresh(checkout: Path, base: Path, scratch: Path, round_: int, side: str) -> dict:
+    """2 new photos in the folder of a copy of the prepared index, then `clipsearch index` of that copy."""
+    index_dir = scratch / f"refresh-{side}-{round_}"
+    shutil.rmtree(index_dir, ignore_errors=True)
+    shutil.copytree(base, index_dir, symlinks=True)
+    folder = scratch / "refresh-photos"
+    new = [folder / f"new-{side}-{round_}-{i}.jpg" for i in range(2)]
+    sources = sorted((CACHE / SETS["small"][2]).glob("photo_*.jpg"))[200 + 2 * round_ : 202 + 2 * round_]
+    for source, target in zip(sources, new):
+        shutil.copy(source, target)
+    try:
+        command, env = clipsearch(checkout, "index", "--index", str(index_dir), "-q")
+        env.pop("CLIPSEARCH_EXPORT_TEXT")  # as a user runs it (the tower is current: nothing to export)
+        result = run_measured(command, env, checkout)
+        assert "added 2" in result.pop("out")
+    finally:
+        for path in new:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(index_dir, ignore_errors=True)
+    return result
+
+
+def cold_query(checkout: Path, index_dir: Path) -> dict:
+    runs = []
+    for _ in range(3):
+        command, env = clipsearch(checkout, "search", QUERY, "--index", str(index_dir), "-k", "5")
+        result = run_measured(command, env, checkout)
+        result.pop("out")
+        runs.append(result)
+    keys = ("wall_s", "cpu_s", "main_process_max_rss_mb")
+    return {key: float(np.median([run[key] for run in runs])) for key in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, required=True, help="checkout of the code before (git worktree)")
+    parser.add_argument("--model", default=None, help="default: ViT-B-32 with seeded random weights")
+    parser.add_argument("--photos", type=int, default=200)
+    parser.add_argument("--small", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1, help="A,B then B,A ... alternated")
+    parser.add_argument("--only", nargs="*", default=["bound", "photos", "small", "refresh", "query"])
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "bench-onnx")
+    parser.add_argument("--prepare", action="store_true", help="only make the photos, the export and the index")
+    args = parser.parse_args()
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    model = ensure_model(args.model)
+    folders = {}
+    for name, count in (("photos", args.photos), ("small", args.small)):
+        width, height, folder = SETS[name]
+        ensure_photos(CACHE / folder, count, width, height)
+        folders[name] = (_exactly(CACHE / folder, count), count)
+    base = prepare(model, args.scratch)
+    if args.prepare:
+        return
+    sides = [("before", args.before), ("after", ROOT)]
+
+    def emit(**values) -> None:
+        print(json.dumps(values), flush=True)
+
+    if "bound" in args.only:
+        for name, (folder, _) in folders.items():
+            emit(figure="bound", set=name, side="before", **bound_torch(folder, model))
+            emit(figure="bound", set=name, side="after", **bound_onnx(folder, model))
+    for round_ in range(args.rounds):
+        order = sides if round_ % 2 == 0 else sides[::-1]
+        for name in ("photos", "small"):
+            if name in args.only:
+                folder, count = folders[name]
+                for side, checkout in order:
+                    emit(
+                        figure="fresh_index",
+                        set=name,
+                        side=side,
+                        round=round_,
+                        **fresh_index(checkout, folder, model, count, args.scratch),
+                    )
+        if "refresh" in args.only:
+            for side, checkout in order:
+                emit(
+                    figure="refresh_2_new",
+                    side=side,
+                    round=round_,
+                    **refresh(checkout, base, args.scratch, round_, side),
+                )
+        if "query" in args.only:
+            for side, checkout in order:
+                emit(
+                    figure="cold_text_query",
+                    side=side,
+                    round=round_,
+                    **cold_query(checkout, base),
+                    load=round(os.getloadavg()[0], 2),
+                )
+
+
+if __name__ == "__main__":
+    main()
