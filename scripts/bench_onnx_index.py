@@ -115,9 +115,10 @@ def clipsearch(checkout: Path, *arguments: str) -> tuple[list[str], dict]:
     return [sys.executable, "-c", "from clipsearch.cli import main; main()", *arguments], env
 
 
-def fresh_index(checkout: Path, folder: Path, model: str, count: int, scratch: Path) -> dict:
+def fresh_index(checkout: Path, folder: Path, model: str, count: int, scratch: Path, *extra: str) -> dict:
     index_dir = Path(tempfile.mkdtemp(prefix="bench-onnx-", dir=scratch))
     command, env = clipsearch(checkout, "index", str(folder), "--index", str(index_dir), "--model", model, "-q")
+    command += list(extra)
     result = run_measured(command, env, checkout)
     assert f"added {count}" in result.pop("out")
     shutil.rmtree(index_dir, ignore_errors=True)
@@ -213,6 +214,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["bound", "photos", "small", "refresh", "query"])
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "bench-onnx")
     parser.add_argument("--prepare", action="store_true", help="only make the photos, the export and the index")
+    parser.add_argument("--int8", action="store_true", help="fresh indexes also with `index --int8` (after only)")
     args = parser.parse_args()
     args.scratch.mkdir(parents=True, exist_ok=True)
     model = ensure_model(args.model)
@@ -224,7 +226,8 @@ def main() -> None:
     base = prepare(model, args.scratch)
     if args.prepare:
         return
-    sides = [("before", args.before), ("after", ROOT)]
+    sides = [("before", args.before, ()), ("after", ROOT, ())]
+    sides += [("after-int8", ROOT, ("--int8",))] if args.int8 else []
 
     def emit(**values) -> None:
         print(json.dumps(values), flush=True)
@@ -238,16 +241,16 @@ def main() -> None:
         for name in ("photos", "small"):
             if name in args.only:
                 folder, count = folders[name]
-                for side, checkout in order:
+                for side, checkout, extra in order:
                     emit(
                         figure="fresh_index",
                         set=name,
                         side=side,
                         round=round_,
-                        **fresh_index(checkout, folder, model, count, args.scratch),
+                        **fresh_index(checkout, folder, model, count, args.scratch, *extra),
                     )
         if "refresh" in args.only:
-            for side, checkout in order:
+            for side, checkout, _ in [entry for entry in order if not entry[2]]:
                 emit(
                     figure="refresh_2_new",
                     side=side,
@@ -255,7 +258,7 @@ def main() -> None:
                     **refresh(checkout, base, args.scratch, round_, side),
                 )
         if "query" in args.only:
-            for side, checkout in order:
+            for side, checkout, _ in [entry for entry in order if not entry[2]]:
                 emit(
                     figure="cold_text_query",
                     side=side,
