@@ -10,6 +10,7 @@ photos of scripts/bench_index.py: 200 x 12 MP and 1,000 x 500x375 JPEGs), from p
   bound      the decode+encode bound of that side's encoder: C / (C / E + 1 / D), E the encoder's images/s on
              all C cores on prepared batches, D one worker's images/s decoding on one core
   refresh    `clipsearch index` of an index of 100 photos after 2 new ones were copied in (text tower current)
+  watch      `index --watch`: a photo copied in as soon as it says it is watching, seconds to its committed row
   query      cold `clipsearch search "a red car at night"`: wall, CPU and max RSS (/usr/bin/time), median of 3
 The image tower must already be in the per-user cache for the "after" side (any `clipsearch index` of the
 model on the CPU exports it; the first one pays for it): `--prepare` does that and the refresh index.
@@ -193,6 +194,46 @@ def refresh(checkout: Path, base: Path, scratch: Path, round_: int, side: str) -
     return result
 
 
+def watch_first_change(checkout: Path, base: Path, scratch: Path, side: str) -> dict:
+    """`clipsearch index --watch` on a copy of the prepared index: a photo copied in as soon as it says it is
+    watching (as a new user would), and the seconds until its row is committed (searchable)."""
+    import sqlite3
+
+    index_dir = scratch / f"watch-{side}"
+    shutil.rmtree(index_dir, ignore_errors=True)
+    shutil.copytree(base, index_dir, symlinks=True)
+    folder = scratch / "refresh-photos"
+    target = folder / f"watched-{side}.jpg"
+    command, env = clipsearch(checkout, "index", "--watch", "--index", str(index_dir), "-q")
+    env.pop("CLIPSEARCH_EXPORT_TEXT")
+    process = subprocess.Popen(
+        command, env=env, cwd=checkout, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    started = time.perf_counter()
+    try:
+        for line in process.stderr:
+            if "watching for changes" in line:
+                break
+        ready = time.perf_counter() - started
+        source = sorted((CACHE / SETS["small"][2]).glob("photo_*.jpg"))[300]
+        copied = time.perf_counter()
+        shutil.copy(source, target)
+        database = sqlite3.connect(f"file:{index_dir / 'catalog.sqlite'}?mode=ro", uri=True, timeout=30)
+        while time.perf_counter() - copied < 120:
+            found = database.execute("SELECT status FROM images WHERE path = ?", (str(target),)).fetchone()
+            if found is not None:
+                break
+            time.sleep(0.05)
+        latency = time.perf_counter() - copied
+        database.close()
+    finally:
+        process.terminate()
+        process.wait(30)
+        target.unlink(missing_ok=True)
+        shutil.rmtree(index_dir, ignore_errors=True)
+    return {"watching_after_s": round(ready, 2), "copy_to_committed_s": round(latency, 2), "found": found is not None}
+
+
 def cold_query(checkout: Path, index_dir: Path) -> dict:
     runs = []
     for _ in range(3):
@@ -211,7 +252,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1, help="A,B then B,A ... alternated")
-    parser.add_argument("--only", nargs="*", default=["bound", "photos", "small", "refresh", "query"])
+    parser.add_argument("--only", nargs="*", default=["bound", "photos", "small", "refresh", "query", "watch"])
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "bench-onnx")
     parser.add_argument("--prepare", action="store_true", help="only make the photos, the export and the index")
     parser.add_argument("--int8", action="store_true", help="fresh indexes also with `index --int8` (after only)")
@@ -256,6 +297,14 @@ def main() -> None:
                     side=side,
                     round=round_,
                     **refresh(checkout, base, args.scratch, round_, side),
+                )
+        if "watch" in args.only:
+            for side, checkout, _ in [entry for entry in order if not entry[2]]:
+                emit(
+                    figure="watch_first_change",
+                    side=side,
+                    round=round_,
+                    **watch_first_change(checkout, base, args.scratch, side),
                 )
         if "query" in args.only:
             for side, checkout, _ in [entry for entry in order if not entry[2]]:
