@@ -277,6 +277,7 @@ def main() -> None:
         for name, (folder, _) in folders.items():
             emit(figure="bound", set=name, side="before", **bound_torch(folder, model))
             emit(figure="bound", set=name, side="after", **bound_onnx(folder, model))
+    scratch = args.scratch
     for round_ in range(args.rounds):
         order = sides if round_ % 2 == 0 else sides[::-1]
         for name in ("photos", "small"):
@@ -290,31 +291,16 @@ def main() -> None:
                         round=round_,
                         **fresh_index(checkout, folder, model, count, args.scratch, *extra),
                     )
-        if "refresh" in args.only:
-            for side, checkout, _ in [entry for entry in order if not entry[2]]:
-                emit(
-                    figure="refresh_2_new",
-                    side=side,
-                    round=round_,
-                    **refresh(checkout, base, args.scratch, round_, side),
-                )
-        if "watch" in args.only:
-            for side, checkout, _ in [entry for entry in order if not entry[2]]:
-                emit(
-                    figure="watch_first_change",
-                    side=side,
-                    round=round_,
-                    **watch_first_change(checkout, base, args.scratch, side),
-                )
-        if "query" in args.only:
-            for side, checkout, _ in [entry for entry in order if not entry[2]]:
-                emit(
-                    figure="cold_text_query",
-                    side=side,
-                    round=round_,
-                    **cold_query(checkout, base),
-                    load=round(os.getloadavg()[0], 2),
-                )
+        per_side = {  # figure name: what --only calls it, how one side is measured
+            "refresh_2_new": ("refresh", lambda checkout, side, r=round_: refresh(checkout, base, scratch, r, side)),
+            "watch_first_change": ("watch", lambda checkout, side: watch_first_change(checkout, base, scratch, side)),
+            "cold_text_query": ("query", lambda checkout, side: cold_query(checkout, base)),
+        }
+        for figure, (only, measure) in per_side.items():
+            if only in args.only:
+                for side, checkout, _ in [entry for entry in order if not entry[2]]:
+                    values = measure(checkout, side) | {"load": round(os.getloadavg()[0], 2)}
+                    emit(figure=figure, side=side, round=round_, **values)
 
 
 if __name__ == "__main__":
