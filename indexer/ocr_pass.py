@@ -21,15 +21,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import exists, select
-
+from indexer.text_pass import TextResult, commit_results, pending_images
 from retrieval.errors import Interrupted
-from retrieval.faults import fault_point
 from retrieval.images import DecodeError, content_hash, decode_image_and_size, read_file
 from retrieval.model.device import Device
 from retrieval.model.ocr import DECODE_MIN_SIDE, ReadLine, TextReader, require_ocr
-from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, TextPass
-from retrieval.store.image_text import OCR_SOURCE, store_text
+from retrieval.store.catalog import Catalog
+from retrieval.store.image_text import OCR_SOURCE
 
 COMMIT_EVERY = 16  # photos per transaction ...
 COMMIT_EVERY_S = 5.0  # ... or this often, whichever comes first
@@ -52,10 +50,7 @@ class OcrSummary:
 
 def pending_ocr(catalog: Catalog) -> list[tuple[int, str, str | None]]:
     """(id, path, content hash) of indexed images the OCR pass has not looked at, in id order."""
-    looked = exists().where(TextPass.image_id == ImageRow.id, TextPass.source == OCR_SOURCE)
-    with catalog.session() as session:
-        query = select(ImageRow.id, ImageRow.path, ImageRow.content_hash).where(ImageRow.status == STATUS_OK, ~looked)
-        return [tuple(row) for row in session.execute(query.order_by(ImageRow.id))]
+    return pending_images(catalog, OCR_SOURCE)
 
 
 def run_ocr_pass(
@@ -71,12 +66,12 @@ def run_ocr_pass(
     from tqdm import tqdm
 
     started = time.perf_counter()
-    batch: list[tuple[int, str | None, Outcome]] = []
+    batch: list[TextResult] = []
     last_commit = time.monotonic()
     try:
         with tqdm(total=len(work), unit="img", disable=not progress, dynamic_ncols=True, desc="reading text") as bar:
             for (image_id, _path, indexed_hash), outcome in zip(work, _outcomes(work, device, workers)):
-                batch.append((image_id, indexed_hash, outcome))
+                batch.append(TextResult(image_id, indexed_hash, *outcome))
                 bar.update(1)
                 if len(batch) >= commit_every or time.monotonic() - last_commit > COMMIT_EVERY_S:
                     _commit(catalog, batch, summary)
@@ -129,17 +124,8 @@ def read_photo(path: str) -> Outcome:
         return digest, [], f"cannot read text ({type(error).__name__}: {error})"
 
 
-def _commit(catalog: Catalog, batch: list[tuple[int, str | None, Outcome]], summary: OcrSummary) -> None:
-    if not batch:
-        return
-    with catalog.session() as session, session.begin():
-        for image_id, indexed_hash, (digest, lines, error) in batch:
-            row = session.get(ImageRow, image_id)
-            if row is None or row.content_hash != indexed_hash or (indexed_hash is not None and digest != indexed_hash):
-                continue  # gone or changed since it was encoded: the next run encodes it again, then reads it
-            store_text(session, image_id, OCR_SOURCE, lines, error)
-            summary.read += 1
-            summary.with_text += bool(lines)
-            summary.failed += error is not None
-        fault_point("ocr_commit_begin")
-    fault_point("ocr_commit_end")
+def _commit(catalog: Catalog, batch: list[TextResult], summary: OcrSummary) -> None:
+    for result in commit_results(catalog, OCR_SOURCE, batch):
+        summary.read += 1
+        summary.with_text += bool(result.lines)
+        summary.failed += result.error is not None

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
+from indexer.caption_pass import run_caption_pass
 from indexer.encoding import Chunk, ChunkSink, EncodedChunkSource
 from indexer.ingest import insert_new_rows
 from indexer.ocr_pass import COMMIT_EVERY, run_ocr_pass
@@ -30,6 +31,7 @@ from retrieval.errors import DiskFullError, Interrupted, ModelLoadError, UsageEr
 from retrieval.faults import fault_point
 from retrieval.image_meta import read_image_meta
 from retrieval.images import hash_file
+from retrieval.model.caption_folder import caption_folder, require_captioner
 from retrieval.model.device import Device, resolve_device
 from retrieval.model.encoder import Encoder
 from retrieval.model.image_onnx import (
@@ -73,6 +75,8 @@ class IndexSettings:
     ray: RaySettings | None = None  # encode on a Ray cluster (indexer.ray_runner); None: on this machine
     export_text: bool = True  # after a run that encoded images: export the text tower if missing or stale
     ocr: bool | None = None  # read the text in photos (indexer.ocr_pass); None keeps the index's own (new: off)
+    captions: bool | None = None  # write a caption per image (indexer.caption_pass); None keeps the index's own
+    captioner: Path | None = None  # the decoder folder (None: the recorded one, else FOLDER-cap beside the model)
     export_image: bool | None = None  # after a run that encoded images: export the image tower to the per-model
     # cache if missing (then record it), so later runs encode with ONNX Runtime; None: on the CPU only
 
@@ -94,6 +98,7 @@ class IndexSummary:
     encode_seconds: float = 0.0  # decoding + encoding + committing, without the model load (steady throughput)
     unchanged_failed: int = 0  # of ``unchanged``: files that failed before and were not retried
     text_note: str | None = None  # set when the OCR pass read photos (indexer.ocr_pass)
+    caption_note: str | None = None  # set when the caption pass wrote captions (indexer.caption_pass)
 
     @property
     def images_per_second(self) -> float:
@@ -136,6 +141,8 @@ def index_paths(
         check_index_type(settings.index_type)
     if settings.ocr:
         require_ocr()  # one line on how to install it, before any work
+    if settings.captions:
+        require_captioner(caption_folder(settings.model, settings.captioner))  # the same, for the decoder
     try:
         with write_lock(layout, settings.wait_for_lock, on_wait):
             summary = _index_locked(layout, folders, settings, progress)
@@ -289,6 +296,12 @@ def _plan_and_run(catalog: Catalog, layout: IndexLayout, folders, settings: Inde
         workers = default_workers(settings.device) if settings.workers is None else settings.workers
         read = run_ocr_pass(catalog, settings.device, workers, progress, min(settings.chunk_size, COMMIT_EVERY))
         summary.text_note = read.line() if read.read else None
+    captioner = captioner_in_force(catalog, settings.captions, settings.captioner)
+    if captioner is not None:  # last: the vectors and the text read come first
+        model = catalog.model_identity()
+        spec = ModelSpec(model.name, model.pretrained) if model else settings.model
+        written = run_caption_pass(catalog, spec, captioner or None, settings.device, progress)
+        summary.caption_note = written.line() if written.captioned or written.failed else None
 
 
 def ocr_in_force(catalog: Catalog, asked: bool | None) -> bool:
@@ -297,6 +310,19 @@ def ocr_in_force(catalog: Catalog, asked: bool | None) -> bool:
     if asked is not None and catalog.get_meta(MetaKey.OCR) != ("on" if asked else "off"):
         catalog.set_meta(MetaKey.OCR, "on" if asked else "off")
     return catalog.get_meta(MetaKey.OCR) == "on"
+
+
+def captioner_in_force(catalog: Catalog, asked: bool | None, folder: Path | None) -> str | None:
+    """Whether this index writes captions, recorded as OCR is: None when off, else the decoder folder asked for
+    ("" for the default beside the model). A folder given without --captions changes the recorded one only."""
+    if asked is not None and catalog.get_meta(MetaKey.CAPTIONS) != ("on" if asked else "off"):
+        catalog.set_meta(MetaKey.CAPTIONS, "on" if asked else "off")
+    named = str(Path(folder).expanduser().resolve()) if folder is not None else None
+    if named is not None and catalog.get_meta(MetaKey.CAPTIONER) != named:
+        catalog.set_meta(MetaKey.CAPTIONER, named)
+    if catalog.get_meta(MetaKey.CAPTIONS) != "on":
+        return None
+    return catalog.get_meta(MetaKey.CAPTIONER) or ""
 
 
 def _check_model(catalog: Catalog, spec: ModelSpec) -> None:

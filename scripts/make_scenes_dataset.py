@@ -14,6 +14,13 @@ where a dual encoder reads captions as a bag of words, and where a cross-attenti
 - **Hard negatives**: every caption (all splits) lists variants that differ only in binding and are false for
   its image: colours swapped, shapes swapped, objects swapped ("a blue square above a red circle"), relation
   reversed ("a red circle below a blue square"). They sit under ``sentences[i]["negatives"]``.
+- **What is true**: each image lists every true neighbour statement (``attributes.statements``, both directions),
+  so a generated caption can be checked against the scene that was drawn.
+- **Questions** (``questions.json`` beside ``dataset.json``): four per image, one of each kind, answered from the
+  drawn scene: colour ("what colour is the shape above the blue square?"), shape ("what shape is the red one?"),
+  relation ("where is the red circle relative to the blue square?" -> above, below, left, right) and count ("how
+  many green shapes are there?" -> zero ... four). Drawn with their own seed: the images and captions are the same
+  with or without them.
 
     python scripts/make_scenes_dataset.py --out /tmp/scenes --train 6000 --val 300 --test 1000 --seed 3
 
@@ -56,6 +63,9 @@ NEIGHBOURS = ((0, 1, "left of"), (2, 3, "left of"), (0, 2, "above"), (1, 3, "abo
 REVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 RELATION_WORDS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 NEGATIVE_KINDS = ("colours swapped", "shapes swapped", "objects swapped", "relation reversed")
+QUESTION_KINDS = ("colour", "shape", "relation", "count")
+RELATION_ANSWERS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+NUMBERS = ("zero", "one", "two", "three", "four")
 
 Obj = tuple[str, str]  # (colour, shape)
 Fact = tuple[Obj, str, Obj]  # (object, relation, object)
@@ -167,6 +177,47 @@ def render_grid(scene: GridScene, size_px: int, rng: random.Random) -> Image.Ima
     return image.resize((size_px, size_px), Image.Resampling.LANCZOS)
 
 
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _reference(scene: GridScene, obj: Obj) -> str:
+    """How a question names an object: by its shape alone when no other shape of the scene has it."""
+    colour, shape = obj
+    alone = sum(s == shape for _, s in scene.cells) == 1
+    return f"the {shape}" if alone else f"the {colour} {shape}"
+
+
+def scene_questions(scene: GridScene, rng: random.Random) -> list[dict[str, str]]:
+    """One question of each kind about ``scene``, each with the answer the drawn scene gives."""
+    facts = sorted(scene.facts())
+    (c1, s1), relation, other = rng.choice(facts)
+    where = f"{RELATION_WORDS[relation]} {_reference(scene, other)}"
+    colour = {"kind": "colour", "question": f"what colour is the shape {where}?", "answer": c1}
+    (c1, s1), relation, other = rng.choice(facts)
+    colours = [c for c, _ in scene.cells]
+    if colours.count(c1) == 1 and rng.random() < 0.5:
+        shape = {"kind": "shape", "question": f"what shape is the {c1} one?", "answer": s1}
+    else:
+        where = f"{RELATION_WORDS[relation]} {_reference(scene, other)}"
+        shape = {"kind": "shape", "question": f"what shape is {where}?", "answer": s1}
+    first, relation, second = rng.choice(facts)
+    relation_q = {
+        "kind": "relation",
+        "question": f"where is {_reference(scene, first)} relative to {_reference(scene, second)}?",
+        "answer": RELATION_ANSWERS[relation],
+    }
+    if rng.random() < 0.5:
+        colour_asked = rng.choice(sorted(COLOURS))
+        n = colours.count(colour_asked)
+        count = {"kind": "count", "question": f"how many {colour_asked} shapes are there?", "answer": NUMBERS[n]}
+    else:
+        shape_asked = rng.choice(SHAPES)
+        n = sum(s == shape_asked for _, s in scene.cells)
+        count = {"kind": "count", "question": f"how many {_plural(shape_asked)} are there?", "answer": NUMBERS[n]}
+    return [colour, shape, relation_q, count]
+
+
 def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
@@ -229,7 +280,8 @@ def generate_scenes_dataset(
     limit: int | None = None,
     all_statements: bool = False,
 ) -> Path:
-    """Write ``out_dir/images/*.png`` and ``out_dir/dataset.json`` (Karpathy layout); return the JSON path.
+    """Write ``out_dir/images/*.png``, ``out_dir/dataset.json`` (Karpathy layout) and ``out_dir/questions.json``
+    (``{"questions": [{"filename", "split", "kind", "question", "answer"}]}``); return the dataset's path.
 
     The same arguments give the same files. ``only_split`` / ``limit`` write only the first ``limit`` images of
     one split (the same files as the full run writes for them): a quick held-out subset for tests.
@@ -240,7 +292,7 @@ def generate_scenes_dataset(
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    entries, sentid, written = [], 0, 0
+    entries, questions, sentid, written = [], [], 0, 0
     for imgid, (scene, split, captions) in enumerate(_plan(n_train, n_val, n_test, seed, all_statements)):
         if only_split is not None and split != only_split:
             sentid += len(captions)
@@ -264,11 +316,17 @@ def generate_scenes_dataset(
                 "split": split,
                 "sentids": [s["sentid"] for s in sentences],
                 "sentences": sentences,
-                "attributes": {"cells": [f"{c} {s}" for c, s in scene.cells]},
+                "attributes": {
+                    "cells": [f"{c} {s}" for c, s in scene.cells],
+                    "statements": sorted(phrase(fact) for fact in scene.facts()),
+                },
             }
         )
+        for asked in scene_questions(scene, random.Random(f"qa:{seed}:{imgid}")):
+            questions.append({"filename": filename, "split": split, **asked})
     path = out / "dataset.json"
     path.write_text(json.dumps({"images": entries, "dataset": "shape-scenes", "seed": seed}) + "\n")
+    (out / "questions.json").write_text(json.dumps({"questions": questions, "seed": seed}) + "\n")
     return path
 
 

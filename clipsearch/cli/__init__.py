@@ -1,5 +1,6 @@
 """The `clipsearch` command: a thin skin over the library. Each command module registers itself on `app`."""
 
+from clipsearch.cli import caption as caption_commands  # noqa: F401  (registers train-captioner, caption, ask)
 from clipsearch.cli import check as check_command  # noqa: F401  (registers check)
 from clipsearch.cli import commands  # noqa: F401  (registers index, search, similar, text, info)
 from clipsearch.cli import duplicates as duplicates_command  # noqa: F401  (registers duplicates)

@@ -18,9 +18,9 @@ from retrieval.errors import ClipsearchError, Interrupted
 
 # The order a newcomer needs them in: the daily commands first, maintenance next, the lab last.
 COMMAND_ORDER = (
-    "index", "search", "similar", "info", "text", "duplicates", "serve",
+    "index", "search", "similar", "info", "text", "caption", "ask", "duplicates", "serve",
     "check", "forget", "reindex", "export-text",
-    "eval", "train", "train-itm",
+    "eval", "train", "train-itm", "train-captioner",
 )  # fmt: skip
 
 

@@ -82,6 +82,23 @@ def index(
             show_default=False,
         ),
     ] = None,
+    captions: Annotated[
+        bool | None,
+        typer.Option(
+            "--captions/--no-captions",
+            help="Write a caption for each photo with the captioning decoder, so searches find it (kept for later "
+            "runs; `clipsearch train-captioner` makes one).",
+            show_default=False,
+        ),
+    ] = None,
+    captioner: Annotated[
+        Path | None,
+        typer.Option(
+            "--captioner",
+            help="Captioning model folder for --captions (kept; default: FOLDER-cap beside --model local-dir:FOLDER).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Index folders of images (only what changed since the last run)."""
     from indexer.preflight import check_folders
@@ -105,6 +122,8 @@ def index(
         int8=int8,
         ray=RaySettings(ray, ray_gpus_per_worker, ray_workers) if ray else None,
         ocr=ocr,
+        captions=captions,
+        captioner=captioner,
     )
     if watch:
         _watch(resolve_index_dir(index_dir), paths or [], settings, progress=not quiet)
@@ -132,7 +151,7 @@ def _report_run(summary) -> None:
     for warning in summary.warnings:
         typer.echo(f"clipsearch: {warning}", err=True)
     typer.echo(summary.line())
-    for note in (summary.vectors_note, summary.text_note):
+    for note in (summary.vectors_note, summary.text_note, summary.caption_note):
         if note:
             typer.echo(note)
     for note in (summary.text_tower_note, summary.image_tower_note):

@@ -43,7 +43,7 @@ from retrieval.model.itm import (
     save_itm,
     write_verdict,
 )
-from retrieval.model.itm_tokens import ImageTokens, image_token_dims, image_tokens, text_tokens
+from retrieval.model.itm_tokens import ImageTokens, image_token_dims, text_tokens
 from retrieval.model.spec import ModelSpec
 
 REPORT_FILE = "train_report.json"
@@ -295,22 +295,11 @@ def _judge_against_dual(report: ItmTrainReport, out_dir: Path) -> None:
 
 def _encode_split(encoder: Any, items, settings: ItmTrainSettings) -> _Split:
     """Image tokens of every image and the CLIP vector of every caption, computed once (the towers are frozen)."""
-    from clipsearch.lab.train_data import image_loader
+    from clipsearch.lab.image_token_cache import cache_image_tokens
 
-    grids, pooled, order = [], [], []
-    with torch.inference_mode():
-        for indices, pixels in image_loader([i.path for i in items], encoder.preprocess, 256, settings.workers):
-            if pixels is None:
-                continue
-            tokens = image_tokens(encoder.model, pixels)
-            grids.append(tokens.grid.half())
-            pooled.append(tokens.pooled)
-            order.extend(indices)
-    if len(order) != len(items):
-        raise UsageError(f"{len(items) - len(order)} training image(s) could not be decoded")
+    images = cache_image_tokens(encoder.model, encoder.preprocess, [i.path for i in items], settings.workers)
     texts = [c for item in items for c in item.captions]
     owners = np.array([i for i, item in enumerate(items) for _ in item.captions], dtype=np.int64)
-    images = ImageTokens(torch.cat(grids), torch.cat(pooled)) if grids else ImageTokens(torch.zeros(0), torch.zeros(0))
     text_vectors = torch.from_numpy(encoder.encode_texts(texts)) if texts else torch.zeros(0)
     return _Split(images, texts, owners, text_vectors)
 

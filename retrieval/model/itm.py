@@ -55,9 +55,12 @@ class FusionLayer(nn.Module):
         self.ln_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, width * mlp_ratio), nn.GELU(), nn.Linear(width * mlp_ratio, width))
 
-    def forward(self, text: torch.Tensor, text_pad: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor, text_pad: torch.Tensor, image: torch.Tensor, causal: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``causal``: an (L, L) mask that hides later tokens (the captioning decoder's self-attention), or None."""
         x = self.ln_self(text)
-        text = text + self.self_attn(x, x, x, key_padding_mask=text_pad, need_weights=False)[0]
+        text = text + self.self_attn(x, x, x, key_padding_mask=text_pad, attn_mask=causal, need_weights=False)[0]
         x, kv = self.ln_cross(text), self.ln_image(image)
         text = text + self.cross_attn(x, kv, kv, need_weights=False)[0]
         return text + self.mlp(self.ln_mlp(text))

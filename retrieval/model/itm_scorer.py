@@ -12,7 +12,7 @@ import torch
 from retrieval.errors import UsageError
 from retrieval.model.device import CPU, Device
 from retrieval.model.itm import FusionItm, load_itm, worse_than_dual
-from retrieval.model.itm_tokens import ImageTokens, image_tokens, text_tokens
+from retrieval.model.itm_tokens import ImageTokens, image_tokens_batched, text_tokens
 
 
 class ItmScorer:
@@ -44,14 +44,8 @@ class ItmScorer:
         scorer.folder = Path(folder).expanduser()
         return scorer
 
-    @torch.inference_mode()
     def image_tokens(self, pixels: torch.Tensor, batch_size: int = 128) -> ImageTokens:
-        dtype = next(self.clip.parameters()).dtype
-        parts = [
-            image_tokens(self.clip, pixels[i : i + batch_size].to(self.device.torch_name, dtype=dtype))
-            for i in range(0, len(pixels), batch_size)
-        ]
-        return ImageTokens(torch.cat([p.grid for p in parts]), torch.cat([p.pooled for p in parts]))
+        return image_tokens_batched(self.clip, pixels, self.device.torch_name, batch_size)
 
     @torch.inference_mode()
     def score(self, images: ImageTokens, texts: Sequence[str], batch_size: int = 512) -> np.ndarray:

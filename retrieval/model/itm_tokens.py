@@ -53,6 +53,18 @@ def image_tokens(model: Any, pixels: torch.Tensor) -> ImageTokens:
     return ImageTokens(grid.flatten(2).transpose(1, 2).float(), F.normalize(pooled.float(), dim=-1))
 
 
+def image_tokens_batched(model: Any, pixels: torch.Tensor, device: str = "cpu", batch_size: int = 128) -> ImageTokens:
+    """``image_tokens`` of preprocessed pixels, ``batch_size`` at a time on ``device`` in the model's dtype, without
+    gradients: what the re-ranker and the captioning decoder read at query and index time."""
+    dtype = next(model.parameters()).dtype
+    with torch.inference_mode():
+        parts = [
+            image_tokens(model, pixels[i : i + batch_size].to(device, dtype=dtype))
+            for i in range(0, len(pixels), batch_size)
+        ]
+    return ImageTokens(torch.cat([p.grid for p in parts]), torch.cat([p.pooled for p in parts]))
+
+
 def text_tokens(model: Any, tokens: torch.Tensor) -> TextTokens:
     """Per-token states of the (causal) text tower up to the batch's last end-of-text token, and the pooled
     normalised vector the encoder gives (``retrieval.model.text_features``)."""

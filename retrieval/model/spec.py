@@ -121,6 +121,15 @@ def spec_key(spec: ModelSpec, check: bool = True) -> str:
     return identity_key(spec.name, spec.pretrained, file_digest(weights) if weights is not None else None)
 
 
+def folder_beside(model_name: str, suffix: str) -> Path | None:
+    """``local-dir:X`` -> ``X<suffix>`` beside it: where a head trained on that CLIP model is found by default
+    (the re-ranker ``X-itm``, the captioning decoder ``X-cap``); None for other models."""
+    if not model_name.startswith(LOCAL_DIR_PREFIX):
+        return None
+    folder = Path(model_name[len(LOCAL_DIR_PREFIX) :]).expanduser()
+    return folder.with_name(folder.name + suffix)
+
+
 def weights_path(spec: ModelSpec) -> Path | None:
     """The weights file of a ``local-dir:`` folder or a checkpoint path; None for tags and random weights."""
     local = spec.local_dir

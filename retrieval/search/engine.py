@@ -27,7 +27,7 @@ from retrieval.search.fusion import KEYWORD_WEIGHT, TEXT_WEIGHT, newest_first, r
 from retrieval.search.query import Filters, Query, Term
 from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, MetaKey
 from retrieval.store.filters import allowed_ids, keyword_ranking, passing, scans_every_row, text_ranking
-from retrieval.store.image_text import ImageText, read_text
+from retrieval.store.image_text import OCR_SOURCE, ImageText, read_text
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import catalog_path, display_path
 from retrieval.store.sync import fetch_vectors, open_vectors
@@ -351,10 +351,11 @@ class SearchEngine:
         """The catalog row of an indexed image (ok or failed), or None: how the web app maps ids to files."""
         return self.catalog.rows_by_id([int(image_id)]).get(int(image_id))
 
-    def text_of(self, image_id: int) -> ImageText:
-        """What the OCR pass read in an image (``retrieval.store.image_text``): its lines, or why there are none."""
+    def text_of(self, image_id: int, source: str = OCR_SOURCE) -> ImageText:
+        """What a text source (the OCR pass, the caption pass) found for an image (``retrieval.store.image_text``):
+        its lines, or why there are none."""
         with self.catalog.session() as session:
-            return read_text(session, int(image_id))
+            return read_text(session, int(image_id), source)
 
     def search_by_id(
         self, image_id: int, k: int = 10, min_score: float | None = None, under: Path | str | None = None

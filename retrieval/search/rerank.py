@@ -22,11 +22,9 @@ MAX_RERANK = 1000
 
 def default_rerank_folder(model_name: str) -> Path | None:
     """``local-dir:X`` → ``X-itm`` beside it (where `clipsearch train-itm` is told to write), else None."""
-    prefix = "local-dir:"
-    if not model_name.startswith(prefix):
-        return None
-    folder = Path(model_name[len(prefix) :]).expanduser()
-    return folder.with_name(folder.name + DEFAULT_FOLDER_SUFFIX)
+    from retrieval.model.spec import folder_beside
+
+    return folder_beside(model_name, DEFAULT_FOLDER_SUFFIX)
 
 
 def rerank_text(query) -> str:

@@ -60,6 +60,7 @@ class ImageOut(BaseModel):
     text: list[TextLineOut] = []  # the lines read in the photo (index --ocr), in reading order
     text_status: str | None = None  # ok or failed (text_error says why); None: not read (OCR off, or not yet)
     text_error: str | None = None
+    caption: str | None = None  # the caption the decoder wrote (index --captions); None: none written
 
 
 class DuplicateMemberOut(BaseModel):
@@ -110,7 +111,7 @@ def groups_out(service: SearchService, groups: list[DuplicateGroup]) -> list[Dup
     return [DuplicateGroupOut(members=[member(m) for m in group.members]) for group in groups]
 
 
-def image_out(row: ImageRow, text: ImageText | None = None) -> ImageOut:
+def image_out(row: ImageRow, text: ImageText | None = None, caption: str | None = None) -> ImageOut:
     read = {"text": text.lines, "text_status": text.status, "text_error": text.error} if text else {}
     return ImageOut(
         image_id=row.id,
@@ -122,4 +123,5 @@ def image_out(row: ImageRow, text: ImageText | None = None) -> ImageOut:
         error=None if row.error is None else display_path(row.error),
         **urls(row.id, row.mtime_ns),
         **read,
+        caption=caption,
     )

@@ -24,14 +24,15 @@ def image_by_path(
 ) -> ImageOut:
     """Look an indexed file up by its path (a catalog lookup: the path never touches the disk)."""
     row = service.row_by_path(path)
-    return image_out(row, service.text_of(row))
+    return image_out(row, service.text_of(row), service.caption_of(row))
 
 
 @router.get("/{image_id}", response_model=ImageOut)
 def image_details(service: Service, image_id: int) -> ImageOut:
-    """The facts the catalog holds about one image, and the text read in it (index --ocr)."""
+    """The facts the catalog holds about one image, the text read in it (index --ocr) and its caption (index
+    --captions)."""
     row = service.row(image_id)
-    return image_out(row, service.text_of(row))
+    return image_out(row, service.text_of(row), service.caption_of(row))
 
 
 @router.get("/{image_id}/thumbnail", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})

@@ -29,7 +29,7 @@ from retrieval.search.security import LOOPBACK_NAMES
 from retrieval.search.thumbnails import ThumbnailCache, cache_dir_for
 from retrieval.search.uploads import DecodeBudget
 from retrieval.store.catalog import STATUS_OK, ImageRow
-from retrieval.store.image_text import ImageText
+from retrieval.store.image_text import CAPTION_SOURCE, ImageText
 from retrieval.store.paths import from_display
 
 MAX_IMAGE_ID = 2**63 - 1  # SQLite's largest integer: a larger id can name no image (and must not overflow)
@@ -142,6 +142,11 @@ class SearchService:
     def text_of(self, row: ImageRow) -> ImageText:
         """The text read in an image (index --ocr), shown with its facts."""
         return self.engine.text_of(row.id)
+
+    def caption_of(self, row: ImageRow) -> str | None:
+        """The caption written for an image (index --captions), or None."""
+        lines = self.engine.text_of(row.id, CAPTION_SOURCE).lines
+        return lines[0]["text"] if lines else None
 
     def row_by_path(self, path: str) -> ImageRow:
         """A catalog lookup by path (the path never touches the disk), or ``NoSuchImage``."""

@@ -165,6 +165,8 @@ class MetaKey:
     RECALL = "index_recall"  # JSON: recall@10 against exact search, queries, kind, effort, when
     TEXT_TOWER = "text_tower"  # JSON TextTowerRecord: the exported ONNX text tower, its model and file digests
     OCR = "ocr"  # "on" or "off": whether `clipsearch index` reads the text in photos (index --ocr / --no-ocr)
+    CAPTIONS = "captions"  # "on" or "off": whether `clipsearch index` writes a caption per image (index --captions)
+    CAPTIONER = "captioner"  # the decoder folder index --captioner named (absent: FOLDER-cap beside the model)
     IMAGE_TOWER = "image_tower"  # JSON TextTowerRecord of the cached ONNX image tower this index checked
 
 

@@ -1,4 +1,4 @@
-"""Text about images besides their file names: the lines OCR reads in a photo, and later generated captions.
+"""Text about images besides their file names: the lines OCR reads in a photo, and generated captions.
 
 One store for every source (``text_lines``: image, source, text, confidence, box), one row per image and source
 saying that source has looked at it (``text_passes``, ok or failed with its reason: what makes a pass resumable),
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 TEXT_FTS = "text_fts"
 OCR_SOURCE = "ocr"
+CAPTION_SOURCE = "caption"  # one caption per image, written by the captioning decoder (indexer.caption_pass)
 PASS_OK, PASS_FAILED = "ok", "failed"
 MIN_WORD = 3  # the trigram tokenizer matches substrings of 3 characters or more
 

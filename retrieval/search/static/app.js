@@ -215,15 +215,22 @@ function openViewer(index) {
   if (index >= state.results.length - 3 && state.hasMore) loadMore();
 }
 
-// The text read in the photo (index --ocr), from GET /api/images/{id}; hidden when there is none.
+// The caption (index --captions) and the text read in the photo (index --ocr), from GET /api/images/{id}; hidden
+// when there is neither.
 async function showPhotoText(imageId, index) {
   const box = $("viewer-text");
   box.hidden = true;
   box.textContent = "";
   try {
     const details = await (await fetch(`/api/images/${imageId}`)).json();
-    if (state.viewing !== index || !details.text || !details.text.length) return;
-    box.textContent = `Text in this photo: ${details.text.map((line) => line.text).join(" · ")}`;
+    if (state.viewing !== index) return;
+    const parts = [];
+    if (details.caption) parts.push(`Caption: ${details.caption}`);
+    if (details.text && details.text.length) {
+      parts.push(`Text in this photo: ${details.text.map((line) => line.text).join(" · ")}`);
+    }
+    if (!parts.length) return;
+    box.textContent = parts.join("\n");
     box.hidden = false;
   } catch {
     // the facts above still stand; the text is a plus
