@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
+from indexer.caption_pass import BATCH as CAPTION_BATCH
 from indexer.caption_pass import run_caption_pass
 from indexer.encoding import Chunk, ChunkSink, EncodedChunkSource
 from indexer.ingest import insert_new_rows
@@ -300,7 +301,9 @@ def _plan_and_run(catalog: Catalog, layout: IndexLayout, folders, settings: Inde
     if captioner is not None:  # last: the vectors and the text read come first
         model = catalog.model_identity()
         spec = ModelSpec(model.name, model.pretrained) if model else settings.model
-        written = run_caption_pass(catalog, spec, captioner or None, settings.device, progress)
+        written = run_caption_pass(
+            catalog, spec, captioner or None, settings.device, progress, min(settings.chunk_size, CAPTION_BATCH)
+        )
         summary.caption_note = written.line() if written.captioned or written.failed else None
 
 

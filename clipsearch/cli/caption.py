@@ -56,7 +56,9 @@ def train_captioner(
     layers: Annotated[int, typer.Option("--layers", help="Decoder layers (self- and cross-attention each).")] = 3,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Of the LM loss.")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
+    threads: Annotated[
+        int, typer.Option("--threads", help="CPU threads for the training steps (the small decoder runs best on 1).")
+    ] = 1,
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
     val_split: Annotated[str, typer.Option("--val-split", help="Split to validate on.")] = "val",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out.")] = False,

@@ -37,6 +37,17 @@ def _banned(generated: list[int], n: int) -> set[int]:
     return {generated[i + n - 1] for i in range(len(generated) - n + 1) if tuple(generated[i : i + n - 1]) == tail}
 
 
+def _settled(finished: list, best_alive: float, beams: int, steps: int, settings: BeamSettings) -> bool:
+    """No live beam can still beat the worst of ``beams`` finished texts: scores only fall as a text grows, and
+    the most a longer text can gain is the length penalty of the longest one allowed."""
+    if best_alive == float("-inf"):
+        return True
+    if len(finished) < beams:
+        return False
+    kept = sorted(score for score, _ in finished)[-beams]
+    return kept >= best_alive / length_penalty(steps, settings.length_penalty)
+
+
 @torch.inference_mode()
 def beam_search(
     model: CaptionDecoder, memory: torch.Tensor, prefixes: list[list[int]], settings: BeamSettings = BeamSettings()
@@ -72,25 +83,29 @@ def beam_search(
         next_rows, next_tokens, next_scores = [], [], []
         for b in range(batch):
             kept = 0
-            for value, index in zip(values[b].tolist(), flat[b].tolist()):
-                if value == float("-inf") or kept == beams:
+            for rank, (value, index) in enumerate(zip(values[b].tolist(), flat[b].tolist())):
+                if value == float("-inf"):
                     break
                 row, token = b * beams + index // len(vocab), index % len(vocab)
                 generated = sequences[row, start:].tolist()
-                if token == vocab.eos:
-                    finished[b].append((value / length_penalty(len(generated) + 1, settings.length_penalty), generated))
+                if token == vocab.eos:  # a text ends here, if it ranks among the beams' best
+                    if rank < beams:
+                        finished[b].append(
+                            (value / length_penalty(len(generated) + 1, settings.length_penalty), generated)
+                        )
                     continue
-                next_rows.append(row)
-                next_tokens.append(token)
-                next_scores.append(value)
-                kept += 1
+                if kept < beams:
+                    next_rows.append(row)
+                    next_tokens.append(token)
+                    next_scores.append(value)
+                    kept += 1
             while kept < beams:  # fewer live candidates than beams: dead rows keep the shape
                 next_rows.append(b * beams)
                 next_tokens.append(vocab.pad)
                 next_scores.append(float("-inf"))
                 kept += 1
-        if all(len(f) >= beams for f in finished) or not any(s > float("-inf") for s in next_scores):
-            break
         sequences = torch.cat([sequences[next_rows], torch.tensor(next_tokens)[:, None]], dim=1)
         scores = torch.tensor(next_scores).reshape(batch, beams)
+        if all(_settled(f, float(s.max()), beams, steps, settings) for f, s in zip(finished, scores)):
+            break
     return [max(f)[1] if f else [] for f in finished]
