@@ -78,6 +78,15 @@ class Captioner:
         by_length: dict[int, list[int]] = {}
         for i, prefix in enumerate(prefixes):
             by_length.setdefault(len(prefix), []).append(i)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the decoder's tensors are small: more threads only wait on each other (CPU)
+        try:
+            self._decode_groups(images, prefixes, by_length, settings, batch_size, out)
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+    def _decode_groups(self, images, prefixes, by_length, settings, batch_size, out) -> None:
         for rows in by_length.values():
             for start in range(0, len(rows), batch_size):
                 part = rows[start : start + batch_size]
@@ -87,7 +96,6 @@ class Captioner:
                 )
                 for row, ids in zip(part, beam_search(self.decoder, memory, [prefixes[i] for i in part], settings)):
                     out[row] = self.vocab.decode(ids)
-        return out
 
     def captions(self, pixels: torch.Tensor, settings: BeamSettings = BeamSettings()) -> list[str]:
         return self.caption_tokens(self.image_tokens(pixels), settings)
