@@ -61,6 +61,9 @@ def train_captioner(
     ] = 1,
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
     val_split: Annotated[str, typer.Option("--val-split", help="Split to validate on.")] = "val",
+    init: Annotated[
+        Path | None, typer.Option("--init", help="Continue from this decoder's weights (same sizes and words).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -88,6 +91,7 @@ def train_captioner(
         threads=threads,
         workers=workers,
         val_split=val_split,
+        init_from=init,
         overwrite=overwrite,
     )
     report = run(images, annotations, folder, settings, questions=questions, progress=not quiet)

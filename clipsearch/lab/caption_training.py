@@ -23,7 +23,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipsearch.lab.epochs import EpochLoop, EpochStats, FitResult, Step, Verdict, fit
+from clipsearch.lab.epochs import (
+    EpochLoop,
+    EpochStats,
+    FitResult,
+    Step,
+    Verdict,
+    fit,
+    optimiser_step,
+    shuffled_batches,
+)
 from clipsearch.lab.questions import Question, read_questions
 from retrieval.errors import UsageError
 from retrieval.model.caption_folder import CAPTION_CONFIG_FILE
@@ -32,6 +41,7 @@ from retrieval.model.captioner import (
     CaptionDecoder,
     Vocabulary,
     build_vocabulary,
+    load_captioner,
     save_captioner,
 )
 from retrieval.model.itm_tokens import ImageTokens, image_token_dims
@@ -62,6 +72,7 @@ class CaptionTrainSettings:
     # are small, and on a shared 2-core machine a second thread cost 25x per step (0.79 s vs 0.03 s, at load 10)
     workers: int = 0
     val_split: str = "val"
+    init_from: Path | None = None  # continue from the weights of a decoder folder (same sizes and vocabulary)
     save_fp16: bool = True
     overwrite: bool = False
 
@@ -150,6 +161,11 @@ def train_captioner(
     )
     torch.manual_seed(settings.seed)
     model = CaptionDecoder(config)
+    if settings.init_from is not None:
+        start = load_captioner(settings.init_from)
+        if asdict(start.config) != asdict(config):
+            raise UsageError(f"--init {settings.init_from} has other sizes, words or another CLIP model than this run")
+        model.load_state_dict(start.state_dict())
     rng = random.Random(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
@@ -166,10 +182,14 @@ def train_captioner(
             "val_source": data.val_source,
             "vocabulary": len(vocabulary),
         },
-        settings={**asdict(replace(settings, clip=None)), "clip": settings.clip.describe()},
+        settings={
+            **asdict(replace(settings, clip=None, init_from=None)),
+            "clip": settings.clip.describe(),
+            "init_from": str(settings.init_from) if settings.init_from else None,
+        },
     )
     report.prepare_seconds = time.perf_counter() - began
-    stream = _shuffled_batches(len(train), settings.batch_size, rng)
+    stream = shuffled_batches(len(train), settings.batch_size, rng)
     rounds = -(-settings.steps // settings.eval_every)
 
     def steps_in(round_: int) -> int:
@@ -181,12 +201,7 @@ def train_captioner(
 
     def step(batch: list[int]) -> Step:
         loss = sequence_loss(model, train, batch, settings.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        return Step(float(loss.detach()), len(batch))
+        return optimiser_step(model, optimizer, schedule, loss, len(batch))
 
     def judge(stats: EpochStats) -> Verdict:
         model.eval()
@@ -319,15 +334,6 @@ def validate(model: CaptionDecoder, samples: Samples, batch_size: int = 512) -> 
         "word_accuracy": right / max(1, n),
         "exact": {kind: hits / count for kind, (hits, count) in sorted(per_kind.items())},
     }
-
-
-def _shuffled_batches(n: int, batch_size: int, rng: random.Random):
-    size = min(batch_size, n)
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, n - size + 1, size):
-            yield order[start : start + size]
 
 
 def _counts(kinds: Sequence[str]) -> dict[str, int]:

@@ -10,8 +10,9 @@ training (``baseline``), whether patience or a Ctrl-C ended the run.
 from __future__ import annotations
 
 import math
+import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,29 @@ def fit(loop: EpochLoop, progress: bool = True, patience: int | None = None, bas
             raise
         result.interrupted = True
     return result
+
+
+def shuffled_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Batches of sample indices forever, for trainers that count steps: each pass over the ``n`` samples in a new
+    order, whole batches only."""
+    size = min(batch_size, n)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n - size + 1, size):
+            yield order[start : start + size]
+
+
+def optimiser_step(model: Any, optimizer: Any, schedule: Any, loss: Any, samples: int, clip_norm: float = 1.0) -> Step:
+    """Backpropagate ``loss``, clip the gradient norm, step the optimiser and its schedule."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    schedule.step()
+    return Step(float(loss.detach()), samples)
 
 
 def _train_epoch(loop: EpochLoop, epoch: int, steps: int, progress: bool) -> EpochStats:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from clipsearch.lab.datasets import DatasetError
-from clipsearch.lab.epochs import EpochLoop, EpochStats, FitResult, Step, Verdict, fit
+from clipsearch.lab.epochs import EpochLoop, EpochStats, FitResult, Step, Verdict, fit, shuffled_batches
 from clipsearch.lab.hard_negatives import hard_negative_accuracy, negative_trials, negatives_for, read_hard_negatives
 from retrieval.errors import UsageError
 from retrieval.model.itm import (
@@ -194,7 +194,7 @@ def train_itm(
     report.prepare_seconds = time.perf_counter() - began
     if progress:
         print(_sources_line(report.data), flush=True)
-    stream = _shuffled_batches(len(train.texts), settings.batch_size, rng)
+    stream = shuffled_batches(len(train.texts), settings.batch_size, rng)
 
     def batches(round_: int) -> Iterable[list[int]]:
         model.train()
@@ -254,16 +254,6 @@ def _trials(items, table) -> list:
 
 def _steps_in(round_: int, settings: ItmTrainSettings) -> int:
     return max(0, min(settings.eval_every, settings.steps - (round_ - 1) * settings.eval_every))
-
-
-def _shuffled_batches(n: int, batch_size: int, rng: random.Random):
-    """Batches of caption indices forever: each pass over the captions in a new order (whole batches only)."""
-    size = min(batch_size, n)
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, n - size + 1, size):
-            yield order[start : start + size]
 
 
 def _kinds(binding_negatives) -> dict[str, int]:
