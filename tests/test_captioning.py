@@ -249,3 +249,18 @@ def test_a_caption_pass_killed_midway_resumes(point, memorized, small_set: Path,
     summary = run()
     assert summary.encoded == 0 and summary.caption_note.startswith(f"captions: wrote {4 - kept} ")
     assert len(_captions(tmp_path / "index")) == 4
+
+
+def test_the_bundled_decoder_is_small_float16_and_reads_the_bundled_scenes_clip():
+    from safetensors.torch import load_file
+
+    from retrieval.model.spec import ModelSpec, spec_key
+
+    root = Path(__file__).resolve().parents[1] / "data" / "models"
+    folder = root / "scenes-clip-cap"
+    decoder = load_captioner(folder)
+    assert decoder.config.clip_key == spec_key(ModelSpec(f"local-dir:{root / 'scenes-clip'}"))
+    assert all(t.dtype == torch.float16 for t in load_file(str(folder / "caption_model.safetensors")).values())
+    assert (folder / "caption_model.safetensors").stat().st_size < 2_000_000
+    assert {"above", "below", "left", "right", "circle", "purple", "three"} <= set(decoder.config.vocabulary)
+    assert (folder / "REPRODUCE.md").is_file() and json.loads((folder / "train_report.json").read_text())["curve"]
