@@ -3,9 +3,10 @@
 Each step takes a batch of true (image, caption) pairs and adds, for each:
 - a negative image mined from the dual encoder's own similarities (one of the caption's top images that is
   not its own), and a negative caption mined the same way for the image;
-- a binding hard negative (colours, shapes or objects swapped, relation reversed or turned at a right angle):
-  from the annotations where they carry some, and derived from the caption's own text where it relates two
-  things (``clipsearch.lab.hard_negatives``), so the model learns what a bag of words cannot tell apart.
+- two binding hard negatives of two different kinds (colours, shapes or objects swapped, relation reversed or
+  turned at a right angle): from the annotations where they carry some, and derived from the caption's own
+  text where it relates two things (``clipsearch.lab.hard_negatives``), so the model learns what a bag of
+  words cannot tell apart.
 The loss is cross-entropy on match / no match. The CLIP towers stay frozen, so the image tokens and the
 mining are computed once; only the small fusion model trains.
 
@@ -163,7 +164,7 @@ def train_itm(
     binding_texts = [[n.text for n in negatives] for negatives in binding_negatives]
     annotated = {(data.train[o].path.name, t) for t, o in zip(train.texts, train.owners)} & set(table)
     bank = _TextBank(clip, tokenizer, train.texts + [t for texts in binding_texts for t in texts])
-    binding = [[bank.index[t] for t in texts] for texts in binding_texts]
+    binding = [_by_kind(negatives, bank.index) for negatives in binding_negatives]
     rounds = -(-settings.steps // settings.eval_every)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
@@ -345,9 +346,20 @@ class _TextBank:
         return self.states[index, :length].float(), self.mask[index, :length]
 
 
+def _by_kind(negatives, index: dict[str, int]) -> list[list[int]]:
+    """A caption's binding negatives as text-bank ids grouped by kind: steps draw a kind first, then one of
+    its variants, so a kind with several phrasings (two perpendicular relations) is not drawn more often than
+    one with a single phrasing (shapes swapped)."""
+    groups: dict[str, list[int]] = {}
+    for negative in negatives:
+        groups.setdefault(negative.kind, []).append(index[negative.text])
+    return list(groups.values())
+
+
 def _step_loss(model, train: _Split, bank: _TextBank, batch, neg_images, neg_texts, binding, rng) -> torch.Tensor:
     """ITM cross-entropy on positives, negative images and captions (mined from the dual encoder's top M half
-    the time, at random otherwise: ALBEF samples in-batch, which is mostly easy), and binding negatives."""
+    the time, at random otherwise: ALBEF samples in-batch, which is mostly easy), and two binding negatives of
+    two different kinds (a kind drawn uniformly, then a variant of it), where the caption allows them."""
     n_images, n_texts = len(train.images.grid), len(train.texts)
     pos_images = [int(train.owners[t]) for t in batch]
     wrong_images = [
@@ -357,10 +369,12 @@ def _step_loss(model, train: _Split, bank: _TextBank, batch, neg_images, neg_tex
     wrong_texts = [int(rng.choice(neg_texts[i])) if rng.random() < 0.5 else rng.randrange(n_texts) for i in pos_images]
     texts = [bank.index[train.texts[t]] for t in batch]
     wrong = [bank.index[train.texts[t]] for t in wrong_texts]
-    swapped = [rng.choice(binding[t]) if binding[t] else w for t, w in zip(batch, wrong)]
-    image_index = torch.tensor(pos_images + wrong_images + pos_images + pos_images)
-    states, mask = bank.batch(texts + texts + wrong + swapped)
-    labels = torch.tensor([1] * len(batch) + [0] * 3 * len(batch))
+    kinds = [rng.sample(binding[t], min(2, len(binding[t]))) for t in batch]
+    swapped = [rng.choice(k[0]) if k else w for k, w in zip(kinds, wrong)]
+    swapped_too = [rng.choice(k[1]) if len(k) > 1 else w for k, w in zip(kinds, wrong)]
+    image_index = torch.tensor(pos_images + wrong_images + pos_images * 3)
+    states, mask = bank.batch(texts + texts + wrong + swapped + swapped_too)
+    labels = torch.tensor([1] * len(batch) + [0] * 4 * len(batch))
     logits = model(train.images.grid[image_index].float(), train.images.pooled[image_index], states, mask)
     return F.cross_entropy(logits, labels)
 
