@@ -165,6 +165,7 @@ def train_itm(
     annotated = {(data.train[o].path.name, t) for t, o in zip(train.texts, train.owners)} & set(table)
     bank = _TextBank(clip, tokenizer, train.texts + [t for texts in binding_texts for t in texts])
     binding = [_by_kind(negatives, bank.index) for negatives in binding_negatives]
+    draw = _KindDraw({n.kind for negatives in binding_negatives for n in negatives}, rng)
     rounds = -(-settings.steps // settings.eval_every)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
@@ -202,7 +203,7 @@ def train_itm(
         return (next(stream) for _ in range(_steps_in(round_, settings)))
 
     def step(batch: list[int]) -> Step:
-        loss = _step_loss(model, train, bank, batch, neg_images, neg_texts, binding, rng)
+        loss = _step_loss(model, train, bank, batch, neg_images, neg_texts, binding, draw, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -213,7 +214,7 @@ def train_itm(
     def judge(stats: EpochStats) -> Verdict:
         model.eval()
         done = min(stats.epoch * settings.eval_every, settings.steps)
-        record = {"step": done, "loss": stats.mean_loss, "seconds": stats.seconds}
+        record = {"step": done, "loss": stats.mean_loss, "seconds": stats.seconds, "kind_loss": draw.means()}
         if data.val:
             record["val"] = _validate(model, clip, tokenizer, val, val_trials, settings.rerank_depth)
         report.curve.append(record)
@@ -346,20 +347,56 @@ class _TextBank:
         return self.states[index, :length].float(), self.mask[index, :length]
 
 
-def _by_kind(negatives, index: dict[str, int]) -> list[list[int]]:
+def _by_kind(negatives, index: dict[str, int]) -> dict[str, list[int]]:
     """A caption's binding negatives as text-bank ids grouped by kind: steps draw a kind first, then one of
-    its variants, so a kind with several phrasings (two perpendicular relations) is not drawn more often than
+    its phrasings, so a kind with several phrasings (two perpendicular relations) is not drawn more often than
     one with a single phrasing (shapes swapped)."""
     groups: dict[str, list[int]] = {}
     for negative in negatives:
         groups.setdefault(negative.kind, []).append(index[negative.text])
-    return list(groups.values())
+    return groups
 
 
-def _step_loss(model, train: _Split, bank: _TextBank, batch, neg_images, neg_texts, binding, rng) -> torch.Tensor:
+class _KindDraw:
+    """Which kinds of binding negative a step draws: in proportion to each kind's recent training loss (an
+    exponential mean), with a floor so that no kind drops out. The kinds the model still confuses on this data
+    (shapes swapped, on the scenes sets) get the steps; the ones it has learned are only kept up. Measured
+    during the run on the user's own captions, not fixed in advance."""
+
+    def __init__(self, kinds, rng: random.Random, decay: float = 0.95, floor: float = 0.2):
+        self.loss = dict.fromkeys(kinds, 1.0)
+        self.rng, self.decay, self.floor = rng, decay, floor
+
+    def two(self, groups: dict[str, list[int]]) -> list[tuple[int, str]]:
+        """Up to two (bank id, kind) of two different kinds of this caption's negatives."""
+        kinds = list(groups)
+        mean = sum(self.loss.values()) / max(len(self.loss), 1)
+        picked = []
+        while kinds and len(picked) < 2:
+            weights = [self.loss[k] + self.floor * mean for k in kinds]
+            kind = self.rng.choices(kinds, weights)[0]
+            kinds.remove(kind)
+            picked.append((self.rng.choice(groups[kind]), kind))
+        return picked
+
+    def means(self) -> dict[str, float]:
+        """Each kind's recent training loss (the report's record of what the draw favoured)."""
+        return {kind: round(loss, 4) for kind, loss in sorted(self.loss.items())}
+
+    def learn(self, kinds: list[str | None], losses: torch.Tensor) -> None:
+        """Fold this step's per-pair losses of binding negatives into each kind's mean (None: not one)."""
+        by_kind: dict[str, list[float]] = {}
+        for kind, loss in zip(kinds, losses.tolist()):
+            if kind is not None:
+                by_kind.setdefault(kind, []).append(loss)
+        for kind, values in by_kind.items():
+            self.loss[kind] = self.decay * self.loss[kind] + (1 - self.decay) * float(np.mean(values))
+
+
+def _step_loss(model, train: _Split, bank: _TextBank, batch, neg_images, neg_texts, binding, draw, rng) -> torch.Tensor:
     """ITM cross-entropy on positives, negative images and captions (mined from the dual encoder's top M half
     the time, at random otherwise: ALBEF samples in-batch, which is mostly easy), and two binding negatives of
-    two different kinds (a kind drawn uniformly, then a variant of it), where the caption allows them."""
+    two different kinds (``_KindDraw``), where the caption allows them."""
     n_images, n_texts = len(train.images.grid), len(train.texts)
     pos_images = [int(train.owners[t]) for t in batch]
     wrong_images = [
@@ -369,14 +406,17 @@ def _step_loss(model, train: _Split, bank: _TextBank, batch, neg_images, neg_tex
     wrong_texts = [int(rng.choice(neg_texts[i])) if rng.random() < 0.5 else rng.randrange(n_texts) for i in pos_images]
     texts = [bank.index[train.texts[t]] for t in batch]
     wrong = [bank.index[train.texts[t]] for t in wrong_texts]
-    kinds = [rng.sample(binding[t], min(2, len(binding[t]))) for t in batch]
-    swapped = [rng.choice(k[0]) if k else w for k, w in zip(kinds, wrong)]
-    swapped_too = [rng.choice(k[1]) if len(k) > 1 else w for k, w in zip(kinds, wrong)]
+    picked = [draw.two(binding[t]) for t in batch]
+    first = [p[0] if p else (w, None) for p, w in zip(picked, wrong)]
+    second = [p[1] if len(p) > 1 else (w, None) for p, w in zip(picked, wrong)]
+    swapped = [text for text, _ in first + second]
     image_index = torch.tensor(pos_images + wrong_images + pos_images * 3)
-    states, mask = bank.batch(texts + texts + wrong + swapped + swapped_too)
+    states, mask = bank.batch(texts + texts + wrong + swapped)
     labels = torch.tensor([1] * len(batch) + [0] * 4 * len(batch))
     logits = model(train.images.grid[image_index].float(), train.images.pooled[image_index], states, mask)
-    return F.cross_entropy(logits, labels)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    draw.learn([kind for _, kind in first + second], losses[3 * len(batch) :].detach())
+    return losses.mean()
 
 
 def _other(rng: random.Random, n: int, not_this: int) -> int:
