@@ -33,7 +33,7 @@ def train_itm(
     patience: Annotated[
         int, typer.Option("--patience", help="Stop after this many validations without a better recall@1.")
     ] = 6,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="True pairs per step (each adds 3 negatives).")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="True pairs per step (each adds 4 negatives).")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (one-cycle schedule).")] = 5e-4,
     width: Annotated[int, typer.Option("--width", help="Fusion transformer width.")] = 128,
     layers: Annotated[int, typer.Option("--layers", help="Fusion layers (self- and cross-attention each).")] = 2,
