@@ -45,7 +45,7 @@ def train_captioner(
     pretrained: Annotated[str, typer.Option("--pretrained", help="Pretrained tag of --clip, if any.")] = "",
     steps: Annotated[
         int, typer.Option("--steps", help="Most optimiser steps; --patience usually stops sooner.")
-    ] = 3000,
+    ] = 9000,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validations.")] = 250,
     patience: Annotated[
         int, typer.Option("--patience", help="Stop after this many validations without a lower loss.")

@@ -56,7 +56,7 @@ class CaptionTrainSettings:
     """How to train the decoder; ``clip`` is the (trained) CLIP model whose image tokens it reads."""
 
     clip: ModelSpec
-    steps: int = 3000  # at most; patience usually ends the run sooner
+    steps: int = 9000  # at most; patience usually ends the run sooner
     eval_every: int = 250
     patience: int = 4
     batch_size: int = 64
