@@ -91,6 +91,22 @@ def test_approximate_types_tuned_on_text_queries_keep_recall(collection, built, 
     assert recall_at_k(index.search(text_queries, 10)[1], exact) >= 0.95
 
 
+def test_an_unreachable_target_settles_where_recall_levels_off_not_at_every_list(collection, built, text_queries):
+    """64-byte codes without rescoring cap recall below a target of 0.999: tuning must not then visit every list
+    (at 10M that answered in seconds for the recall 2% of the lists gave)."""
+    ids, vectors = collection
+    index = built("ivfpq")
+    exact = exact_top_k(batches(ids, vectors), text_queries)
+    every_list = max(index.kind.efforts(index.index))
+    index.set_search_effort(every_list)
+    ceiling = recall_at_k(index.search(text_queries[0::2], 10)[1], exact[0::2])
+    report = tune(index, text_queries, exact, "text", target=0.999)
+    assert ceiling < 0.999  # the target is out of reach at any effort
+    assert report.effort < every_list
+    index.set_search_effort(report.effort)
+    assert recall_at_k(index.search(text_queries[0::2], 10)[1], exact[0::2]) >= ceiling - 0.01
+
+
 @pytest.mark.parametrize("index_type", ["flat", "ivf", "ivfpq", "hnsw"])
 def test_each_type_survives_save_and_load_with_its_ids_and_search_effort(tmp_path, collection, built, index_type):
     ids, vectors = collection
