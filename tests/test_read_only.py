@@ -85,7 +85,7 @@ def test_the_read_only_open_is_used_when_the_folder_is_not_writable(built, tmp_p
     ``mode=ro`` and SQLite itself refuses any write."""
     index = tmp_path / "index"
     shutil.copytree(built / "index", index)
-    monkeypatch.setattr("retrieval.store.catalog.writable", lambda path: False)
+    monkeypatch.setattr("retrieval.store.catalog_reads.writable", lambda path: False)
     catalog = Catalog(index / "catalog.sqlite")
     try:
         assert catalog.read_only and catalog.count() == 4

@@ -25,7 +25,7 @@ from retrieval.model.text_onnx import exported_tower
 from retrieval.search.arguments import check_image_file
 from retrieval.search.fusion import KEYWORD_WEIGHT, TEXT_WEIGHT, newest_first, reciprocal_rank_fusion
 from retrieval.search.query import Filters, Query, Term
-from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, MetaKey
+from retrieval.store.catalog_reads import STATUS_OK, CatalogReader, MetaKey, StoredImage, open_reader
 from retrieval.store.filters import allowed_ids, keyword_ranking, passing, scans_every_row, text_ranking
 from retrieval.store.image_text import OCR_SOURCE, ImageText, read_text
 from retrieval.store.layout import IndexLayout
@@ -42,6 +42,8 @@ OVER_FETCH_MAX = 4096  # deepest over-fetch; past it (or when short) the filter'
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from retrieval.store.catalog import Catalog
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,12 @@ class SearchEngine:
     ):
         self.device = resolve_device(device)  # the public entry: a string from a library caller resolves here
         self.layout = IndexLayout(Path(index_dir).expanduser())
-        self.catalog = Catalog(self.layout.catalog, create=False)
+        self.reads: CatalogReader = open_reader(self.layout.catalog)  # plain sqlite3: what a query reads
+        self._catalog: Catalog | None = None  # the ORM (filters, per-image text, the server), opened on first use
         self.text_bf16 = text_bf16  # CPU: encode text queries with a bfloat16 text tower (see Encoder.load_text_only)
-        self.identity: ModelIdentity | None = self.catalog.model_identity()
+        self.identity: ModelIdentity | None = self.reads.model_identity()
         if model is not None:
-            self.catalog.check_model(spec_key(model), model.describe())
+            self.reads.check_model(spec_key(model), model.describe())
         self._encoder: Encoder | None = None
         self._image: ImageEncoder | None = None  # image queries: ONNX or the torch model (image_encoder)
         self._vectors: VectorIndex | None = None
@@ -96,7 +99,9 @@ class SearchEngine:
 
     def close(self) -> None:
         """Close the catalog and let go of the mapped FAISS file and the text tower (an unmount can follow)."""
-        self.catalog.close()
+        self.reads.close()
+        if self._catalog is not None:
+            self._catalog.close()
         self._vectors, self._text = None, None
 
     def __enter__(self) -> SearchEngine:
@@ -104,6 +109,16 @@ class SearchEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog with its ORM (SQLAlchemy): for filters, per-image text and the server. A plain text query
+        reads through ``reads`` alone and never imports it."""
+        if self._catalog is None:
+            from retrieval.store.catalog import Catalog
+
+            self._catalog = Catalog(self.layout.catalog, create=False)
+        return self._catalog
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -115,7 +130,7 @@ class SearchEngine:
     def encoder(self) -> Encoder:
         if self._encoder is None:
             spec = self.model_spec
-            self.catalog.check_model(spec_key(spec), spec.describe())
+            self.reads.check_model(spec_key(spec), spec.describe())
             self._encoder = Encoder.load(spec, self.device)
         return self._encoder
 
@@ -148,11 +163,11 @@ class SearchEngine:
 
     def _text_backend(self) -> tuple[TextEncoder, BackendChoice]:
         spec = self.model_spec
-        record = self.catalog.get_meta(MetaKey.TEXT_TOWER)
+        record = self.reads.get_meta(MetaKey.TEXT_TOWER)
         facts = (record, self._encoder is not None)
         if self._text is None or self._text[0] != facts:
             tower = exported_tower(self.layout.root, record, self.identity.key())
-            check = lambda: self.catalog.check_model(spec_key(spec), spec.describe())  # noqa: E731
+            check = lambda: self.reads.check_model(spec_key(spec), spec.describe())  # noqa: E731
             encoder, choice = open_text_encoder(spec, self.device, tower, self.text_bf16, facts[1], check)
             self._text = (facts, encoder, choice)
         return self._text[1], self._text[2]
@@ -161,7 +176,7 @@ class SearchEngine:
     def vectors(self) -> VectorIndex:
         if self._vectors is None:
             self.model_spec  # noqa: B018  (raises on an index that has no images yet)
-            vectors = open_vectors(self.catalog, self.layout, self.identity.embed_dim, persist=False, read_only=True)
+            vectors = open_vectors(self.reads, self.layout, self.identity.embed_dim, persist=False, read_only=True)
             vectors.use_device(self.device)  # GPU search with CUDA (retrieval.store.gpu), else the CPU
             if not len(vectors):
                 raise EmptyIndexError(f"no images are indexed in {self.layout.root} yet")
@@ -170,7 +185,7 @@ class SearchEngine:
 
     def refresh(self) -> None:
         """Pick up what an indexer committed since this engine opened."""
-        self.identity = self.catalog.model_identity()
+        self.identity = self.reads.model_identity()
         self._vectors = None
 
     # --- queries --------------------------------------------------------------------------------------------
@@ -198,7 +213,7 @@ class SearchEngine:
         deep = max(k + len(exclude), FUSION_DEPTH)
         keyword_text, words = query.keyword_text, query.text_words
         named = keyword_ranking(self.catalog, keyword_text, filters, deep) if keyword_text is not None else []
-        read = text_ranking(self.catalog, words, filters, deep) if words is not None else []
+        read = text_ranking(self.catalog, words, filters, deep) if words is not None and self.reads.holds_text() else []
         named, read = [i for i in named if i not in exclude], [i for i in read if i not in exclude]
         fused = keyword_text is not None or bool(read)  # an index without text costs nothing more
         scores, ids = self._filtered_search(vector, deep if fused else k + len(exclude), filters)
@@ -211,10 +226,10 @@ class SearchEngine:
             order = reciprocal_rank_fusion([named, read, order], [KEYWORD_WEIGHT, TEXT_WEIGHT, 1.0])
             unscored = np.array([i for i in matched if i not in score_of], dtype=np.int64)
             if len(unscored):
-                score_of.update(zip(unscored.tolist(), (fetch_vectors(self.catalog, unscored) @ vector[0]).tolist()))
+                score_of.update(zip(unscored.tolist(), (fetch_vectors(self.reads, unscored) @ vector[0]).tolist()))
         if min_score is not None:
             order = [i for i in order if i in matched or score_of[i] >= min_score]
-        rows = self.catalog.rows_by_id(order[:k])
+        rows = self.reads.rows_by_id(order[:k])
         order = [i for i in order[:k] if i in rows]
         if query.sort == "date":
             order = newest_first(order, {i: rows[i].taken_at for i in order})
@@ -258,7 +273,7 @@ class SearchEngine:
                 raise UsageError(f"no indexed image has id {term.image_id}")
             return row.vector(), row.id
         path = check_image_file(term.path)  # a folder, a device or not an image: said before any decoding
-        row = self.catalog.row_by_path(catalog_path(path)) or self.catalog.row_by_path(os.path.realpath(path))
+        row = self.reads.row_by_path(catalog_path(path)) or self.reads.row_by_path(os.path.realpath(path))
         if row is not None and row.status == STATUS_OK:  # a link to an indexed file is that file (indexed once)
             return row.vector(), row.id
         return self._encode_file(path), None
@@ -295,7 +310,7 @@ class SearchEngine:
         best = empty_top_k(1)
         for start in range(0, len(allowed), EXACT_BLOCK):
             block = allowed[start : start + EXACT_BLOCK]
-            best = merge_top_k(best, (fetch_vectors(self.catalog, block) @ vector[0])[None, :], block, depth)
+            best = merge_top_k(best, (fetch_vectors(self.reads, block) @ vector[0])[None, :], block, depth)
         return best[0][0], best[1][0]
 
     def search_text(
@@ -335,21 +350,21 @@ class SearchEngine:
         """Raw FAISS search for many query vectors at once (used by evaluation)."""
         _check_k(k)
         scores, ids = self.vectors.search(queries, k)
-        rows = self.catalog.rows_by_id(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        rows = self.reads.rows_by_id(sorted({int(i) for i in ids.ravel() if i >= 0}))
         return [_results(score_row, id_row, rows, None, ()) for score_row, id_row in zip(scores, ids)]
 
     def vectors_for_paths(self, paths: list[str | Path]) -> np.ndarray:
         """Stored normalised embeddings in the order given; every path must be indexed successfully."""
         keys = [catalog_path(p) for p in paths]
-        rows = self.catalog.rows_by_paths(keys)
+        rows = self.reads.rows_by_paths(keys)
         missing = [key for key in keys if key not in rows or rows[key].status != STATUS_OK]
         if missing:
             raise UsageError(f"{len(missing)} image(s) are not indexed, e.g. {missing[0]}")
         return unit_rows(np.stack([rows[key].vector() for key in keys]))
 
-    def row(self, image_id: int) -> ImageRow | None:
+    def row(self, image_id: int) -> StoredImage | None:
         """The catalog row of an indexed image (ok or failed), or None: how the web app maps ids to files."""
-        return self.catalog.rows_by_id([int(image_id)]).get(int(image_id))
+        return self.reads.rows_by_id([int(image_id)]).get(int(image_id))
 
     def text_of(self, image_id: int, source: str = OCR_SOURCE) -> ImageText:
         """What a text source (the OCR pass, the caption pass) found for an image (``retrieval.store.image_text``):
@@ -373,7 +388,7 @@ class SearchEngine:
         return self.image_encoder.encode_pil([image])
 
 
-def _result(rank: int, row: ImageRow, score: float, matched: str = "clip") -> SearchResult:
+def _result(rank: int, row: StoredImage, score: float, matched: str = "clip") -> SearchResult:
     clipped = float(min(1.0, max(-1.0, score)))
     return SearchResult(rank, clipped, row.path, row.id, row.width, row.height, row.taken_at, matched=matched)
 

@@ -7,7 +7,7 @@ never separate a vector from its file; the FAISS file is rebuilt from here whene
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -21,36 +21,43 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    func,
     select,
 )
-from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
-from retrieval.errors import (
-    EmptyIndexError,
-    IndexCorruptError,
-    ModelMismatchError,
-    ReadOnlyIndexError,
-    UnreadableCatalogError,
-)
 from retrieval.image_meta import ImageMeta
 from retrieval.model.spec import ModelIdentity
+
+# the catalog's vocabulary lives with its reads (catalog_reads); importable from here too
+from retrieval.store.catalog_reads import (  # noqa: F401
+    EMBEDDING_DTYPE,
+    SCHEMA_VERSION,
+    STATUS_FAILED,
+    STATUS_OK,
+    CatalogReader,
+    MetaKey,
+    StoredImage,
+    decode_embedding,
+    encode_embedding,
+)
 from retrieval.store.image_text import register_text_index
 from retrieval.store.keywords import register_keyword_table
-from retrieval.store.paths import FsPath
-from retrieval.store.read_only import read_only_engine, writable
-from retrieval.unit import unit_rows
+from retrieval.store.paths import from_stored, to_stored
+from retrieval.store.read_only import read_only_engine
 
-# 2: image ids are never reused (AUTOINCREMENT); paths may hold escaped non-UTF-8 bytes (retrieval/store/paths.py).
-# 3: header facts for filters and date order (retrieval/image_meta.py); FTS5 keyword table over paths.
-# 4: no per-row insert trigger on the keyword table; writers fill it per chunk (retrieval/store/keywords.py).
-# 5: pixel_print, the thumbnail near-duplicates are verified with (retrieval/pixel_print.py); NULL until computed.
-# 6: per-image text (OCR lines, later captions), its passes and its FTS5 trigram index (retrieval/store/image_text.py).
-SCHEMA_VERSION = 6
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
-EMBEDDING_DTYPE = np.float16
+
+class FsPath(TypeDecorator):
+    """A ``String`` column that stores any ``os`` path losslessly (see the module docstring)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect) -> str | None:
+        return None if value is None else to_stored(value)
+
+    def process_result_value(self, value: str | None, dialect) -> str | None:
+        return None if value is None else from_stored(value)
 
 
 class Base(DeclarativeBase):
@@ -150,42 +157,12 @@ class TextPass(Base):
 register_text_index(TextPass.__table__)
 
 
-class MetaKey:
-    """Every key of the ``meta`` table, in one place: what the catalog records about itself and its FAISS file."""
-
-    SCHEMA_VERSION = "schema_version"
-    MODEL = "model"  # ModelIdentity as JSON
-    VECTORS_GENERATION = "vectors_generation"  # bumped by every change to the stored vectors
-    FAISS_GENERATION = "faiss_generation"  # the generation the saved FAISS file reflects
-    INDEX_TYPE = "index_type"  # the type the FAISS file is built as
-    REQUESTED_TYPE = "index_type_requested"  # auto or a type: what `clipsearch index` keeps in force
-    MAX_MEMORY = "index_max_memory"  # bytes; the budget auto plans with
-    PARAMS = "index_params"  # IndexParams as JSON
-    BUILT_N = "index_built_n"  # vectors at the last (re)build: the IVF types are retrained once it doubles
-    RECALL = "index_recall"  # JSON: recall@10 against exact search, queries, kind, effort, when
-    TEXT_TOWER = "text_tower"  # JSON TextTowerRecord: the exported ONNX text tower, its model and file digests
-    OCR = "ocr"  # "on" or "off": whether `clipsearch index` reads the text in photos (index --ocr / --no-ocr)
-    CAPTIONS = "captions"  # "on" or "off": whether `clipsearch index` writes a caption per image (index --captions)
-    CAPTIONER = "captioner"  # the decoder folder index --captioner named (absent: FOLDER-cap beside the model)
-    IMAGE_TOWER = "image_tower"  # JSON TextTowerRecord of the cached ONNX image tower this index checked
-
-
 class Meta(Base):
     """Key/value facts about the index (keys: ``MetaKey``)."""
 
     __tablename__ = "meta"
     key: Mapped[str] = mapped_column(String, primary_key=True)
     value: Mapped[str] = mapped_column(String)
-
-
-def encode_embedding(vector: np.ndarray) -> bytes:
-    return np.asarray(vector, dtype=EMBEDDING_DTYPE).tobytes()
-
-
-def decode_embedding(blob: bytes | None) -> np.ndarray:
-    if blob is None:
-        raise IndexCorruptError("an indexed image has no stored embedding: run `clipsearch check --repair`")
-    return np.frombuffer(blob, dtype=EMBEDDING_DTYPE).astype(np.float32)
 
 
 CACHE_KIB = 131_072  # SQLite's page cache per connection (default 2 MB), filled only as pages are used
@@ -204,15 +181,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-class Catalog:
-    """An open catalog file. Short-lived sessions; WAL so readers never wait on the indexer."""
+class Catalog(CatalogReader):
+    """An open catalog for writing (the ORM): short-lived sessions; WAL so readers never wait on the indexer. Its
+    reads are ``CatalogReader``'s (plain sqlite3, one form for searches and writers)."""
 
     def __init__(self, path: Path, create: bool = False):
-        self.path = Path(path)
-        if not create and not self.path.is_file():
-            raise EmptyIndexError(f"no index at {self.path.parent}: run `clipsearch index FOLDER` first")
-        # read-only (retrieval/store/read_only.py): searches work where the folder cannot be written
-        self.read_only = not create and not writable(self.path)
+        super().__init__(path, create)
         if self.read_only:
             self.engine = read_only_engine(self.path)
         else:
@@ -220,69 +194,28 @@ class Catalog:
             self.engine = create_engine(f"sqlite:///{self.path}")
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        if create:
-            Base.metadata.create_all(self.engine)
-        self._check_schema(create)
-
-    def _check_schema(self, create: bool) -> None:
-        version = self._recorded_version()
-        if version is None:
-            if not create and self._holds_images():
-                raise IndexCorruptError(f"{self.path} is not a clipsearch catalog (no schema version)")
-            if not create:  # a first run died while creating the file: nothing to lose, nothing to read
-                raise EmptyIndexError(f"no index at {self.path.parent} yet: run `clipsearch index FOLDER` first")
-            self.set_meta(MetaKey.SCHEMA_VERSION, str(SCHEMA_VERSION))
-        elif not version.isdigit():
-            raise IndexCorruptError(f"{self.path} records an unreadable schema version {version!r}")
-        elif int(version) > SCHEMA_VERSION:
-            raise IndexCorruptError(
-                f"this index was written by a newer clipsearch (schema {version}, this one reads "
-                f"{SCHEMA_VERSION}): upgrade clipsearch"
-            )
-        elif int(version) < SCHEMA_VERSION:
-            from retrieval.store.migrations import migrate_catalog
-
-            if self.read_only:
-                raise ReadOnlyIndexError(
-                    f"read-only index: {self.path.parent} holds schema {version} and must be upgraded once where it "
-                    f"can be written (any clipsearch command does it)"
-                )
-
-            self.engine.dispose()
-            migrate_catalog(self.path, int(version), SCHEMA_VERSION)
-
-    def _recorded_version(self) -> str | None:
-        """The schema version; None when the file has no meta table yet (creation interrupted)."""
         try:
-            return self.get_meta(MetaKey.SCHEMA_VERSION)
-        except DatabaseError as error:
-            if "no such table" in str(error):
-                return None
-            self.engine.dispose()
-            raise UnreadableCatalogError(
-                f"{self.path} is not a readable SQLite catalog ({getattr(error, 'orig', error)}): "
-                f"`clipsearch check --repair` salvages what it holds into a new file"
-            ) from None
+            if create:
+                Base.metadata.create_all(self.engine)
+                if self._recorded_version() is None:
+                    self.set_meta(MetaKey.SCHEMA_VERSION, str(SCHEMA_VERSION))
+            self.open_checked()
+        except BaseException:
+            self.close()
+            raise
 
-    def _holds_images(self) -> bool:
-        try:
-            with self.session() as session:
-                return bool(session.scalar(select(func.count(ImageRow.id))))
-        except DatabaseError:
-            return False
+    def upgrade(self, version: int) -> None:
+        self.engine.dispose()
+        super().upgrade(version)
 
     def close(self) -> None:
         self.engine.dispose()
+        self.close_reads()
 
     def session(self) -> Session:
         return self.sessions()
 
     # --- meta -----------------------------------------------------------------------------------------------
-
-    def get_meta(self, key: str) -> str | None:
-        with self.session() as session:
-            row = session.get(Meta, key)
-            return row.value if row else None
 
     def set_meta(self, key: str, value: str, session: Session | None = None) -> None:
         if session is not None:
@@ -291,30 +224,8 @@ class Catalog:
         with self.session() as own, own.begin():
             own.merge(Meta(key=key, value=value))
 
-    def model_identity(self) -> ModelIdentity | None:
-        text = self.get_meta(MetaKey.MODEL)
-        return ModelIdentity.from_json(text) if text else None
-
     def set_model_identity(self, identity: ModelIdentity) -> None:
         self.set_meta(MetaKey.MODEL, identity.to_json())
-
-    def check_model(self, key: str, wanted: str) -> ModelIdentity | None:
-        """Refuse a model other than the recorded one (``key`` from ``model.spec_key``)."""
-        recorded = self.model_identity()
-        if recorded is not None and recorded.key() != key:
-            if recorded.spec().describe() == wanted:  # the same name: its weights file changed or went missing
-                raise ModelMismatchError(
-                    f"the weights of {wanted} are not the ones this index was built with (changed or missing "
-                    f"since): restore them, or index again into another --index folder"
-                )
-            raise ModelMismatchError(
-                f"this index was built with {recorded.describe()}, not {wanted}: use the same --model/--pretrained, "
-                f"or another --index folder"
-            )
-        return recorded
-
-    def vectors_generation(self) -> int:
-        return int(self.get_meta(MetaKey.VECTORS_GENERATION) or 0)
 
     def bump_generation(self, session: Session) -> int:
         current = session.get(Meta, MetaKey.VECTORS_GENERATION)
@@ -357,77 +268,6 @@ class Catalog:
             if status is not None:
                 query = query.where(ImageRow.status == status)
             return np.fromiter(session.scalars(query), dtype=np.int64)
-
-    def rows_by_id(self, ids: Sequence[int]) -> dict[int, ImageRow]:
-        with self.session() as session:
-            rows = session.scalars(select(ImageRow).where(ImageRow.id.in_([int(i) for i in ids])))
-            return {row.id: row for row in rows}
-
-    def row_by_path(self, path: str) -> ImageRow | None:
-        with self.session() as session:
-            return session.scalars(select(ImageRow).where(ImageRow.path == path)).first()
-
-    def rows_by_paths(self, paths: Sequence[str]) -> dict[str, ImageRow]:
-        found: dict[str, ImageRow] = {}
-        with self.session() as session:
-            for start in range(0, len(paths), 500):
-                chunk = list(paths[start : start + 500])
-                found.update({r.path: r for r in session.scalars(select(ImageRow).where(ImageRow.path.in_(chunk)))})
-        return found
-
-    def count(self, status: str | None = None) -> int:
-        with self.session() as session:
-            query = select(func.count(ImageRow.id))
-            if status is not None:
-                query = query.where(ImageRow.status == status)
-            return int(session.scalar(query) or 0)
-
-    def failed_rows(self) -> list[ImageRow]:
-        with self.session() as session:
-            return list(
-                session.scalars(select(ImageRow).where(ImageRow.status == STATUS_FAILED).order_by(ImageRow.path))
-            )
-
-    def sample_embeddings(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``n`` (ids, normalised float32 vectors) of ok rows spread over the id range, found by index
-        seeks (no scan of the table, so it costs the same at 10 rows and at 10 million)."""
-        with self.session() as session:
-            low, high = session.execute(
-                select(func.min(ImageRow.id), func.max(ImageRow.id)).where(ImageRow.status == STATUS_OK)
-            ).one()
-            if low is None:
-                return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-            starts = np.random.default_rng(seed).integers(low, high + 1, size=n)
-            found: dict[int, bytes] = {}
-            for start in sorted({int(s) for s in starts}):
-                row = session.execute(
-                    select(ImageRow.id, ImageRow.embedding)
-                    .where(ImageRow.status == STATUS_OK, ImageRow.id >= start)
-                    .order_by(ImageRow.id)
-                    .limit(1)
-                ).first()
-                if row is not None:
-                    found[row[0]] = row[1]
-        ids = np.fromiter(found, dtype=np.int64)
-        return ids, unit_rows(np.stack([decode_embedding(blob) for blob in found.values()]))
-
-    def iter_embeddings(self, batch: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (ids, normalised float32 vectors) of ok rows, in id order, in batches."""
-        last = 0
-        with self.session() as session:
-            while True:
-                rows = session.execute(
-                    select(ImageRow.id, ImageRow.embedding)
-                    .where(ImageRow.status == STATUS_OK, ImageRow.id > last)
-                    .order_by(ImageRow.id)
-                    .limit(batch)
-                ).all()
-                if not rows:
-                    return
-                ids = np.array([r[0] for r in rows], dtype=np.int64)
-                vectors = np.stack([decode_embedding(r[1]) for r in rows])
-                last = int(ids[-1])
-                yield ids, unit_rows(vectors)
 
 
 def path_under(column, folder: str):

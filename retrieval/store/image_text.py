@@ -21,9 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import DDL, Table, event, text
-
 if TYPE_CHECKING:
+    from sqlalchemy import Table
     from sqlalchemy.orm import Session
 
     from retrieval.model.ocr import ReadLine
@@ -50,6 +49,8 @@ _LOOK_ALIKE = str.maketrans({"0": "o", "1": "l", "i": "l"})
 
 def register_text_index(table: Table) -> None:
     """Create the full-text index and the triggers with the text tables (fresh catalogs)."""
+    from sqlalchemy import DDL, event
+
     for statement in CREATE_STATEMENTS:
         event.listen(table, "after_create", DDL(statement))
 
@@ -78,6 +79,8 @@ def store_text(
 ) -> None:
     """Record what ``source`` found in an image (``error``: why it could not look), replacing what it found
     before, and re-index the image's text, all in the caller's transaction."""
+    from sqlalchemy import text
+
     session.execute(text("DELETE FROM text_lines WHERE image_id = :i AND source = :s"), {"i": image_id, "s": source})
     session.execute(text("DELETE FROM text_passes WHERE image_id = :i AND source = :s"), {"i": image_id, "s": source})
     if lines:
@@ -100,6 +103,8 @@ def store_text(
 
 
 def _index_text(session: Session, image_id: int) -> None:
+    from sqlalchemy import text
+
     every = session.scalars(text("SELECT text FROM text_lines WHERE image_id = :i ORDER BY id"), {"i": image_id})
     document = "\n".join(folded for line in every if (folded := fold(line)))
     session.execute(text(f"DELETE FROM {TEXT_FTS} WHERE rowid = :i"), {"i": image_id})
@@ -118,6 +123,8 @@ class ImageText:
 
 
 def read_text(session: Session, image_id: int, source: str = OCR_SOURCE) -> ImageText:
+    from sqlalchemy import text
+
     done = session.execute(
         text("SELECT status, error FROM text_passes WHERE image_id = :i AND source = :s"), {"i": image_id, "s": source}
     ).first()
@@ -139,6 +146,8 @@ class TextCounts:
 
 
 def text_counts(session: Session, source: str = OCR_SOURCE) -> TextCounts:
+    from sqlalchemy import text
+
     read, with_text, failed = session.execute(
         text(
             "SELECT count(*), coalesce(sum(lines > 0), 0), coalesce(sum(status = :failed), 0) FROM text_passes "

@@ -10,8 +10,10 @@ its folder and ``img 0412 jpg`` in its name.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from sqlalchemy import DDL, Table, event, text
+if TYPE_CHECKING:
+    from sqlalchemy import Table
 
 FTS_TABLE = "images_fts"
 NAME_WEIGHT, FOLDER_WEIGHT = 4.0, 1.0  # bm25 column weights: a match in the file name counts more
@@ -39,12 +41,16 @@ _FILE_NAME_LIKE = re.compile(r"^\S*[0-9_.\-]\S*$")
 
 def register_keyword_table(images: Table) -> None:
     """Create the keyword table and its triggers right after ``images`` (fresh catalogs)."""
+    from sqlalchemy import DDL, event
+
     for statement in CREATE_STATEMENTS:
         event.listen(images, "after_create", DDL(statement))
 
 
 def fill_keywords(session, first_id: int, last_id: int) -> None:
     """Index the paths of the rows with ids ``first_id..last_id``, just inserted in this transaction."""
+    from sqlalchemy import text
+
     if last_id >= first_id:
         session.execute(text(FILL_IDS_STATEMENT), {"first": first_id, "last": last_id})
 

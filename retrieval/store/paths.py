@@ -13,9 +13,6 @@ import os
 import re
 from pathlib import Path
 
-from sqlalchemy import String
-from sqlalchemy.types import TypeDecorator
-
 ESC = "\U0010ffff"
 
 
@@ -68,19 +65,6 @@ def from_display(text: str) -> str:
 
 
 _SHOWN_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
-
-
-class FsPath(TypeDecorator):
-    """A ``String`` column that stores any ``os`` path losslessly (see the module docstring)."""
-
-    impl = String
-    cache_ok = True
-
-    def process_bind_param(self, value: str | None, dialect) -> str | None:
-        return None if value is None else to_stored(value)
-
-    def process_result_value(self, value: str | None, dialect) -> str | None:
-        return None if value is None else from_stored(value)
 
 
 def catalog_path(path: Path | str) -> str:

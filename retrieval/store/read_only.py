@@ -11,8 +11,10 @@ import os
 import sqlite3
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 def writable(catalog: Path) -> bool:
@@ -35,6 +37,8 @@ def read_only_uri(catalog: Path) -> str:
 
 
 def read_only_engine(catalog: Path) -> Engine:
+    from sqlalchemy import create_engine, event
+
     uri = read_only_uri(catalog)
     engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False))
     event.listen(engine, "connect", _read_only_pragmas)

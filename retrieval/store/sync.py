@@ -10,25 +10,27 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import select
 
 from retrieval.errors import IndexCorruptError
 from retrieval.faults import fault_point
-from retrieval.store.catalog import STATUS_OK, Catalog, ImageRow, MetaKey, decode_embedding
+from retrieval.store.catalog_reads import STATUS_OK, CatalogReader, MetaKey, decode_embedding
 from retrieval.store.index_types import AUTO, DEFAULT_TYPE, IndexParams
 from retrieval.store.layout import IndexLayout
 from retrieval.store.tuning import RecallReport
 from retrieval.store.vectors import FAST_SCAN_MAX_QUERIES, VectorIndex
 from retrieval.unit import unit_rows
 
-FETCH_CHUNK = 500  # ids per SQL IN (...)
+if TYPE_CHECKING:
+    from retrieval.store.catalog import Catalog
+
 SAMPLE_CHECK = 16  # stored embeddings looked up in a FAISS file on open (a few ms even at 1M vectors)
 
 
 def open_vectors(
-    catalog: Catalog, layout: IndexLayout, dim: int, persist: bool, read_only: bool = False
+    catalog: CatalogReader, layout: IndexLayout, dim: int, persist: bool, read_only: bool = False
 ) -> VectorIndex:
     """The current vector index; ``persist`` saves a rebuilt one (only a writer holding the lock may);
     ``read_only``: for searching only, the file is mapped rather than read (``VectorIndex.load``)."""
@@ -48,7 +50,7 @@ def open_vectors(
     return index
 
 
-def agrees_with_catalog(index: VectorIndex, catalog: Catalog, sample: int = SAMPLE_CHECK) -> bool:
+def agrees_with_catalog(index: VectorIndex, catalog: CatalogReader, sample: int = SAMPLE_CHECK) -> bool:
     """A cheap look inside a file that claims to be current: a sample of stored embeddings, searched for, must
     find their own ids near the top with a cosine of about 1. Flipped bytes in the vectors or the id map fail it,
     so a damaged file is rebuilt instead of answering with the wrong images (an approximate index may miss a
@@ -65,7 +67,7 @@ def agrees_with_catalog(index: VectorIndex, catalog: Catalog, sample: int = SAMP
     return float(np.mean(hits)) >= 0.75
 
 
-def faiss_file_current(catalog: Catalog, layout: IndexLayout) -> bool:
+def faiss_file_current(catalog: CatalogReader, layout: IndexLayout) -> bool:
     """Whether the FAISS file was saved at the catalog's present generation (its contents are not read)."""
     saved = catalog.get_meta(MetaKey.FAISS_GENERATION)
     return layout.vectors.is_file() and saved is not None and int(saved) == catalog.vectors_generation()
@@ -80,7 +82,7 @@ def save_vectors(catalog: Catalog, layout: IndexLayout, index: VectorIndex, gene
     catalog.set_meta(MetaKey.FAISS_GENERATION, str(generation))
 
 
-def build_from_catalog(catalog: Catalog, dim: int) -> VectorIndex:
+def build_from_catalog(catalog: CatalogReader, dim: int) -> VectorIndex:
     """The recorded index type with its recorded knobs, from the stored embeddings (no encoder needed)."""
     index_type = recorded_type(catalog)
     params = IndexParams.from_json(catalog.get_meta(MetaKey.PARAMS))
@@ -90,7 +92,7 @@ def build_from_catalog(catalog: Catalog, dim: int) -> VectorIndex:
     return attach_catalog(index, catalog)
 
 
-def attach_catalog(index: VectorIndex, catalog: Catalog) -> VectorIndex:
+def attach_catalog(index: VectorIndex, catalog: CatalogReader) -> VectorIndex:
     """Let the index fetch exact vectors by id (ivfpq rescoring, exact search inside a narrow ``--under``)."""
     if not index.kind.exact:
         recorded = IndexParams.from_json(catalog.get_meta(MetaKey.PARAMS))
@@ -99,18 +101,11 @@ def attach_catalog(index: VectorIndex, catalog: Catalog) -> VectorIndex:
     return index
 
 
-def fetch_vectors(catalog: Catalog, ids: np.ndarray) -> np.ndarray:
+def fetch_vectors(catalog: CatalogReader, ids: np.ndarray) -> np.ndarray:
     """Normalised float32 embeddings of ``ids``, in that order; NaN rows for ids no longer indexed (a writer
     may have removed them since the search), which rank last."""
     ids = np.asarray(ids, dtype=np.int64)
-    found: dict[int, bytes] = {}
-    with catalog.session() as session:
-        for start in range(0, len(ids), FETCH_CHUNK):
-            chunk = [int(i) for i in ids[start : start + FETCH_CHUNK]]
-            rows = session.execute(
-                select(ImageRow.id, ImageRow.embedding).where(ImageRow.id.in_(chunk), ImageRow.status == STATUS_OK)
-            )
-            found.update({row_id: blob for row_id, blob in rows})
+    found = catalog.embeddings_by_id(ids.tolist())
     blob = next(iter(found.values()), None)
     dim = len(decode_embedding(blob)) if blob is not None else 0
     vectors = np.full((len(ids), dim), np.nan, dtype=np.float32)
@@ -123,15 +118,15 @@ def fetch_vectors(catalog: Catalog, ids: np.ndarray) -> np.ndarray:
     return vectors
 
 
-def recorded_type(catalog: Catalog) -> str:
+def recorded_type(catalog: CatalogReader) -> str:
     return catalog.get_meta(MetaKey.INDEX_TYPE) or DEFAULT_TYPE
 
 
-def requested_type(catalog: Catalog) -> str:
+def requested_type(catalog: CatalogReader) -> str:
     return catalog.get_meta(MetaKey.REQUESTED_TYPE) or AUTO
 
 
-def recorded_recall(catalog: Catalog) -> RecallReport | None:
+def recorded_recall(catalog: CatalogReader) -> RecallReport | None:
     text = catalog.get_meta(MetaKey.RECALL)
     return RecallReport(**json.loads(text)) if text else None
 
@@ -153,10 +148,10 @@ def record_request(catalog: Catalog, index_type: str | None, max_memory: int | N
         catalog.set_meta(MetaKey.MAX_MEMORY, str(int(max_memory)))
 
 
-def recorded_budget(catalog: Catalog) -> int | None:
+def recorded_budget(catalog: CatalogReader) -> int | None:
     budget = catalog.get_meta(MetaKey.MAX_MEMORY)
     return int(budget) if budget else None
 
 
-def built_count(catalog: Catalog) -> int:
+def built_count(catalog: CatalogReader) -> int:
     return int(catalog.get_meta(MetaKey.BUILT_N) or 0)
