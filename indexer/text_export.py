@@ -10,6 +10,7 @@ one write, then older folders are removed, so a reader sees one complete export 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from retrieval.model.text_onnx import (
     TOWER_FILE,
     OnnxTextEncoder,
     TextTowerRecord,
+    cpu_session,
     stamp_files,
 )
 from retrieval.store.catalog import Catalog, MetaKey
@@ -179,6 +181,10 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
         os.replace(work, layout.root / folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # ONNX Runtime's optimised graph beside the export, so the first query loads it too (not recorded); a failure
+    # costs only that: the first query makes it, or loads the graph
+    with contextlib.suppress(Exception):
+        cpu_session(layout.root / folder / TOWER_FILE, keep_optimized=True)
     return TextTowerRecord(
         folder=folder,
         model_key=identity.key(),

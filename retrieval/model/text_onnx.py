@@ -78,10 +78,16 @@ def files_match(folder: Path, record: TextTowerRecord) -> bool:
     return True
 
 
-def cpu_session(graph: Path, threads: int | None = None, spin: bool = True, arena: bool = True):
+def cpu_session(
+    graph: Path, threads: int | None = None, spin: bool = True, arena: bool = True, keep_optimized: bool = False
+):
     """An ONNX Runtime session on the CPU that logs errors only; ``threads``: its intra-op threads (None: all);
     ``spin=False``: idle threads sleep instead of spinning (other processes need the cores); ``arena=False``: no
-    memory arena (ViT-B-32's image tower peaks at 659 instead of 962 MB: the arena keeps its largest blocks)."""
+    memory arena (ViT-B-32's image tower peaks at 659 instead of 962 MB: the arena keeps its largest blocks).
+
+    ``keep_optimized``: the graph ONNX Runtime optimises is kept beside ``graph`` (``optimized_graph``) the first
+    time, where the folder can be written; later sessions load that and skip the optimisation (a recorded export
+    only: a file beside a graph still being checked would be recorded with it)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -91,16 +97,57 @@ def cpu_session(graph: Path, threads: int | None = None, spin: bool = True, aren
         options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    optimized = optimized_graph(graph, onnxruntime.__version__) if keep_optimized else None
+    if optimized is not None and optimized.is_file():
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return onnxruntime.InferenceSession(str(optimized), options, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001  (a damaged copy: the recorded graph still answers)
+            optimized.unlink(missing_ok=True)
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized is None or not os.access(graph.parent, os.W_OK):
+        return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    from retrieval.atomic import temp_path
+
+    # EXTENDED: the fusions, not ALL's layout changes for this CPU's vector width (the file may move machines)
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    saved = temp_path(optimized)
+    options.optimized_model_filepath = str(saved)
+    try:
+        session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        for stale in graph.parent.glob(f"{graph.name}.ort-*.onnx"):  # made from an older graph or runtime
+            stale.unlink(missing_ok=True)
+        os.replace(saved, optimized)
+    finally:
+        saved.unlink(missing_ok=True)
+    return session
+
+
+def optimized_graph(graph: Path, runtime_version: str) -> Path | None:
+    """Where ``cpu_session`` keeps ``graph`` as ONNX Runtime optimised it: named by the runtime's version and the
+    graph's size and mtime, so another runtime or a replaced graph never loads a stale copy (None: no graph)."""
+    try:
+        stat = graph.stat()
+    except OSError:
+        return None
+    stamp = hashlib.sha256(f"{runtime_version}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return graph.with_name(f"{graph.name}.ort-{stamp}.onnx")
 
 
 class OnnxTextEncoder:
     """Normalised float32 text features from an exported tower: a ``TextEncoder`` (``text_encoder``)."""
 
-    def __init__(self, folder: Path, record: TextTowerRecord, graph_file: str = TOWER_FILE, threads: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        record: TextTowerRecord,
+        graph_file: str = TOWER_FILE,
+        threads: int | None = None,
+        keep_optimized: bool = False,
+    ):
         self.record = record
         self.tokenizer = ClipTokenizer(folder)
-        self.session = cpu_session(folder / graph_file, threads)
+        self.session = cpu_session(folder / graph_file, threads, keep_optimized=keep_optimized)
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
     def describe(self) -> str:
@@ -135,7 +182,7 @@ class ExportedTower:
         """The tower in ONNX Runtime (raises when onnxruntime is missing or the graph cannot be read)."""
         if self.folder is None or self.record is None or self.problem is not None:
             raise ValueError(self.problem or "no exported tower")
-        return OnnxTextEncoder(self.folder, self.record)
+        return OnnxTextEncoder(self.folder, self.record, keep_optimized=True)
 
 
 def exported_tower(root: Path, record_json: str | None, model_key: str | None) -> ExportedTower:
