@@ -165,7 +165,8 @@ def test_a_changed_or_foreign_export_falls_back_to_torch_until_exported_again(
 
 QUERY_WITHOUT_TORCH = """
 import atexit, os, sys
-atexit.register(lambda: os.write(2, b"TORCH LOADED\\n") if "torch" in sys.modules else None)
+heavy = ("torch", "open_clip", "sqlalchemy", "pydantic", "ftfy", "tokenizers")
+atexit.register(lambda: os.write(2, ("LOADED: " + " ".join(m for m in heavy if m in sys.modules) + "\\n").encode()))
 sys.argv = ["clipsearch", *sys.argv[1:]]
 from clipsearch.cli import main
 main()
@@ -186,7 +187,10 @@ def test_query_commands_never_import_torch(exported):
             [sys.executable, "-c", QUERY_WITHOUT_TORCH, *args], env=env, cwd=ROOT, capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr
-        assert "TORCH LOADED" not in done.stderr, args
+        loaded = done.stderr.rsplit("LOADED:", 1)[1].split()
+        assert "torch" not in loaded and "open_clip" not in loaded, args
+        if args[0] == "search":  # a text query: no ORM (plain sqlite3), no pydantic (typer's adapters), no ftfy
+            assert loaded == [], loaded
         outputs[args[0]] = done.stdout
     with SearchEngine(index_dir, device="cpu") as engine:  # in this process: torch's flat scan
         for command, results in (
@@ -248,3 +252,58 @@ def test_check_reports_and_repair_removes_what_a_killed_export_left(exported):
     assert "temporary file(s) left by an interrupted save or export" in found.output, found.output
     repaired = runner.invoke(app, ["check", "--index", str(index_dir), "--repair"])
     assert repaired.exit_code == 0 and not leftover.exists(), repaired.output
+
+
+def test_an_older_export_with_a_tokenizer_json_gives_the_same_ids(tmp_path):
+    """Exports made before bpe-merges.txt hold HF tokenizers' tokenizer.json: its merges are read instead."""
+    import open_clip
+
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    save_tokenizer(reference, tmp_path, context_length=77)
+    merges = (tmp_path / "bpe-merges.txt").read_text(encoding="utf-8").splitlines()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer-settings.json").write_bytes((tmp_path / "tokenizer-settings.json").read_bytes())
+    (old / "tokenizer.json").write_text(json.dumps({"model": {"merges": [m.split(" ") for m in merges]}}))
+    texts = varied_strings(200, seed=3)
+    np.testing.assert_array_equal(ClipTokenizer(old)(texts), reference(texts).numpy())
+
+
+def test_printable_ascii_without_an_entity_is_what_ftfy_leaves_it():
+    """Why a plain query skips importing ftfy: on such text ftfy.fix_text changes nothing."""
+    import string
+
+    import ftfy
+
+    rng = random.Random(5)
+    alphabet = string.printable.replace("&", "").replace("\t", "").replace("\n", "")[:-3]  # no \r \x0b \x0c
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(2000)]
+    texts += ["a dog on the beach", "IMG_0412.jpg", "<b>x</b>", "don't 'quote' \"me\"", "a -- b ... c"]
+    assert all(text.isascii() and text.isprintable() for text in texts)
+    assert [text for text in texts if ftfy.fix_text(text) != text] == []
+
+
+@pytest.mark.slow
+def test_the_optimised_graph_is_kept_beside_the_export_and_answers_the_same(exported, tmp_path):
+    import shutil
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(exported[0], index_dir)
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    record = TextTowerRecord.from_json(catalog.get_meta(MetaKey.TEXT_TOWER))
+    catalog.close()
+    folder = index_dir / record.folder
+    for kept in folder.glob(f"{TOWER_FILE}.ort-*.onnx"):
+        kept.unlink()
+    texts = ["a dog on a beach", "東京の夜景", "red car " * 30]
+    plain = OnnxTextEncoder(folder, record).encode_texts(texts)  # no copy kept unless asked
+    assert not list(folder.glob(f"{TOWER_FILE}.ort-*.onnx"))
+    first = OnnxTextEncoder(folder, record, keep_optimized=True).encode_texts(texts)
+    (kept,) = folder.glob(f"{TOWER_FILE}.ort-*.onnx")
+    again = OnnxTextEncoder(folder, record, keep_optimized=True).encode_texts(texts)  # loads the kept copy
+    np.testing.assert_allclose(first, plain, atol=1e-5)
+    np.testing.assert_allclose(again, plain, atol=1e-5)
+    graph = folder / TOWER_FILE
+    os.utime(graph, ns=(graph.stat().st_atime_ns, graph.stat().st_mtime_ns + 1000))  # another graph: not reused
+    OnnxTextEncoder(folder, record, keep_optimized=True)
+    assert [p.name for p in folder.glob(f"{TOWER_FILE}.ort-*.onnx")] not in ([], [kept.name])
