@@ -11,7 +11,9 @@ photos of scripts/bench_index.py: 200 x 12 MP and 1,000 x 500x375 JPEGs), from p
              all C cores on prepared batches, D one worker's images/s decoding on one core
   refresh    `clipsearch index` of an index of 100 photos after 2 new ones were copied in (text tower current)
   watch      `index --watch`: a photo copied in as soon as it says it is watching, seconds to its committed row
-  query      cold `clipsearch search "a red car at night"`: wall, CPU and max RSS (/usr/bin/time), median of 3
+  query      cold `clipsearch search "a red car at night"`: wall, CPU and max RSS (/usr/bin/time), median of
+             --query-runs, on the ViT-B-32 index and on one of the bundled model (data/models/shapes-clip, the
+             300 bundled images); each side's index has its text tower exported by that side's own code
 The image tower must already be in the per-user cache for the "after" side (any `clipsearch index` of the
 model on the CPU exports it; the first one pays for it): `--prepare` does that and the refresh index.
 Run it under the bench lock, with the others at nice 19: `flock /work/notes/bench.lock python ...`.
@@ -234,15 +236,37 @@ def watch_first_change(checkout: Path, base: Path, scratch: Path, side: str) -> 
     return {"watching_after_s": round(ready, 2), "copy_to_committed_s": round(latency, 2), "found": found is not None}
 
 
-def cold_query(checkout: Path, index_dir: Path) -> dict:
+def query_index(checkout: Path, base: Path, scratch: Path, side: str) -> Path:
+    """A copy of ``base`` whose text tower ``checkout`` exported (its own files: the tokenizer's form changed)."""
+    index_dir = scratch / f"query-{base.name}-{side}"
+    if not index_dir.is_dir():
+        shutil.copytree(base, index_dir, symlinks=True)
+        command, env = clipsearch(checkout, "export-text", "--force", "--index", str(index_dir))
+        subprocess.run(command, env=env, cwd=checkout, check=True, capture_output=True)
+    return index_dir
+
+
+def prepare_bundled(scratch: Path) -> Path:
+    """An index of the 300 bundled sample images with the bundled model (text tower exported by query_index)."""
+    index_dir = scratch / "bundled-index"
+    if not index_dir.is_dir():
+        model = f"local-dir:{ROOT / 'data' / 'models' / 'shapes-clip'}"
+        folder = ROOT / "data" / "samples" / "images"
+        command, env = clipsearch(ROOT, "index", str(folder), "--index", str(index_dir), "--model", model, "-q")
+        subprocess.run(command, env=env, check=True)
+    return index_dir
+
+
+def cold_query(checkout: Path, index_dir: Path, runs_wanted: int = 5) -> dict:
     runs = []
-    for _ in range(3):
+    for _ in range(runs_wanted):
         command, env = clipsearch(checkout, "search", QUERY, "--index", str(index_dir), "-k", "5")
         result = run_measured(command, env, checkout)
         result.pop("out")
         runs.append(result)
     keys = ("wall_s", "cpu_s", "main_process_max_rss_mb")
-    return {key: float(np.median([run[key] for run in runs])) for key in keys}
+    medians = {key: float(np.median([run[key] for run in runs])) for key in keys}
+    return medians | {"runs": runs_wanted, "walls": [run["wall_s"] for run in runs]}
 
 
 def main() -> None:
@@ -256,6 +280,7 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "bench-onnx")
     parser.add_argument("--prepare", action="store_true", help="only make the photos, the export and the index")
     parser.add_argument("--int8", action="store_true", help="fresh indexes also with `index --int8` (after only)")
+    parser.add_argument("--query-runs", type=int, default=5, help="cold queries per side and index (median)")
     args = parser.parse_args()
     args.scratch.mkdir(parents=True, exist_ok=True)
     model = ensure_model(args.model)
@@ -265,9 +290,15 @@ def main() -> None:
         ensure_photos(CACHE / folder, count, width, height)
         folders[name] = (_exactly(CACHE / folder, count), count)
     base = prepare(model, args.scratch)
+    bundled = prepare_bundled(args.scratch)
+    sides = [("before", args.before, ()), ("after", ROOT, ())]
+    query_indexes = {
+        (name, side): query_index(checkout, index, args.scratch, side)
+        for name, index in (("vit-b-32", base), ("bundled", bundled))
+        for side, checkout, _ in sides
+    }
     if args.prepare:
         return
-    sides = [("before", args.before, ()), ("after", ROOT, ())]
     sides += [("after-int8", ROOT, ("--int8",))] if args.int8 else []
 
     def emit(**values) -> None:
@@ -294,8 +325,12 @@ def main() -> None:
         per_side = {  # figure name: what --only calls it, how one side is measured
             "refresh_2_new": ("refresh", lambda checkout, side, r=round_: refresh(checkout, base, scratch, r, side)),
             "watch_first_change": ("watch", lambda checkout, side: watch_first_change(checkout, base, scratch, side)),
-            "cold_text_query": ("query", lambda checkout, side: cold_query(checkout, base)),
         }
+        if "query" in args.only:
+            for name in ("vit-b-32", "bundled"):
+                for side, checkout, _ in [entry for entry in order if not entry[2]]:
+                    values = cold_query(checkout, query_indexes[name, side], args.query_runs)
+                    emit(figure="cold_text_query", index=name, side=side, round=round_, **values)
         for figure, (only, measure) in per_side.items():
             if only in args.only:
                 for side, checkout, _ in [entry for entry in order if not entry[2]]:
