@@ -63,7 +63,7 @@ class IndexSettings:
     """How to index; the defaults suit a laptop CPU, and a GPU where one is used."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    batch_size: int | None = None  # None: 32 on the CPU, 256 on CUDA (see default_batch_size)
+    batch_size: int | None = None  # None: 16 with the ONNX image tower, 32 with torch on the CPU, 256 on CUDA
     workers: int | None = None  # None: one per core, at most 4
     device: Device | str = "auto"  # a string (auto, cpu, cuda) is resolved once, by index_paths
     chunk_size: int = 256  # files per catalog transaction
@@ -494,7 +494,7 @@ def encoding_source(settings: IndexSettings, encoding: ImageEncoding) -> Encoded
     preprocessing or, on the ONNX path, uint8 crops. The one place a run's shape depends on it
     (``indexer.encoding``)."""
     device = encoding.device
-    batch_size = settings.batch_size or default_batch_size(device)
+    batch_size = settings.batch_size or default_batch_size(device, encoding.onnx)
     if settings.ray is not None:
         return RaySource(settings.ray, settings.model, batch_size, settings.chunk_size, settings.int8)
     options = EncodeOptions(settings.model, device, batch_size, encoding.workers, settings.chunk_size, encoding.crop)
@@ -537,10 +537,14 @@ def _apply_chunk(session: Session, chunk: Chunk, summary):
     return removed, ids, np.concatenate([new_vectors.astype(np.float32), vectors]) if len(new_ids) else vectors
 
 
-def default_batch_size(device: Device) -> int:
-    """CPU: 32 (larger batches gain nothing and delay the first commit). CUDA: 256, where ViT-B-32 in fp16 runs
-    near its peak images/s without holding much memory."""
-    return 256 if device.is_cuda else 32
+def default_batch_size(device: Device, onnx: bool = False) -> int:
+    """CPU: 32 (larger batches gain nothing and delay the first commit); the ONNX image tower: 16, as fast per
+    image (ViT-B-32 float32, 2 threads: 24.4-24.9 against 23.9-24.6 images/s) with a third less session memory
+    (peak 530-544 against 645-664 MB; docs/benchmarks.md). CUDA: 256, where ViT-B-32 in fp16 runs near its peak
+    images/s without holding much memory."""
+    if device.is_cuda:
+        return 256
+    return 16 if onnx else 32
 
 
 def default_workers(device: Device, onnx: bool = False) -> int:

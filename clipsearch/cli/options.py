@@ -87,7 +87,11 @@ ServerOption = Annotated[
 NoWaitOption = Annotated[bool, typer.Option("--no-wait", help="Fail instead of waiting for a running indexer.")]
 BatchOption = Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")]
 IndexBatchOption = Annotated[
-    int | None, typer.Option("--batch-size", help="Images per encoder batch (default: 32 on the CPU, 256 on CUDA).")
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Images per encoder batch (default: 16 with the ONNX image tower, 32 with torch on the CPU, 256 on CUDA).",
+    ),
 ]
 WorkersOption = Annotated[
     int | None,
