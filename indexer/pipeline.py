@@ -539,9 +539,9 @@ def _apply_chunk(session: Session, chunk: Chunk, summary):
 
 def default_batch_size(device: Device, onnx: bool = False) -> int:
     """CPU: 32 (larger batches gain nothing and delay the first commit); the ONNX image tower: 16, as fast per
-    image (ViT-B-32 float32, 2 threads: 24.4-24.9 against 23.9-24.6 images/s) with a third less session memory
-    (peak 530-544 against 645-664 MB; docs/benchmarks.md). CUDA: 256, where ViT-B-32 in fp16 runs near its peak
-    images/s without holding much memory."""
+    image with less session memory (ViT-B-32 float32, 2 threads: 24.7-27.7 against 24.0-24.7 images/s, peak
+    537-674 against 800-810 MB; docs/benchmarks.md). CUDA: 256, where ViT-B-32 in fp16 runs near its peak images/s
+    without holding much memory."""
     if device.is_cuda:
         return 256
     return 16 if onnx else 32

@@ -11,6 +11,9 @@ photos of scripts/bench_index.py: 200 x 12 MP and 1,000 x 500x375 JPEGs), from p
              all C cores on prepared batches, D one worker's images/s decoding on one core
   refresh    `clipsearch index` of an index of 100 photos after 2 new ones were copied in (text tower current)
   watch      `index --watch`: a photo copied in as soon as it says it is watching, seconds to its committed row
+  session    the image session alone, each configuration in a fresh process (memory pattern on/off, weight
+             pre-packing, batch 32/16): images/s, CPU s per image, peak RSS (VmHWM: ru_maxrss would carry the
+             parent's over the exec)
   query      cold `clipsearch search "a red car at night"`: wall, CPU and max RSS (/usr/bin/time), median of
              --query-runs, on the ViT-B-32 index and on one of the bundled model (data/models/shapes-clip, the
              300 bundled images); each side's index has its text tower exported by that side's own code
@@ -236,6 +239,44 @@ def watch_first_change(checkout: Path, base: Path, scratch: Path, side: str) -> 
     return {"watching_after_s": round(ready, 2), "copy_to_committed_s": round(latency, 2), "found": found is not None}
 
 
+SESSION_CHILD = r"""
+import json, sys, time
+import numpy as np, onnxruntime as ort
+graph, pattern, prepack, batch = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4])
+o = ort.SessionOptions(); o.log_severity_level = 3; o.enable_cpu_mem_arena = False; o.enable_mem_pattern = pattern
+o.intra_op_num_threads = 2
+o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+if not prepack:
+    o.add_session_config_entry("session.disable_prepacking", "1")
+t = time.perf_counter(); s = ort.InferenceSession(graph, o, providers=["CPUExecutionProvider"])
+load = time.perf_counter() - t
+x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+s.run(None, {"pixels": x})
+t, c = time.perf_counter(), time.process_time()
+for _ in range(3):
+    s.run(None, {"pixels": x})
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+print(json.dumps({"pattern": pattern, "prepack": prepack, "batch": batch, "load_s": round(load, 2),
+    "images_per_s": round(3 * batch / wall, 2), "cpu_s_per_image": round(cpu / (3 * batch), 4),
+    "peak_rss_mb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) // 1024}))
+"""
+SESSION_CONFIGS = [("1", "1", 32), ("0", "1", 32), ("0", "0", 32), ("0", "1", 16)]  # pattern, prepack, batch
+
+
+def image_sessions(model: str, round_: int) -> list[dict]:
+    """The float32 image tower's session in each of ``SESSION_CONFIGS``, a fresh process each."""
+    from retrieval.model.image_onnx import cached_image_tower
+    from retrieval.model.spec import ModelSpec, spec_key
+
+    graph = cached_image_tower(spec_key(ModelSpec(model, None), check=False)).folder / "image.onnx"
+    found = []
+    for pattern, prepack, batch in SESSION_CONFIGS if round_ % 2 == 0 else SESSION_CONFIGS[::-1]:
+        command = [sys.executable, "-c", SESSION_CHILD, str(graph), pattern, prepack, str(batch)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        found.append(json.loads(done.stdout) | {"load": round(os.getloadavg()[0], 2)})
+    return found
+
+
 def query_index(checkout: Path, base: Path, scratch: Path, side: str) -> Path:
     """A copy of ``base`` whose text tower ``checkout`` exported (its own files: the tokenizer's form changed)."""
     index_dir = scratch / f"query-{base.name}-{side}"
@@ -310,6 +351,9 @@ def main() -> None:
             emit(figure="bound", set=name, side="after", **bound_onnx(folder, model))
     scratch = args.scratch
     for round_ in range(args.rounds):
+        if "session" in args.only:
+            for values in image_sessions(model, round_):
+                emit(figure="image_session", round=round_, **values)
         order = sides if round_ % 2 == 0 else sides[::-1]
         for name in ("photos", "small"):
             if name in args.only:

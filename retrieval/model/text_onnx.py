@@ -84,8 +84,8 @@ def cpu_session(
     """An ONNX Runtime session on the CPU that logs errors only; ``threads``: its intra-op threads (None: all);
     ``spin=False``: idle threads sleep instead of spinning (other processes need the cores); ``arena=False``: no
     memory arena (ViT-B-32's image tower peaks at 659 instead of 962 MB: the arena keeps its largest blocks) and no
-    memory pattern (the block it plans for a whole batch's activations; ViT-B-32 float32, 32 images: the session
-    holds 422 instead of 620 MB once loaded and peaks at 659 instead of 805 MB).
+    memory pattern (the block it plans for a whole batch's activations; ViT-B-32 float32, 32 images: peaks of
+    645-810 against 667-963 MB, as fast; docs/benchmarks.md).
 
     ``keep_optimized``: the graph ONNX Runtime optimises is kept beside ``graph`` (``optimized_graph``) the first
     time, where the folder can be written; later sessions load that and skip the optimisation (a recorded export
