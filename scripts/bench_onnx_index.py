@@ -299,12 +299,13 @@ def prepare_bundled(scratch: Path) -> Path:
 
 
 def cold_query(checkout: Path, index_dir: Path, runs_wanted: int = 5) -> dict:
-    runs = []
-    for _ in range(runs_wanted):
-        command, env = clipsearch(checkout, "search", QUERY, "--index", str(index_dir), "-k", "5")
-        result = run_measured(command, env, checkout)
-        result.pop("out")
-        runs.append(result)
+    command, env = clipsearch(checkout, "search", QUERY, "--index", str(index_dir), "-k", "5")
+    return median_of_runs(lambda: run_measured(command, env, checkout), runs_wanted)
+
+
+def median_of_runs(measure, runs_wanted: int) -> dict:
+    """Wall, CPU and max RSS, each the median of ``runs_wanted`` calls of ``measure`` (a ``run_measured``)."""
+    runs = [measure() for _ in range(runs_wanted)]
     keys = ("wall_s", "cpu_s", "main_process_max_rss_mb")
     medians = {key: float(np.median([run[key] for run in runs])) for key in keys}
     return medians | {"runs": runs_wanted, "walls": [run["wall_s"] for run in runs]}

@@ -182,3 +182,37 @@ def test_folders_differing_only_in_case_stay_apart(settings, tmp_path):
         assert len(catalog.ids_under(str(upper))) == 3
     finally:
         catalog.close()
+
+
+def test_the_plain_reads_name_every_column_the_orm_writes():
+    """CatalogReader's rows (plain sqlite3) and the ORM's ImageRow are one schema: the same columns, in order,
+    but the deferred pixel_print."""
+    from retrieval.store.catalog import ImageRow
+    from retrieval.store.catalog_reads import IMAGE_COLUMNS
+
+    written = [column.name for column in ImageRow.__table__.columns if column.name != "pixel_print"]
+    assert list(IMAGE_COLUMNS) == written
+
+
+def test_a_row_read_plainly_equals_the_row_the_orm_reads(settings, photo_folder, tmp_path):
+    from sqlalchemy import select
+
+    from retrieval.store.catalog import ImageRow
+    from retrieval.store.catalog_reads import open_reader
+
+    index_paths(tmp_path / "index", [photo_folder], settings, progress=False)
+    catalog = Catalog(tmp_path / "index" / "catalog.sqlite")
+    reader = open_reader(tmp_path / "index" / "catalog.sqlite")
+    try:
+        with catalog.session() as session:
+            orm = {row.id: row for row in session.scalars(select(ImageRow))}
+        plain = reader.rows_by_id(list(orm))
+        assert set(plain) == set(orm) and len(orm) > 1
+        for image_id, row in plain.items():
+            for column in ("path", "size", "mtime_ns", "status", "width", "height", "taken_at", "has_gps"):
+                assert getattr(row, column) == getattr(orm[image_id], column), column
+            assert np.array_equal(row.vector(), orm[image_id].vector())
+        assert reader.row_by_path(orm[min(orm)].path).id == min(orm)
+    finally:
+        reader.close()
+        catalog.close()
