@@ -7,15 +7,17 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from clipsearch.cli.help_format import use_plain_types
 from clipsearch.cli.plain_values import use_plain_values
 from retrieval.errors import ClipsearchError, Interrupted
+
+if TYPE_CHECKING:
+    from typer._click import Context
 
 # The order a newcomer needs them in: the daily commands first, maintenance next, the lab last.
 COMMAND_ORDER = (
@@ -29,7 +31,7 @@ class CommandsInOrder(TyperGroup):
     """`clipsearch --help` lists commands in ``COMMAND_ORDER`` (any not named there after them), not in the order
     their modules happen to be imported."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: Context) -> list[str]:
         names = super().list_commands(ctx)
         rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
         return sorted(names, key=lambda name: rank.get(name, len(rank)))
