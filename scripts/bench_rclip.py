@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1, help="A,B then B,A ... alternated")
+    parser.add_argument("--first-round", type=int, default=0, help="1: start with the reversed order")
     parser.add_argument("--only", nargs="*", default=["photos", "small", "query"])
     parser.add_argument("--no-int8", action="store_true", help="leave out clipsearch --int8")
     parser.add_argument("--query-runs", type=int, default=5)
@@ -212,7 +213,7 @@ def main() -> None:
         emit(figure="same_weights", **check_same_vectors(spec, models, args.scratch))
         return
     sides = [("clipsearch", ()), ("rclip", ())] + ([] if args.no_int8 else [("clipsearch-int8", ("--int8",))])
-    for round_ in range(args.rounds):
+    for round_ in range(args.first_round, args.first_round + args.rounds):
         order = sides if round_ % 2 == 0 else sides[::-1]
         for name in ("photos", "small"):
             if name not in args.only:

@@ -14,7 +14,7 @@ from indexer.scan import FileFacts
 from retrieval.image_meta import ImageMeta
 from retrieval.images import DecodedItem
 from retrieval.model.spec import ModelIdentity
-from retrieval.store.catalog import SCHEMA_VERSION, STATUS_OK, Catalog, MetaKey
+from retrieval.store.catalog import SCHEMA_VERSION, STATUS_OK, Catalog, ImageRow, MetaKey
 from retrieval.store.layout import IndexLayout
 from retrieval.store.vectors import VectorIndex
 from tests.conftest import make_images
@@ -66,7 +66,7 @@ def test_ids_continue_past_deleted_ones_and_rows_carry_their_header_facts(tmp_pa
     vectors = VectorIndex.create(4, "flat")
     ingest_encoded(catalog, layout, [rows(0, 3)], vectors)
     with catalog.session() as session, session.begin():
-        session.delete(catalog.row_by_path("/x/2.jpg"))  # the highest id goes
+        session.delete(session.get(ImageRow, catalog.row_by_path("/x/2.jpg").id))  # the highest id goes
         vectors.remove([3])
     ingest_encoded(catalog, layout, [rows(3, 2)], vectors)
     assert sorted(int(i) for i in vectors.ids()) == [1, 2, 4, 5]  # 3 is never given again
