@@ -277,7 +277,9 @@ class CatalogReader:
     def sample_embeddings(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``n`` (ids, normalised float32 vectors) of ok rows spread over the id range, found by index
         seeks (no scan of the table, so it costs the same at 10 rows and at 10 million)."""
-        low, high = self._all("SELECT min(id), max(id) FROM images WHERE status = ?", (STATUS_OK,))[0]
+        # two seeks: asked together, min and max scan every ok row's index entry (0.86 s at 10M rows)
+        low = self._all("SELECT min(id) FROM images WHERE status = ?", (STATUS_OK,))[0][0]
+        high = self._all("SELECT max(id) FROM images WHERE status = ?", (STATUS_OK,))[0][0]
         if low is None:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         starts = np.random.default_rng(seed).integers(low, high + 1, size=n)
