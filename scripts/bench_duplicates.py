@@ -78,15 +78,15 @@ def kind(name: str) -> str:
     return parts[2] if len(parts) > 2 else "original"
 
 
-def margins(names: list[str], truth: dict[str, str], pairs, positions: np.ndarray) -> list[str]:
+def margins(names: dict[int, str], truth: dict[str, str], pairs) -> list[str]:
     """Per kind of pair among the files of one scene: the lowest cosine and pixel similarity of true pairs, the
     highest of near-miss pairs (pairs below the lowest cosine threshold count as 0: never compared)."""
     cosine, pixels = {}, {}
     for a, b, cos, pix in zip(pairs.first.tolist(), pairs.second.tolist(), pairs.cosine, pairs.pixels):
         cosine[(a, b)], pixels[(a, b)] = float(cos), float(pix)
     by_scene: dict[str, list[int]] = {}
-    for pos in positions.tolist():
-        by_scene.setdefault(names[pos][:10], []).append(pos)
+    for image_id, name in names.items():
+        by_scene.setdefault(name[:10], []).append(image_id)
     found: dict[str, list[tuple[float, float]]] = {}
     for members in by_scene.values():
         for a, b in itertools.combinations(sorted(members), 2):
@@ -130,16 +130,14 @@ def main(argv: list[str] | None = None) -> None:
 
         catalog = Catalog(IndexLayout(scratch / "index").catalog)
         try:
-            batches = list(catalog.iter_embeddings())
-            ids = np.concatenate([b[0] for b in batches])
-            vectors = np.concatenate([b[1] for b in batches])
+            ids = np.concatenate([batch_ids for batch_ids, _ in catalog.iter_embeddings()])
             rows = catalog.rows_by_id(ids.tolist())
-            names = [Path(rows[int(i)].path).name for i in ids]
+            names = {int(i): Path(rows[int(i)].path).name for i in ids}
             true_pairs = pair_set(true_groups(truth))
             print(f"{len(names)} files, {len(true_pairs)} true pairs\n")
-            pairs = candidate_pairs(catalog, ids, vectors, min(THRESHOLDS))
-            print("\n".join(margins(names, truth, pairs, np.arange(len(ids)))))
-            keys = {pos: best_first_key(rows[int(ids[pos])]) for pos in range(len(ids))}
+            pairs = candidate_pairs(catalog, min(THRESHOLDS))
+            print("\n".join(margins(names, truth, pairs)))
+            keys = {image_id: best_first_key(row) for image_id, row in rows.items()}
 
             def scored(keep: np.ndarray, linkage: str) -> str:
                 groups = link_pairs(pairs.first[keep], pairs.second[keep], keys, linkage)

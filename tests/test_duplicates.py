@@ -21,7 +21,9 @@ from indexer.pipeline import IndexSettings, index_paths
 from retrieval.model.spec import ModelSpec
 from retrieval.pixel_print import PRINT_BYTES
 from retrieval.search.duplicate_defaults import DEFAULT_PIXEL_THRESHOLD
-from retrieval.search.duplicates import NEIGHBOURS, duplicates_in_index, link_pairs, similar_pairs
+from retrieval.search.duplicate_pairs import similar_pairs
+from retrieval.search.duplicates import candidate_pairs, duplicates_in_index, link_pairs
+from retrieval.store.catalog import Catalog
 from retrieval.store.layout import IndexLayout
 from retrieval.testing import EmbeddingSpace, load_script
 from retrieval.unit import unit_rows
@@ -45,22 +47,39 @@ def pairs(groups) -> set[tuple[str, str]]:
     return {tuple(sorted(p)) for group in groups for p in itertools.combinations(group, 2)}
 
 
-def test_the_neighbour_graph_finds_the_pairs_all_pairs_finds():
-    """Past EXACT_PAIRS_LIMIT candidate pairs come from a k-NN graph: on clustered CLIP-like vectors with planted
-    copies (pairs, and one photo with more copies than NEIGHBOURS) it finds exactly the pairs scoring every pair
-    finds, at two thresholds."""
+def test_the_streamed_compact_index_finds_the_pairs_all_pairs_finds():
+    """Past EXACT_PAIRS_LIMIT candidate pairs come from an IVF index of 8-bit codes, streamed, and are scored
+    exactly: on clustered CLIP-like vectors with planted copies (pairs, and one photo with 40 copies, spread
+    over the stream) it finds exactly the pairs scoring every pair finds, with their exact scores, at two
+    thresholds."""
     rng = np.random.default_rng(4)
     vectors = EmbeddingSpace.make(64, clusters=50, seed=4).all_images(4000, seed=5)
     originals = rng.choice(len(vectors), size=120, replace=False)
     copies = [unit_rows(vectors[i] + 0.03 * rng.standard_normal(64)) for i in originals[:100]]
-    crowd = [unit_rows(vectors[originals[100]] + 0.01 * rng.standard_normal(64)) for _ in range(NEIGHBOURS + 8)]
+    crowd = [unit_rows(vectors[originals[100]] + 0.01 * rng.standard_normal(64)) for _ in range(40)]
     vectors = np.vstack([vectors, *copies, *crowd]).astype(np.float32)
+    vectors = vectors[rng.permutation(len(vectors))]  # copies before and after their originals in the stream
     for threshold in (0.97, 0.95):
         exact = similar_pairs(vectors, threshold)
-        graph = similar_pairs(vectors, threshold, exact_limit=0)
-        assert len(exact[0]) > (NEIGHBOURS + 8) * (NEIGHBOURS + 9) // 2  # the crowd alone
-        assert set(zip(*graph[:2])) == set(zip(*exact[:2]))
-        assert np.allclose(np.sort(graph[2]), np.sort(exact[2]), atol=1e-5)
+        bucketed = similar_pairs(vectors, threshold, exact_limit=0)
+        assert len(exact[0]) > 40 * 41 // 2  # the crowd alone
+        assert set(zip(*bucketed[:2])) == set(zip(*exact[:2]))
+        assert np.allclose(np.sort(bucketed[2]), np.sort(exact[2]), atol=1e-5)
+
+
+def test_the_catalog_pass_past_the_exact_limit_gives_the_same_pairs(duplicate_index):
+    """The streamed pass over a real catalog (its ids, its stored float16 embeddings) proposes and verifies the
+    same pairs, with the same evidence, as scoring every pair."""
+    index_dir, _ = duplicate_index
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    try:
+        exact = candidate_pairs(catalog, 0.85)
+        streamed = candidate_pairs(catalog, 0.85, exact_limit=0)
+    finally:
+        catalog.close()
+    assert len(exact.first) > 0
+    assert (streamed.first.tolist(), streamed.second.tolist()) == (exact.first.tolist(), exact.second.tolist())
+    assert np.allclose(streamed.cosine, exact.cosine, atol=1e-6) and np.array_equal(streamed.pixels, exact.pixels)
 
 
 def test_link_pairs_complete_does_not_chain():
@@ -169,7 +188,6 @@ def test_duplicates_api_and_page(duplicate_index):
 def test_the_server_searches_pairs_once_at_the_lowest_threshold_and_filters_for_higher_ones(duplicate_index):
     """Each new threshold used to be a full pass over every vector (5 thresholds at 10,000 images: 13.5 s)."""
     from retrieval.search.duplicates import PairsAtLowest
-    from retrieval.store.catalog import Catalog
 
     index_dir, _ = duplicate_index
     catalog = Catalog(IndexLayout(index_dir).catalog)
