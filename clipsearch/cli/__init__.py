@@ -15,14 +15,10 @@ from clipsearch.cli.app import app
 
 
 def main() -> None:
-    import os
     import sys
 
-    # Idle OpenMP threads sleep instead of spinning: on a busy machine, or beside our own decoding workers, spinning
-    # threads steal the cores the work needs (a one-query search was 5-8x slower with 2 spinning threads under
-    # load; docs/benchmarks.md). Set before torch loads its OpenMP runtime; a user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+    # Idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE): set when `retrieval` is imported, above, for the
+    # library and the command alike (retrieval/__init__.py).
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as their own bytes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
