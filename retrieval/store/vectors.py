@@ -31,7 +31,7 @@ from retrieval.store.topk import empty_top_k, merge_top_k, pad_top_k, top_k
 FAST_SCAN_MAX_QUERIES = 4  # up to this many queries, flat search is FAISS's own scan (no torch)
 SCAN_BLOCK = 8192  # rows per float32 block when many queries are searched at once (fits in cache)
 TRAIN_SAMPLE = 200_000  # vectors used to train the IVF types
-EXACT_FILTER_LIMIT = 20_000  # a narrower --under is searched exactly over the catalog's vectors
+EXACT_FILTER_LIMIT = 2_000  # a filter letting fewer through is scored exactly from the catalog's vectors
 
 RescoreSource = Callable[[np.ndarray], np.ndarray]  # ids -> their exact normalised float32 vectors, same order
 
@@ -243,15 +243,23 @@ class VectorIndex:
         return self.kind.storage(self.index)
 
     def _search_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Search within ``allowed`` ids: exactly over their stored vectors when the catalog is at hand (an
-        approximate index visits too few allowed vectors under a narrow filter), else with a FAISS selector."""
+        """Search within ``allowed`` ids. A few (``EXACT_FILTER_LIMIT``): exactly over their stored vectors when
+        the catalog is at hand, the cost of rescoring one query's candidates. More: a FAISS selector, the search
+        effort raised by the share of the collection let through so that a query still visits about as many
+        allowed vectors as an unfiltered one visits vectors, then the usual rescoring. Fetching every allowed
+        vector instead costs ~15 us a row read at random from the catalog: 240 ms for one month of 1.88M images
+        (docs/scale.md)."""
         import faiss
 
         if not self.kind.exact and self.rescore_source is not None and len(allowed) <= EXACT_FILTER_LIMIT:
             scores = self.rescore_source(allowed) @ queries.T  # NaN rows (removed since) rank last
             return pad_top_k(top_k(scores.T, k, allowed), k)
-        params = self.kind.filtered_search(self.index, faiss.IDSelectorBatch(allowed), k)
-        return self.index.search(queries, k, params=params)
+        share = len(allowed) / max(len(self), 1)
+        rescore = self.kind.rescores and self.rescore_source is not None and self.params.rescore > 1
+        depth = min(k * self.params.rescore, len(self)) if rescore else k
+        params = self.kind.filtered_search(self.index, faiss.IDSelectorBatch(allowed), depth, share)
+        scores, ids = self.index.search(queries, depth, params=params)
+        return _rescore(queries, ids, k, self.rescore_source) if rescore else (scores, ids)
 
     def memory_bytes(self) -> int:
         """Size of the index as FAISS writes it: close to what it occupies in memory."""
