@@ -20,6 +20,10 @@ measure  in a fresh process: the index opened memory-mapped as ``clipsearch sear
          1,000 evaluation queries from another distribution (``content`` 0.4, another seed) one at a time:
          recall@10 against the exact top-10, warm p50/p99; the cold open + first query in fresh processes; a
          one-month filtered query (``--after 2021-03 --before 2021-03``).
+duplicates  ``clipsearch duplicates``'s candidate pass (``retrieval.search.duplicates.candidate_pairs`` at the
+         default cosine) over the catalog: wall, CPU, peak RSS, pairs; recall of the planted copies (ingest
+         ``--copies``) and of every pair at the threshold of 500 sampled rows, found by brute force.
+check    ``clipsearch check`` (``indexer.check.check_index``): wall, CPU, peak RSS.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ def stage_ingest(args) -> dict:
     catalog, layout = fresh_catalog(index_dir, DIM)
     queries = eval_queries()
     best = empty_top_k(len(queries))
+    rng, planted = np.random.default_rng(9), []
     aside = {"wall": 0.0, "thread": 0.0}  # time spent making rows and the exact top-10, on the writing thread
 
     def chunks():
@@ -100,9 +105,10 @@ def stage_ingest(args) -> dict:
         first = 0
         for block in space().images(args.rows, seed=1, chunk=args.chunk):
             wall, thread = time.perf_counter(), time.thread_time()
-            stored = block.astype(np.float16).astype(np.float32)  # as the catalog keeps them
             positions = np.arange(first, first + len(block))
             ok = positions % FAILED_EVERY != FAILED_EVERY - 1  # encoded_rows' broken files
+            planted.append(plant_copies(block, ok, args.copies, rng) + first + 1)  # ids follow positions
+            stored = block.astype(np.float16).astype(np.float32)  # as the catalog keeps them
             best = merge_top_k(best, queries @ stored[ok].T, positions[ok] + 1, 10)  # ids follow positions
             rows = encoded_rows(stored, FAILED_EVERY, first, dated=True)
             first += len(block)
@@ -117,6 +123,7 @@ def stage_ingest(args) -> dict:
     wall, cpu, thread = time.perf_counter() - wall, cpu_s() - cpu, time.thread_time() - thread
     catalog.close()
     np.save(args.dir / "exact.npy", pad_top_k(best, 10)[1])
+    np.save(args.dir / "copies.npy", np.concatenate(planted))
     writer_wall, writer_cpu = wall - aside["wall"], thread - aside["thread"]
     return {
         "rows": args.rows,
@@ -130,6 +137,73 @@ def stage_ingest(args) -> dict:
         "writer_rows_per_s_wall": round(args.rows / writer_wall),
         "writer_rows_per_s_cpu": round(args.rows / writer_cpu),
         "catalog_bytes": disk_bytes(index_dir),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def plant_copies(block: np.ndarray, ok: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Overwrite ``share`` of the block's rows with near copies of other rows of it (re-encodes and crops:
+    cosines about 0.90 to 0.998, as scripts/bench_hostile.py plants them), the copies before or after their
+    originals; returns the (original, copy) positions."""
+    count = int(len(block) * share)
+    if count == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    chosen = rng.choice(np.flatnonzero(ok), size=2 * count, replace=False)
+    originals, copies = chosen[:count], chosen[count:]
+    noise = rng.uniform(0.003, 0.02, (count, 1)) * rng.standard_normal((count, block.shape[1]))
+    moved = block[originals] + noise.astype(np.float32)
+    block[copies] = moved / np.linalg.norm(moved, axis=1, keepdims=True)
+    return np.stack([originals, copies], axis=1)
+
+
+def stage_duplicates(args) -> dict:
+    from retrieval.search.duplicate_defaults import DEFAULT_THRESHOLD
+    from retrieval.search.duplicates import candidate_pairs
+    from retrieval.store.catalog import STATUS_OK, Catalog
+    from retrieval.store.layout import IndexLayout
+    from retrieval.store.sync import fetch_vectors
+
+    catalog = Catalog(IndexLayout(args.dir / "index").catalog, create=False)
+    wall, cpu = time.perf_counter(), cpu_s()
+    pairs = candidate_pairs(catalog, DEFAULT_THRESHOLD)
+    wall, cpu, rss = time.perf_counter() - wall, cpu_s() - cpu, peak_rss_mib()
+    found = set(zip(pairs.first.tolist(), pairs.second.tolist()))
+    planted = np.load(args.dir / "copies.npy") if (args.dir / "copies.npy").is_file() else np.zeros((0, 2))
+    planted = {(int(min(a, b)), int(max(a, b))) for a, b in planted}
+    sample_ids, _ = catalog.sample_embeddings(500, seed=3)
+    sample = fetch_vectors(catalog, sample_ids)
+    exact = set()
+    for ids, vectors in catalog.iter_embeddings():
+        rows, columns = np.nonzero(sample @ vectors.T >= DEFAULT_THRESHOLD)
+        exact |= {(min(a, b), max(a, b)) for a, b in zip(sample_ids[rows].tolist(), ids[columns].tolist()) if a != b}
+    row = {
+        "vectors": catalog.count(STATUS_OK),
+        "threshold": DEFAULT_THRESHOLD,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "peak_rss_mib": rss,
+        "pairs": len(found),
+        "planted_copies": len(planted),
+        "planted_recall": round(len(found & planted) / len(planted), 4) if planted else None,
+        "sample_exact_pairs": len(exact),
+        "sample_recall": round(len(found & exact) / len(exact), 4) if exact else None,
+    }
+    catalog.close()
+    return row
+
+
+def stage_check(args) -> dict:
+    from indexer.check import check_index
+
+    wall, cpu = time.perf_counter(), cpu_s()
+    report = check_index(args.dir / "index")
+    return {
+        "healthy": report.healthy,
+        "images": report.images,
+        "problems": report.problems[:3],
+        "notices": report.notices[:3],
+        "wall_s": round(time.perf_counter() - wall, 1),
+        "cpu_s": round(cpu_s() - cpu, 1),
         "peak_rss_mib": peak_rss_mib(),
     }
 
@@ -312,6 +386,8 @@ STAGES = {
     "build": stage_build,
     "retune": stage_retune,
     "measure": stage_measure,
+    "duplicates": stage_duplicates,
+    "check": stage_check,
 }
 
 
@@ -322,6 +398,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16_384, help="rows per commit")
     parser.add_argument("--stage", choices=[*STAGES, "table"], required=True)
     parser.add_argument("--index-type", default=None, help="build this type instead of auto's choice")
+    parser.add_argument("--copies", type=float, default=0.0, help="ingest: share of rows that are near copies")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     if args.stage == "table":
