@@ -270,7 +270,7 @@ def _inspect_vectors(
             findings.save_vectors = True
         return
     try:
-        index = VectorIndex.load(layout.vectors)
+        index = VectorIndex.load(layout.vectors, read_only=True)  # mapped where FAISS can: only read here
     except IndexCorruptError as error:
         findings.problems.append(f"the FAISS file is unreadable ({error})")
         findings.rebuild_vectors = True

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from indexer.pipeline import IndexSettings, index_paths  # noqa: E402
 from retrieval.model.spec import ModelSpec  # noqa: E402
 from retrieval.search.duplicate_defaults import DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD  # noqa: E402
+from retrieval.search.duplicate_pairs import EXACT_PAIRS_LIMIT  # noqa: E402
 from retrieval.search.duplicates import LINKAGES, best_first_key, candidate_pairs, find_duplicates, link_pairs  # noqa: E402
 from retrieval.store.catalog import Catalog  # noqa: E402
 from retrieval.store.layout import IndexLayout  # noqa: E402
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--variant", default="tuning", help="make_duplicates_set.py variant: tuning or holdout")
     parser.add_argument("--workdir", type=Path, help="keep the set and index here (reused when present)")
+    parser.add_argument(
+        "--exact-limit", type=int, default=EXACT_PAIRS_LIMIT, help="0: the streamed pass a large collection takes"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-dups-") as temporary:
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             names = {int(i): Path(rows[int(i)].path).name for i in ids}
             true_pairs = pair_set(true_groups(truth))
             print(f"{len(names)} files, {len(true_pairs)} true pairs\n")
-            pairs = candidate_pairs(catalog, min(THRESHOLDS))
+            pairs = candidate_pairs(catalog, min(THRESHOLDS), args.exact_limit)
             print("\n".join(margins(names, truth, pairs)))
             keys = {image_id: best_first_key(row) for image_id, row in rows.items()}
 

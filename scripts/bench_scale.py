@@ -23,6 +23,10 @@ measure  in a fresh process: the index opened memory-mapped as ``clipsearch sear
 duplicates  ``clipsearch duplicates``'s candidate pass (``retrieval.search.duplicates.candidate_pairs`` at the
          default cosine) over the catalog: wall, CPU, peak RSS, pairs; recall of the planted copies (ingest
          ``--copies``) and of every pair at the threshold of 500 sampled rows, found by brute force.
+filter   the one-month filtered query (as ``measure``), both ways in one process, alternating: every allowed
+         vector fetched from the catalog and scored exactly (how a filter under 20,000 images was searched before
+         issue 29's round 4) and the FAISS selector with nprobe scaled by the share let through (now): p50/p99,
+         and recall@10 against the exact top-10 of the allowed images. Needs ``build``.
 check    ``clipsearch check`` (``indexer.check.check_index``): wall, CPU, peak RSS.
 """
 
@@ -190,6 +194,45 @@ def stage_duplicates(args) -> dict:
     }
     catalog.close()
     return row
+
+
+def stage_filter(args) -> dict:
+    import retrieval.store.vectors as vector_module
+    from retrieval.search.engine import SearchEngine
+    from retrieval.store.filters import Filters, allowed_ids
+    from retrieval.store.sync import fetch_vectors
+    from retrieval.store.topk import top_k
+    from retrieval.store.tuning import recall_at_k
+
+    queries = eval_queries(50)
+    ways = {"exact_from_catalog": 1 << 62, "selector": vector_module.EXACT_FILTER_LIMIT}
+    row: dict = {"load_before": os.getloadavg()[0]}
+    with SearchEngine(args.dir / "index", device="cpu") as engine:
+        filters = engine._resolved(Filters(after=MONTH[0], before=MONTH[1]))
+        allowed_times = []
+        for _ in range(20):
+            wall = time.perf_counter()
+            allowed = allowed_ids(engine.catalog, filters)
+            allowed_times.append(time.perf_counter() - wall)
+        exact = top_k(queries @ fetch_vectors(engine.catalog, allowed).T, 10, allowed)[1]
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        found: dict[str, list[np.ndarray]] = {way: [] for way in ways}
+        for query in queries:
+            for way, limit in ways.items():
+                vector_module.EXACT_FILTER_LIMIT = limit
+                wall = time.perf_counter()
+                _, ids = engine._filtered_search(query[None, :], 10, filters)
+                times[way].append(time.perf_counter() - wall)
+                found[way].append(np.pad(ids, (0, 10 - len(ids)), constant_values=-1))
+        row |= {"index_type": engine.vectors.index_type, "vectors": len(engine.vectors), "allowed": len(allowed)}
+    row["allowed_ids_p50_ms"] = _ms(allowed_times, 50)
+    for way in ways:
+        row |= {
+            f"{way}_p50_ms": _ms(times[way], 50),
+            f"{way}_p99_ms": _ms(times[way], 99),
+            f"{way}_recall_at_10": round(recall_at_k(np.stack(found[way]), exact), 4),
+        }
+    return row | {"load_after": os.getloadavg()[0], "peak_rss_mib": peak_rss_mib()}
 
 
 def stage_check(args) -> dict:
@@ -387,6 +430,7 @@ STAGES = {
     "retune": stage_retune,
     "measure": stage_measure,
     "duplicates": stage_duplicates,
+    "filter": stage_filter,
     "check": stage_check,
 }
 
