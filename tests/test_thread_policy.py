@@ -29,7 +29,9 @@ def policy_after_import(module: str, setting: str | None = None) -> str:
     return done.stdout.split()[0]
 
 
-@pytest.mark.parametrize("module", ["retrieval.store.vectors", "retrieval.search.engine", "indexer.pipeline"])
+@pytest.mark.parametrize(
+    "module", ["retrieval.store.vectors", "retrieval.search.engine", "indexer.pipeline", "clipsearch.cli"]
+)
 def test_the_library_makes_idle_openmp_threads_sleep(module):
     assert policy_after_import(module) == "PASSIVE"
 
