@@ -202,3 +202,21 @@ def test_the_server_searches_pairs_once_at_the_lowest_threshold_and_filters_for_
         assert pairs.passes == 2
     finally:
         catalog.close()
+
+
+@pytest.mark.slow
+def test_single_linkage_members_carry_their_evidence(duplicate_index):
+    """A chained member need not be a candidate pair of its group's first file: its cosine and pixel similarity
+    to that file are computed from the rows and prints the pass already holds; a member led by the same file in
+    both linkages carries the same evidence."""
+    index_dir, _ = duplicate_index
+    complete = {m.path: (g.best.path, m.score, m.pixels) for g in duplicates_in_index(index_dir) for m in g.members}
+    single = duplicates_in_index(index_dir, linkage="single")
+    assert single
+    for group in single:
+        assert (group.best.score, group.best.pixels) == (1.0, 1.0)
+        for member in group.members:
+            assert 0.0 < member.score <= 1.0 and 0.0 <= member.pixels <= 1.0
+            leader, score, pixels = complete.get(member.path, (None, None, None))
+            if leader == group.best.path:
+                assert (member.score, member.pixels) == (score, pixels)
