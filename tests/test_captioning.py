@@ -33,6 +33,16 @@ from tests.crash_harness import KILLED, run_in_child
 scenes = load_script("make_scenes_dataset")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The decoder's tensors are small: as training and the caption writer do, run torch on one thread (on a shared
+    2-core machine a second thread mostly waits for the first: the beam search test took 6 s at load 7, 0.3 s so)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory) -> Path:
     return scenes.generate_scenes_dataset(tmp_path_factory.mktemp("scenes"), 40, 10, 10, seed=5)
@@ -56,7 +66,7 @@ def trained(small_set: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
     return clip
 
 
-def test_train_captioner_writes_a_small_decoder_beside_the_clip_model(trained: Path):
+def test_train_captioner_writes_a_small_decoder_beside_the_clip_model(trained: Path, small_set: Path):
     folder = trained.with_name("clip-cap")
     report = json.loads((folder / "train_report.json").read_text())
     assert [point["step"] for point in report["curve"]] == [3, 6]
@@ -71,6 +81,12 @@ def test_train_captioner_writes_a_small_decoder_beside_the_clip_model(trained: P
         ["train-captioner", "--images", "x", "--annotations", "y", "--clip", f"local-dir:{trained}", "--steps", "1"],
     )
     assert again.exit_code != 0 and "already holds a captioning model" in again.output
+    data = ["--images", str(small_set.parent / "images"), "--annotations", str(small_set)]
+    too_deep = CliRunner().invoke(
+        app,
+        ["train-captioner", *data, "--clip", f"local-dir:{trained}", "--out", str(folder) + "9", "--image-stage", "9"],
+    )
+    assert too_deep.exit_code != 0 and "--image-stage 9: this image tower has no such feature map" in too_deep.output
 
 
 def test_caption_and_ask_print_one_line_per_photo(trained: Path, small_set: Path, tmp_path: Path):
@@ -104,7 +120,7 @@ def memorized(small_set: Path, tiny_spec, tmp_path_factory) -> tuple[Path, list[
         image["sentences"] = image["sentences"][:1]
     (folder / "six.json").write_text(json.dumps({"images": chosen}))
     settings = CaptionTrainSettings(
-        clip=tiny_spec, steps=300, eval_every=300, batch_size=6, lr=3e-3, width=64, layers=2, label_smoothing=0.0
+        clip=tiny_spec, steps=120, eval_every=120, batch_size=6, lr=1e-2, width=32, layers=1, label_smoothing=0.0
     )
     train_captioner(small_set.parent / "images", folder / "six.json", folder / "cap", settings, progress=False)
     return folder / "cap", chosen

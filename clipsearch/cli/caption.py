@@ -55,6 +55,14 @@ def train_captioner(
     width: Annotated[int, typer.Option("--width", help="Decoder width.")] = 128,
     layers: Annotated[int, typer.Option("--layers", help="Decoder layers (self- and cross-attention each).")] = 3,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Of the LM loss.")] = 0.1,
+    image_stage: Annotated[
+        int,
+        typer.Option(
+            "--image-stage",
+            help="Which feature map of the image tower it reads, counted back from the last (1: the last, as the "
+            "re-ranker; 2: the one before, twice as fine on a ResNet tower).",
+        ),
+    ] = 2,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     threads: Annotated[
         int, typer.Option("--threads", help="CPU threads for the training steps (the small decoder runs best on 1).")
@@ -87,6 +95,7 @@ def train_captioner(
         width=width,
         layers=layers,
         label_smoothing=label_smoothing,
+        image_stage=image_stage,
         seed=seed,
         threads=threads,
         workers=workers,

@@ -96,7 +96,9 @@ def evaluate_captioning(
         raise UsageError("the captioned set is empty")
     began = time.perf_counter()
     paths = [item.path for item in captioned.items]
-    tokens = cache_image_tokens(captioner.clip, captioner.preprocess, paths, workers, captioner.device.torch_name)
+    tokens = cache_image_tokens(
+        captioner.clip, captioner.preprocess, paths, workers, captioner.device.torch_name, stage=captioner.image_stage
+    )
     generated = captioner.caption_tokens(tokens, settings)
     report = CaptioningReport(len(captioned.items), split, str(captioner.folder or ""))
     report.seconds_per_image = (time.perf_counter() - began) / len(captioned.items)

@@ -14,17 +14,24 @@ from retrieval.model.itm_tokens import ImageTokens, image_tokens_batched
 
 
 def cache_image_tokens(
-    model: Any, preprocess: Any, paths: Sequence[Path], workers: int = 0, device: str = "cpu", batch_size: int = 256
+    model: Any,
+    preprocess: Any,
+    paths: Sequence[Path],
+    workers: int = 0,
+    device: str = "cpu",
+    batch_size: int = 256,
+    stage: int = 1,
 ) -> ImageTokens:
-    """``image_tokens`` of every file, in order, on the CPU (grid tokens kept as float16: a 3,000-image set in a
-    few MB); an image that cannot be decoded is an error (captions and questions point at it by position)."""
+    """``image_tokens`` of every file (of feature map ``stage``, as ``image_tokens`` counts), in order, on the CPU
+    (grid tokens kept as float16: a 3,000-image set in a few MB); an image that cannot be decoded is an error
+    (captions and questions point at it by position)."""
     from clipsearch.lab.train_data import image_loader
 
     grids, pooled, order = [], [], []
     for indices, pixels in image_loader(list(paths), preprocess, batch_size, workers):
         if pixels is None:
             continue
-        tokens = image_tokens_batched(model, pixels, device, batch_size)
+        tokens = image_tokens_batched(model, pixels, device, batch_size, stage)
         grids.append(tokens.grid.half().cpu())
         pooled.append(tokens.pooled.float().cpu())
         order.extend(indices)

@@ -52,8 +52,13 @@ class Captioner:
         captioner.folder = Path(folder).expanduser()
         return captioner
 
+    @property
+    def image_stage(self) -> int:
+        """The feature map of the image tower the decoder reads (``itm_tokens.image_tokens``'s stage)."""
+        return self.decoder.config.image_stage
+
     def image_tokens(self, pixels: torch.Tensor) -> ImageTokens:
-        return image_tokens_batched(self.clip, pixels, self.device.torch_name)
+        return image_tokens_batched(self.clip, pixels, self.device.torch_name, stage=self.image_stage)
 
     @torch.inference_mode()
     def caption_tokens(self, images: ImageTokens, settings: BeamSettings = BeamSettings()) -> list[str]:

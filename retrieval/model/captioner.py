@@ -66,6 +66,7 @@ class CaptionConfig:
     heads: int = 4
     mlp_ratio: int = 2
     max_length: int = 32  # tokens, prefix included
+    image_stage: int = 1  # which feature map of the image tower it reads (``itm_tokens.image_tokens``'s stage)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vocabulary", tuple(self.vocabulary))

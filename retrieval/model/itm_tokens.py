@@ -33,33 +33,37 @@ class TextTokens:
     pooled: torch.Tensor
 
 
-def image_token_dims(model: Any, image_size: int) -> tuple[int, int, int]:
+def image_token_dims(model: Any, image_size: int, stage: int = 1) -> tuple[int, int, int]:
     """(cells, channels, embed) of ``image_tokens`` for this model, from one blank image."""
     with torch.no_grad():
-        tokens = image_tokens(model, torch.zeros(1, 3, image_size, image_size))
+        tokens = image_tokens(model, torch.zeros(1, 3, image_size, image_size), stage)
     return tokens.grid.shape[1], tokens.grid.shape[2], tokens.pooled.shape[1]
 
 
-def image_tokens(model: Any, pixels: torch.Tensor) -> ImageTokens:
-    """The last feature map of the image tower as tokens, and the normalised pooled vector.
+def image_tokens(model: Any, pixels: torch.Tensor, stage: int = 1) -> ImageTokens:
+    """A feature map of the image tower as tokens, and the normalised pooled vector.
 
-    open_clip's ``forward_intermediates`` gives the same NCHW map for the ModifiedResNet (last stage) and the
-    ViT (last block's patch tokens), so either tower works."""
-    out = model.visual.forward_intermediates(pixels, indices=1, output_fmt="NCHW")
-    grid = out["image_intermediates"][-1]
+    ``stage`` counts feature maps back from the last: 1 is the last (what the re-ranker reads), 2 the one before.
+    open_clip's ``forward_intermediates`` gives the same NCHW maps for the ModifiedResNet (its stages: the one
+    before the last is twice as fine, 4 x 4 cells instead of 2 x 2 at 64 px, and keeps more of each thing's shape)
+    and the ViT (its blocks' patch tokens: one grid), so either tower works."""
+    out = model.visual.forward_intermediates(pixels, indices=stage, output_fmt="NCHW")
+    grid = out["image_intermediates"][0]
     pooled = out["image_features"]
     if isinstance(pooled, tuple):
         pooled = pooled[0]
     return ImageTokens(grid.flatten(2).transpose(1, 2).float(), F.normalize(pooled.float(), dim=-1))
 
 
-def image_tokens_batched(model: Any, pixels: torch.Tensor, device: str = "cpu", batch_size: int = 128) -> ImageTokens:
+def image_tokens_batched(
+    model: Any, pixels: torch.Tensor, device: str = "cpu", batch_size: int = 128, stage: int = 1
+) -> ImageTokens:
     """``image_tokens`` of preprocessed pixels, ``batch_size`` at a time on ``device`` in the model's dtype, without
     gradients: what the re-ranker and the captioning decoder read at query and index time."""
     dtype = next(model.parameters()).dtype
     with torch.inference_mode():
         parts = [
-            image_tokens(model, pixels[i : i + batch_size].to(device, dtype=dtype))
+            image_tokens(model, pixels[i : i + batch_size].to(device, dtype=dtype), stage)
             for i in range(0, len(pixels), batch_size)
         ]
     return ImageTokens(torch.cat([p.grid for p in parts]), torch.cat([p.pooled for p in parts]))
