@@ -67,7 +67,7 @@ class CaptionTrainSettings:
     layers: int = 3
     heads: int = 4
     image_stage: int = 2  # the image tower's feature map before the last: on scenes-clip 4 x 4 cells, not 2 x 2
-    # (a linear probe of a cell's shape: 98.9% there, 93.7% on the last stage; shape answers 89% -> see the docs)
+    # (a linear probe of a cell's shape, scripts/probe_cell_shapes.py: 98.5% there, 93.4% on the last: docs)
     min_word_count: int = 1  # words seen fewer times in training are left out of the vocabulary
     seed: int = 0
     threads: int | None = 1  # torch threads for the steps (the image tokens are made with all): the decoder's tensors
