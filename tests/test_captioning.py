@@ -267,15 +267,24 @@ def test_a_caption_pass_killed_midway_resumes(point, memorized, small_set: Path,
     assert len(_captions(tmp_path / "index")) == 4
 
 
-def test_the_bundled_decoder_is_small_float16_and_reads_the_bundled_scenes_clip():
+def test_the_bundled_decoder_is_small_float16_and_reads_the_bundled_scenes_clip(small_set: Path):
     from safetensors.torch import load_file
 
+    from retrieval.model.caption_writer import describe_files, open_captioner
+    from retrieval.model.device import CPU
     from retrieval.model.spec import ModelSpec, spec_key
 
     root = Path(__file__).resolve().parents[1] / "data" / "models"
     folder = root / "scenes-clip-cap"
     decoder = load_captioner(folder)
-    assert decoder.config.clip_key == spec_key(ModelSpec(f"local-dir:{root / 'scenes-clip'}"))
+    spec = ModelSpec(f"local-dir:{root / 'scenes-clip'}")
+    assert decoder.config.clip_key == spec_key(spec)
+    captioner = open_captioner(spec, None, CPU)  # found beside scenes-clip; it reads the feature map it was trained on
+    scenes = [image for image in json.loads(small_set.read_text())["images"] if image["split"] == "test"][:4]
+    paths = [small_set.parent / "images" / image["filename"] for image in scenes]
+    captions = [answer.text for answer in describe_files(captioner, paths)]
+    statements = scene_statements(small_set)
+    assert sum(is_true(c, statements[p.name]) for c, p in zip(captions, paths)) >= 3, captions
     assert all(t.dtype == torch.float16 for t in load_file(str(folder / "caption_model.safetensors")).values())
     assert (folder / "caption_model.safetensors").stat().st_size < 2_000_000
     assert {"above", "below", "left", "right", "circle", "purple", "three"} <= set(decoder.config.vocabulary)
