@@ -168,6 +168,10 @@ class Meta(Base):
 CACHE_KIB = 131_072  # SQLite's page cache per connection (default 2 MB), filled only as pages are used
 
 
+WAL_CHECKPOINT_PAGES = 16384  # of 16 KB: 256 MB
+WAL_KEEP_BYTES = 64 << 20
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA page_size=16384")  # new catalogs only: 1 KB embedding rows pack 15 a page, not 3
@@ -176,6 +180,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # checkpoint every 256 MB of WAL, not SQLite's 16 MB: each checkpoint waits on an fsync, and at 16 MB a bulk
+    # ingest spent ~10% of its wall time there (bench_ingest 200k rows: 45-47k -> 50-51k rows/s by the clock);
+    # the file is cut back to 64 MB after each checkpoint
+    cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+    cursor.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
