@@ -215,11 +215,11 @@ class ImageEncoding:
         return crop_for(identity.image_size, identity.preprocess) if self.onnx and identity else None
 
     def load(self) -> ImageEncoder:
-        """The encoder: one ONNX Runtime session using the cores the decode workers leave (its idle threads
-        sleep, so a busy worker gets its core), or the torch model, also when the session does not open."""
+        """The encoder: one ONNX Runtime session running a part of each batch per core (``encode_lanes``), or
+        the torch model, also when the session does not open."""
         if self.onnx:
             try:
-                return shared_image_encoder(self.tower, onnx_threads(self.workers), False, self.settings.int8)
+                return shared_image_encoder(self.tower, 1, False, self.settings.int8, encode_lanes())
             except Exception as error:  # noqa: BLE001  (torch encodes the same crops: the run goes on)
                 warnings.warn(f"the ONNX image tower did not open ({error}); encoding with torch", stacklevel=2)
         return Encoder.load(self.settings.model, self.device, int8=self.settings.int8)
@@ -549,23 +549,18 @@ def default_batch_size(device: Device, onnx: bool = False) -> int:
 
 def default_workers(device: Device, onnx: bool = False) -> int:
     """CPU: one per core, at most 4 (the encoder needs the cores too). CUDA: decoding must keep up with the GPU,
-    so every core, up to 16. The ONNX path: its workers only crop (no float tensors), about a sixth of the
-    encoder's CPU for ViT-B-32 (docs/benchmarks.md), so one per four cores."""
+    so every core, up to 16. The ONNX path: decode threads in the encoding process (``indexer.decode_pool``), one
+    per core up to 16, as rclip 4 does: a thread waiting for its core costs nothing."""
     cores = os.cpu_count() or 1
     if onnx:
-        return max(1, cores // 4)
+        return max(1, min(16, cores))
     return max(1, min(16 if device.is_cuda else 4, cores))
 
 
-DECODE_SHARE = 1 / 6  # of a core, per ONNX-path decode worker while the encoder keeps up (ViT-B-32, 12 MP JPEGs)
-
-
-def onnx_threads(workers: int) -> int:
-    """The ONNX session's intra-op threads: the cores the decode workers leave. A worker is busy about a sixth of
-    the time, so it leaves most of its core to the encoder (whose idle threads sleep: ``spin=False`` lets the
-    worker in when it needs its core)."""
-    cores = os.cpu_count() or 1
-    return max(1, cores - int(workers * DECODE_SHARE))
+def encode_lanes() -> int:
+    """The ONNX session's runs at once, one intra-op thread each: one per core. The decode threads share the
+    cores; a run's part of a batch is its own, so no thread waits for another at every operator."""
+    return os.cpu_count() or 1
 
 
 @dataclass

@@ -53,6 +53,16 @@ def _register_heif() -> None:
 _register_heif()
 
 
+def refuse_bombs_in_every_thread() -> None:
+    """Make Pillow's decompression-bomb warning an error for the whole process, before decode threads start.
+
+    ``decode_image_and_size`` sets its filters in ``warnings.catch_warnings``, which saves and restores the one
+    process-wide list: threads decoding at once can restore each other's list mid-decode, so a bomb would be
+    decoded instead of refused. Installed once first, the filter is in every list any of them restores (the
+    filters they add are the same ones, so what such a race leaves behind changes nothing)."""
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
 def decode_image(data: bytes, min_side: int | None = None, reduce: bool = False) -> Image.Image:
     """Decode to an upright RGB image. With ``min_side``, JPEGs are decoded at a reduced DCT scale (``draft``)
     that keeps the shorter side at least ``min_side``: the same pixels the CLIP resize needs, several times faster.
@@ -70,7 +80,7 @@ def decode_image_and_size(
         raise DecodeError("empty file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like: noise, not failures
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # "Corrupt EXIF data": noise
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size

@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--first-round", type=int, default=0, help="1: start with the reversed order")
     parser.add_argument("--only", nargs="*", default=["photos", "small", "query"])
     parser.add_argument("--no-int8", action="store_true", help="leave out clipsearch --int8")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout (main) as a side of its own")
     parser.add_argument("--query-runs", type=int, default=5)
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "bench-rclip")
     parser.add_argument("--prepare", action="store_true", help="only make the models, the exports and the checks")
@@ -213,6 +214,8 @@ def main() -> None:
         emit(figure="same_weights", **check_same_vectors(spec, models, args.scratch))
         return
     sides = [("clipsearch", ()), ("rclip", ())] + ([] if args.no_int8 else [("clipsearch-int8", ("--int8",))])
+    if args.baseline is not None:
+        sides.insert(1, ("baseline", ()))
     for round_ in range(args.first_round, args.first_round + args.rounds):
         order = sides if round_ % 2 == 0 else sides[::-1]
         for name in ("photos", "small"):
@@ -226,7 +229,8 @@ def main() -> None:
                     shutil.rmtree(datadir, ignore_errors=True)
                 else:
                     index_dir = Path(tempfile.mkdtemp(prefix="clipsearch-", dir=args.scratch))
-                    command, env = clipsearch(ROOT, "index", str(folder), "--index", str(index_dir), "-q")
+                    checkout = args.baseline if side == "baseline" else ROOT
+                    command, env = clipsearch(checkout, "index", str(folder), "--index", str(index_dir), "-q")
                     result = run_measured([*command, "--model", spec, *extra], env, ROOT)
                     assert f"added {count}" in result["out"], result["out"]
                     shutil.rmtree(index_dir, ignore_errors=True)
