@@ -97,7 +97,8 @@ WorkersOption = Annotated[
     int | None,
     typer.Option(
         "--workers",
-        help="Decoding processes (default: one per core, at most 4; on CUDA up to 16; 0 decodes in this process).",
+        help="Decoding processes (default: one per core, at most 4; on CUDA up to 16; 0 decodes in this process); "
+        "with the ONNX image tower, decoding threads (default: one per core, at most 16).",
         show_default=False,
     ),
 ]
