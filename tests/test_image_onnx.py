@@ -212,3 +212,15 @@ def test_indexing_with_an_existing_export_never_imports_torch(settings, photo_fo
     outside = write_image(tmp_path / "outside.jpg", 9000)
     out = clipsearch("similar", str(outside), "-k", "3", "--format", "paths")
     assert len([line for line in out.splitlines() if line.endswith((".jpg", ".png"))]) == 3 and "heavy: []" in out
+
+
+def test_a_batch_split_over_lanes_gives_the_same_vectors(settings, photo_folder, tmp_path, cache_home):
+    """Indexing runs a part of each batch per core at once (``lanes``): every image's vector is the one a single
+    run of the whole batch gives."""
+    index_dir = _index(tmp_path, photo_folder, settings)
+    tower = cached_image_tower(export_image_tower(index_dir).record.model_key)
+    pixels = probe_pixels(tower.open().side, (0.5,) * 3, (0.25,) * 3)
+    whole = tower.open(threads=1).encode_images(pixels)
+    split = tower.open(threads=1, lanes=2).encode_images(pixels)
+    assert split.shape == whole.shape
+    assert np.min(np.sum(whole * split, axis=1)) >= 1 - 1e-6
