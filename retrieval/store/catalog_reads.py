@@ -168,7 +168,7 @@ class CatalogReader:
 
     def _holds_images(self) -> bool:
         try:
-            return bool(self._all("SELECT count(id) FROM images")[0][0])
+            return bool(self.count())
         except sqlite3.DatabaseError:
             return False
 
@@ -177,6 +177,15 @@ class CatalogReader:
     def _all(self, sql: str, parameters: Sequence = ()) -> list[tuple]:
         with self._lock:
             return self._reads().execute(sql, parameters).fetchall()
+
+    def _all_in(self, head: str, column: str, values: Sequence, tail: str = "", after: Sequence = ()) -> list[tuple]:
+        """Rows of ``head WHERE column IN (values) tail`` (``after``: the parameters of ``tail``), ``CHUNK``
+        values a statement."""
+        rows: list[tuple] = []
+        for start in range(0, len(values), CHUNK):
+            chunk = list(values[start : start + CHUNK])
+            rows += self._all(f"{head} WHERE {column} IN ({', '.join('?' * len(chunk))}){tail}", [*chunk, *after])
+        return rows
 
     def _reads(self) -> sqlite3.Connection:
         if self._connection is None or self._owner != os.getpid():
@@ -234,24 +243,15 @@ class CatalogReader:
         return int(self._all("SELECT count(id) FROM images WHERE status = ?", (status,))[0][0])
 
     def rows_by_id(self, ids: Sequence[int]) -> dict[int, StoredImage]:
-        found: dict[int, StoredImage] = {}
-        ids = [int(i) for i in ids]
-        for start in range(0, len(ids), CHUNK):
-            chunk = ids[start : start + CHUNK]
-            rows = self._all(f"{_SELECT_IMAGES} WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
-            found.update((row.id, row) for row in map(_stored_image, rows))
-        return found
+        rows = self._all_in(_SELECT_IMAGES, "id", [int(i) for i in ids])
+        return {row.id: row for row in map(_stored_image, rows)}
 
     def row_by_path(self, path: str) -> StoredImage | None:
         return self.rows_by_paths([path]).get(path)
 
     def rows_by_paths(self, paths: Sequence[str]) -> dict[str, StoredImage]:
-        found: dict[str, StoredImage] = {}
-        for start in range(0, len(paths), CHUNK):
-            chunk = [to_stored(path) for path in paths[start : start + CHUNK]]
-            rows = self._all(f"{_SELECT_IMAGES} WHERE path IN ({', '.join('?' * len(chunk))})", chunk)
-            found.update((row.path, row) for row in map(_stored_image, rows))
-        return found
+        rows = self._all_in(_SELECT_IMAGES, "path", [to_stored(path) for path in paths])
+        return {row.path: row for row in map(_stored_image, rows)}
 
     def failed_rows(self) -> list[StoredImage]:
         rows = self._all(f"{_SELECT_IMAGES} WHERE status = ? ORDER BY path", (STATUS_FAILED,))
@@ -265,14 +265,8 @@ class CatalogReader:
 
     def embeddings_by_id(self, ids: Sequence[int]) -> dict[int, bytes]:
         """The stored embeddings of those ``ids`` that are indexed (ok), as stored."""
-        found: dict[int, bytes] = {}
         ids = [int(i) for i in ids]
-        for start in range(0, len(ids), CHUNK):
-            chunk = ids[start : start + CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            sql = f"SELECT id, embedding FROM images WHERE id IN ({marks}) AND status = ?"
-            found.update(self._all(sql, [*chunk, STATUS_OK]))
-        return found
+        return dict(self._all_in("SELECT id, embedding FROM images", "id", ids, " AND status = ?", (STATUS_OK,)))
 
     def sample_embeddings(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``n`` (ids, normalised float32 vectors) of ok rows spread over the id range, found by index
