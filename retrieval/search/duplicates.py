@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,12 +30,12 @@ from retrieval.pixel_print import PRINT_SIDE, pixel_print, pixel_similarity, pri
 from retrieval.search.duplicate_defaults import DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD
 from retrieval.search.duplicate_pairs import EXACT_PAIRS_LIMIT, VectorSource, pairs_in
 from retrieval.store.catalog import Catalog, ImageRow
+from retrieval.store.catalog_reads import CHUNK
 from retrieval.store.layout import IndexLayout
 from retrieval.store.paths import display_path
 from retrieval.unit import unit_rows
 
 LINKAGES = ("complete", "single")
-ROWS_CHUNK = 500  # ids per catalog lookup
 PIXEL_BLOCK = 2048  # candidate pairs compared on their prints at a time: at most 4,096 images' views, 370 MB
 
 
@@ -145,12 +144,13 @@ class CandidatePairs:
     second: np.ndarray
     cosine: np.ndarray
     pixels: np.ndarray  # pixel similarity; 0 where either file has no print (gone, unreadable)
-    rows: dict  # image id -> ImageRow of every file in a pair (its embedding included)
+    rows: dict  # image id -> StoredImage of every file in a pair (its embedding included)
     prints: dict  # image id -> stored pixel print (3 KB) of every file in a pair that has one
 
     def evidence(self, a: int, b: int) -> tuple[float, float]:
         """(cosine, pixel similarity) of two images; a member need not be a candidate pair of the leader's."""
-        cosine = float(np.prod(unit_rows(np.stack([self.rows[a].vector(), self.rows[b].vector()])), axis=0).sum())
+        first, second = unit_rows(np.stack([self.rows[a].vector(), self.rows[b].vector()]))
+        cosine = float(first @ second)
         low, high = min(a, b), max(a, b)
         at = int(np.searchsorted(self._keys, low * self._span + high))
         if at < len(self.first) and (self.first[at], self.second[at]) == (low, high):
@@ -174,7 +174,7 @@ def candidate_pairs(catalog: Catalog, threshold: float, exact_limit: int = EXACT
     compared a block of pairs at a time (the views compared are 90 KB an image: 9 GB for 100k images in pairs)."""
     first, second, cosine = pairs_in(VectorSource.of_catalog(catalog), threshold, exact_limit)
     involved = np.unique(np.concatenate([first, second]))
-    rows = _rows(catalog, involved)
+    rows = catalog.rows_by_id(involved.tolist())
     prints = _pixel_prints(catalog, [rows[int(image_id)] for image_id in involved if int(image_id) in rows])
     return CandidatePairs(first, second, cosine, _pair_pixels(first, second, prints), rows, prints)
 
@@ -199,8 +199,8 @@ def _pixel_prints(catalog: Catalog, rows: list) -> dict[int, bytes]:
     prints: dict[int, bytes] = {}
     ids = [row.id for row in rows]
     with catalog.session() as session:
-        for start in range(0, len(ids), ROWS_CHUNK):
-            chunk = ids[start : start + ROWS_CHUNK]
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
             query = select(ImageRow.id, ImageRow.pixel_print).where(ImageRow.id.in_(chunk))
             prints.update({image_id: blob for image_id, blob in session.execute(query) if blob is not None})
     computed = {}
@@ -294,14 +294,6 @@ def _components(order: list[int], neighbours: dict[int, set[int]]) -> list[list[
                     stack.append(other)
         groups.append(group)
     return groups
-
-
-def _rows(catalog: Catalog, ids: Iterable[int]) -> dict:
-    ids = [int(i) for i in ids]
-    rows = {}
-    for start in range(0, len(ids), ROWS_CHUNK):
-        rows.update(catalog.rows_by_id(ids[start : start + ROWS_CHUNK]))
-    return rows
 
 
 def best_first_key(row) -> tuple:
