@@ -220,10 +220,14 @@ class VectorIndex:
                 return self._device_copy_now().search(queries, k)
             return self._scan_flat(queries, k)
         searcher = (self._device_copy_now() if self.device.is_cuda else None) or self.index
-        if self.kind.rescores and self.rescore_source is not None and self.params.rescore > 1:
+        if self._rescoring():
             scores, ids = searcher.search(queries, k * self.params.rescore)
             return _rescore(queries, ids, k, self.rescore_source)
         return searcher.search(queries, k)
+
+    def _rescoring(self) -> bool:
+        """Whether candidates are rescored exactly (ivfpq with the catalog at hand, ``rescore`` > 1)."""
+        return self.kind.rescores and self.rescore_source is not None and self.params.rescore > 1
 
     def _scan_flat(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over FAISS's own float16 storage. Up to ``FAST_SCAN_MAX_QUERIES`` queries: FAISS scores
@@ -255,7 +259,7 @@ class VectorIndex:
             scores = self.rescore_source(allowed) @ queries.T  # NaN rows (removed since) rank last
             return pad_top_k(top_k(scores.T, k, allowed), k)
         share = len(allowed) / max(len(self), 1)
-        rescore = self.kind.rescores and self.rescore_source is not None and self.params.rescore > 1
+        rescore = self._rescoring()
         depth = min(k * self.params.rescore, len(self)) if rescore else k
         params = self.kind.filtered_search(self.index, faiss.IDSelectorBatch(allowed), depth, share)
         scores, ids = self.index.search(queries, depth, params=params)
