@@ -32,20 +32,21 @@ class UnsupportedTokenizer(Exception):
     """open_clip's tokenizer for this model is not the plain CLIP one (the query path then keeps torch)."""
 
 
+# open_clip's ``bytes_to_unicode`` order: the bytes shown as themselves, then the rest (shown as 256, 257, ...)
+PRINTABLE_BYTES = (*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1))
+OTHER_BYTES = tuple(b for b in range(256) if b not in PRINTABLE_BYTES)
+
+
 @lru_cache(maxsize=1)
 def byte_characters() -> tuple[str, ...]:
     """GPT-2/CLIP's printable stand-in for each byte 0..255 (open_clip's ``bytes_to_unicode``), by byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    shown = dict(zip(printable, printable)) | {b: 256 + n for n, b in enumerate(others)}
+    shown = dict(zip(PRINTABLE_BYTES, PRINTABLE_BYTES)) | {b: 256 + n for n, b in enumerate(OTHER_BYTES)}
     return tuple(chr(shown[b]) for b in range(256))
 
 
 def clip_vocabulary(merges: Sequence[str], specials: Sequence[str]) -> list[str]:
     """The tokens in id order that a CLIP ``SimpleTokenizer`` builds from its merges and special tokens."""
-    order = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    order += [b for b in range(256) if b not in order]
-    singles = [byte_characters()[b] for b in order]
+    singles = [byte_characters()[b] for b in (*PRINTABLE_BYTES, *OTHER_BYTES)]
     return [*singles, *(c + WORD_END for c in singles), *(m.replace(" ", "") for m in merges), *specials]
 
 
