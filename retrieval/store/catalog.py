@@ -180,9 +180,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    # checkpoint every 256 MB of WAL, not SQLite's 16 MB: each checkpoint waits on an fsync, and at 16 MB a bulk
-    # ingest spent ~10% of its wall time there (bench_ingest 200k rows: 45-47k -> 50-51k rows/s by the clock);
-    # the file is cut back to 64 MB after each checkpoint
+    # checkpoint every 256 MB of WAL, not SQLite's 16 MB: each checkpoint waits on an fsync (bench_ingest, 200k
+    # rows, quiet, alternated: 44.0-44.3k -> 44.5-49.0k rows/s by the clock, a few percent within the runs' spread;
+    # docs/scale.md); the file is cut back to 64 MB after each checkpoint
     cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
     cursor.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
     cursor.execute("PRAGMA busy_timeout=30000")
