@@ -50,11 +50,11 @@ def insert_new_rows(session: Session, chunk: Sequence[tuple]) -> tuple[np.ndarra
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=EMBEDDING_DTYPE), 0
     first = next_image_id(session)
     now = time.time()
-    ok = [vector is not None for _, _, vector in chunk]
-    dim = next((len(vector) for _, _, vector in chunk if vector is not None), 0)
-    stored = np.zeros((sum(ok), dim), dtype=EMBEDDING_DTYPE)
-    if dim:
-        stored[:] = np.stack([vector for _, _, vector in chunk if vector is not None])
+    encoded = [vector for _, _, vector in chunk if vector is not None]
+    # one conversion of the list, not a float32 stack then a float16 copy (half the writer's Python time per row)
+    stored = np.array(encoded, dtype=EMBEDDING_DTYPE) if encoded else np.zeros((0, 0), dtype=EMBEDDING_DTYPE)
+    width = stored.shape[1] * stored.itemsize
+    blobs = memoryview(stored.reshape(-1).view(np.uint8))  # each row's blob is a slice: no per-row copy
     rows, ids, at = [], [], 0
     for offset, (item, decoded, vector) in enumerate(chunk):
         facts, image_id = item.facts, first + offset
@@ -63,10 +63,10 @@ def insert_new_rows(session: Session, chunk: Sequence[tuple]) -> tuple[np.ndarra
             rows.append((*head, STATUS_FAILED, decoded.error, None, None, None, None, *_NO_META))
             continue
         meta = decoded.meta or read_image_meta(facts.path, facts.mtime_ns)
-        rows.append((*head, STATUS_OK, None, stored[at].tobytes(), decoded.width, decoded.height,
+        rows.append((*head, STATUS_OK, None, blobs[at : at + width], decoded.width, decoded.height,
                      decoded.pixel_print, *_meta_values(meta)))  # fmt: skip
         ids.append(image_id)
-        at += 1
+        at += width
     session.connection().exec_driver_sql(_INSERT, rows)  # one DBAPI executemany: no per-row Python binding
     fill_keywords(session, first, first + len(rows) - 1)
     return np.array(ids, dtype=np.int64), stored, len(chunk) - len(ids)
