@@ -21,6 +21,13 @@ FIXTURES = Path(__file__).parent / "fixtures" / "robust"
 V2_ROOT = "/tmp/rb/v2/photos"
 
 
+# The file names the keyword table finds: it keeps no copy of them (contentless), so they come from the rows it names
+KEYWORD_HITS = (
+    "SELECT substr(path, length(rtrim(path, replace(path, '/', ''))) + 1) AS name FROM images "
+    "WHERE id IN (SELECT rowid FROM images_fts WHERE images_fts MATCH ?)"
+)
+
+
 def raw(path: Path, sql: str, *args) -> list[tuple]:
     connection = sqlite3.connect(path)
     try:
@@ -85,7 +92,7 @@ def test_v2_index_is_migrated_with_header_facts_and_keywords_without_reencoding(
     assert found["broken.jpg"][:2] == (None, None)  # failed row: nothing to read
 
     def keyword_hits(query: str) -> list[str]:
-        sql = "SELECT name FROM images_fts WHERE images_fts MATCH ? ORDER BY rowid"
+        sql = KEYWORD_HITS + " ORDER BY id"
         return [row[0] for row in raw(catalog_path, sql, match_expression(query))]
 
     assert keyword_hits("IMG_0412") == ["IMG_0412.jpg"]
@@ -108,7 +115,7 @@ def test_migrated_v2_index_keeps_its_keywords_in_step(tmp_path):
     )
     connection.execute("DELETE FROM images WHERE path = ?", (str(photos / "phone.jpg"),))
     connection.commit()
-    hits = "SELECT name FROM images_fts WHERE images_fts MATCH ?"
+    hits = KEYWORD_HITS
     assert connection.execute(hits, (match_expression("IMG_0412"),)).fetchall() == []
     assert connection.execute(hits, (match_expression("IMG_0999"),)).fetchall() == [("IMG_0999.jpg",)]
     assert connection.execute(hits, (match_expression("phone"),)).fetchall() == []
@@ -139,7 +146,7 @@ def test_keyword_table_follows_moves_and_removals(tmp_path, settings):
     catalog = index_dir / "catalog.sqlite"
 
     def names(query: str) -> list[str]:
-        sql = "SELECT name FROM images_fts WHERE images_fts MATCH ? ORDER BY name"
+        sql = KEYWORD_HITS + " ORDER BY name"
         return [row[0] for row in raw(catalog, sql, match_expression(query))]
 
     assert names("IMG_0412") == ["IMG_0412.jpg"] and names("img") == ["IMG_0412.jpg", "IMG_0413.jpg"]

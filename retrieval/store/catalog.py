@@ -103,8 +103,7 @@ class ImageRow(Base):
     pixel_print: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
     __table_args__ = (
-        Index("ix_images_hash", "content_hash"),
-        Index("ix_images_status", "status"),
+        Index("ix_images_hash", "content_hash"),  # schema 7: no index on status alone (ix_images_facts leads with it)
         # covering index of the filterable facts: a filter reads it, not the rows with their 1 KB embeddings
         Index("ix_images_facts", *FACT_COLUMNS),
         {"sqlite_autoincrement": True},  # a FAISS id held by a reader never names another image

@@ -22,10 +22,19 @@ NAME_WEIGHT, FOLDER_WEIGHT = 4.0, 1.0  # bm25 column weights: a match in the fil
 _FOLDER = "rtrim({p}, replace({p}, '/', ''))"
 _NAME = "substr({p}, length(" + _FOLDER + ") + 1)"
 _INSERT = f"INSERT INTO {FTS_TABLE} (rowid, name, folder) VALUES (new.id, {_NAME}, {_FOLDER});".format(p="new.path")
-_DELETE = f"DELETE FROM {FTS_TABLE} WHERE rowid = old.id;"
+# Contentless (schema 7): the table keeps no copy of the names, so a row leaves it through FTS5's 'delete' command,
+# given the tokens it was indexed with, which are the old path's (SQLite 3.40 has no contentless_delete).
+_DELETE = (
+    f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rowid, name, folder) VALUES ('delete', old.id, {_NAME}, {_FOLDER});".format(
+        p="old.path"
+    )
+)
+CREATE_TABLE = (
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(name, folder, tokenize = 'unicode61', content = '')"
+)
 
 CREATE_STATEMENTS = (
-    f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(name, folder, tokenize = 'unicode61')",
+    CREATE_TABLE,
     f"CREATE TRIGGER IF NOT EXISTS images_fts_delete AFTER DELETE ON images BEGIN {_DELETE} END",
     f"CREATE TRIGGER IF NOT EXISTS images_fts_update AFTER UPDATE OF path ON images BEGIN {_DELETE} {_INSERT} END",
 )
