@@ -157,6 +157,18 @@ def test_keyword_table_follows_moves_and_removals(tmp_path, settings):
     assert names("IMG") == [] and names("paris-2019") == ["paris-2019.jpg"]
     assert raw(catalog, "SELECT count(*) FROM images_fts") == raw(catalog, "SELECT count(*) FROM images")
 
+    # A row the keyword table never held (written by another tool) leaves without skewing the ranking's totals:
+    # a contentless 'delete' of tokens it never indexed would make bm25 rank nothing (NULL scores).
+    connection = sqlite3.connect(catalog)
+    connection.execute(
+        "INSERT INTO images (path, size, mtime_ns, status, indexed_at) VALUES ('/x/IMG_7.jpg', 1, 1, 'failed', 0)"
+    )
+    connection.execute("DELETE FROM images WHERE path = '/x/IMG_7.jpg'")
+    connection.commit()
+    connection.close()
+    scores = raw(catalog, "SELECT bm25(images_fts, 4.0, 1.0) FROM images_fts WHERE images_fts MATCH ?", '"jpg"')
+    assert len(scores) == 2 and all(score is not None and score < 0 for (score,) in scores)
+
 
 def test_header_reading_survives_odd_files(tmp_path):
     (tmp_path / "text.jpg").write_bytes(b"hello")

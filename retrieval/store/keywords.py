@@ -23,12 +23,12 @@ _FOLDER = "rtrim({p}, replace({p}, '/', ''))"
 _NAME = "substr({p}, length(" + _FOLDER + ") + 1)"
 _INSERT = f"INSERT INTO {FTS_TABLE} (rowid, name, folder) VALUES (new.id, {_NAME}, {_FOLDER});".format(p="new.path")
 # Contentless (schema 7): the table keeps no copy of the names, so a row leaves it through FTS5's 'delete' command,
-# given the tokens it was indexed with, which are the old path's (SQLite 3.40 has no contentless_delete).
+# given the tokens it was indexed with, which are the old path's (SQLite 3.40 has no contentless_delete). Only a row
+# the table holds (its docsize entry): deleting one it never held would skew the totals, and bm25 would rank nothing.
 _DELETE = (
-    f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rowid, name, folder) VALUES ('delete', old.id, {_NAME}, {_FOLDER});".format(
-        p="old.path"
-    )
-)
+    f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rowid, name, folder) SELECT 'delete', old.id, {_NAME}, {_FOLDER} "
+    f"WHERE EXISTS (SELECT 1 FROM {FTS_TABLE}_docsize WHERE id = old.id);"
+).format(p="old.path")
 CREATE_TABLE = (
     f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(name, folder, tokenize = 'unicode61', content = '')"
 )

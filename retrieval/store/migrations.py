@@ -174,9 +174,9 @@ def _v5_to_v6(connection: sqlite3.Connection) -> None:
 
 
 _FTS_DELETE_V7 = (
-    "INSERT INTO images_fts (images_fts, rowid, name, folder) VALUES ('delete', old.id, "
-    + f"{_NAME_V3}, {_FOLDER_V3});".format(p="old.path")
-)
+    f"INSERT INTO images_fts (images_fts, rowid, name, folder) SELECT 'delete', old.id, {_NAME_V3}, {_FOLDER_V3} "
+    "WHERE EXISTS (SELECT 1 FROM images_fts_docsize WHERE id = old.id);"
+).format(p="old.path")
 KEYWORDS_V7 = (
     "DROP TRIGGER IF EXISTS images_fts_delete",
     "DROP TRIGGER IF EXISTS images_fts_update",
