@@ -59,6 +59,7 @@ def test_onnx_image_vectors_match_torch(spec_name, tiny_spec, settings, photo_fo
     index_dir = _index(tmp_path, photo_folder, replace(settings, model=spec, export_image=False))
     report = export_image_tower(index_dir)
     assert report.exported and report.record.min_cosine >= 0.9999 and report.record.top10_same
+    assert report.record.graph == ("vit-lean-1" if spec_name == "tiny" else "as-written-1")  # shapes: a ResNet
     tower = cached_image_tower(report.record.model_key)
     assert tower.current
     torch_encoder = Encoder.load(spec, CPU)
@@ -224,3 +225,73 @@ def test_a_batch_split_over_lanes_gives_the_same_vectors(settings, photo_folder,
     split = tower.open(threads=1, lanes=2).encode_images(pixels)
     assert split.shape == whole.shape
     assert np.min(np.sum(whole * split, axis=1)) >= 1 - 1e-6
+
+
+def _tiny_clip(**vision: object):
+    """A seeded tiny open_clip CLIP whose vision config is ``TINY_MODEL_CFG``'s with ``vision`` changed."""
+    import open_clip
+    import torch
+
+    from retrieval.testing import TINY_MODEL_CFG
+
+    cfg = json.loads(json.dumps(TINY_MODEL_CFG))
+    cfg["vision_cfg"].update(vision)
+    torch.manual_seed(3)
+    return open_clip.CLIP(**cfg).eval()
+
+
+def _onnx_matches_torch(model, graph: Path) -> float:
+    """The smallest cosine between the graph's and torch's unit vectors on 6 random batches of pixels."""
+    import onnxruntime
+    import torch
+
+    side = model.visual.image_size[0]
+    pixels = np.random.default_rng(8).standard_normal((6, 3, side, side)).astype(np.float32)
+    with torch.no_grad():
+        reference = torch.nn.functional.normalize(model.encode_image(torch.from_numpy(pixels)), dim=-1).numpy()
+    session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    (features,) = session.run(None, {"pixels": pixels})
+    return float(np.min(np.sum(reference * unit_rows(features), axis=1)))
+
+
+@pytest.mark.parametrize(
+    ("vision", "form"),
+    [
+        ({}, "vit-lean-1"),  # class-token pooling: the last block computes the class token alone
+        ({"pool_type": "avg"}, "vit-lean-1"),  # every token pooled: the last block computes them all
+        ({"ls_init_value": 0.5}, "as-written-1"),  # layer scale: not repeated by the lean rewrite
+        ({"attentional_pool": True}, "as-written-1"),
+    ],
+)
+def test_a_vit_exports_lean_where_it_fits_and_as_written_elsewhere(vision, form, tmp_path):
+    """Both forms give torch's vectors; the lean one has no patch Conv and far fewer Transposes (work per image)."""
+    import onnx
+
+    from retrieval.model.image_export import export_image_onnx
+
+    model = _tiny_clip(**vision)
+    assert export_image_onnx(model, tmp_path / "image.onnx") == form
+    assert _onnx_matches_torch(model, tmp_path / "image.onnx") >= 0.9999
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "image.onnx")).graph.node]
+    if form == "vit-lean-1":
+        assert export_image_onnx(model, tmp_path / "as-written.onnx", lean=False) == "as-written-1"
+        as_written = [node.op_type for node in onnx.load(str(tmp_path / "as-written.onnx")).graph.node]
+        assert "Conv" not in ops and "Conv" in as_written
+        assert ops.count("Transpose") < as_written.count("Transpose") and len(ops) < len(as_written)
+
+
+def test_an_export_of_an_older_exporter_encodes_and_is_made_again(settings, photo_folder, tmp_path, cache_home):
+    """An export recorded before the lean form (no ``graph`` in its record) is still used, then made again by the
+    next export run, in the lean form."""
+    from retrieval.model.text_onnx import TextTowerRecord
+
+    index_dir = _index(tmp_path, photo_folder, settings)
+    report = export_image_tower(index_dir)
+    assert report.record.graph == "vit-lean-1"
+    old = {key: value for key, value in json.loads(report.record.to_json()).items() if key != "graph"}
+    (report.folder / RECORD_FILE).write_text(json.dumps(old))
+    tower = cached_image_tower(report.record.model_key)
+    assert tower.current and tower.outdated and TextTowerRecord.from_json(json.dumps(old)).graph == ""
+    again = export_image_tower(index_dir)
+    assert again.exported and again.record.graph == "vit-lean-1" and _recorded(index_dir)["graph"] == "vit-lean-1"
+    assert not cached_image_tower(report.record.model_key).outdated

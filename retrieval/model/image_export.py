@@ -1,8 +1,10 @@
 """Write a CLIP image tower as ONNX (float32), for indexing and image queries without torch.
 
 The graph takes preprocessed pixels (dynamic batch, float32, N x 3 x S x S) and returns L2-normalised features:
-``encode_image`` as the torch ``Encoder`` runs it. Needs torch and ``onnxscript`` (torch's exporter): export time
-only.
+``encode_image`` as the torch ``Encoder`` runs it. Two forms (``image_onnx.GRAPH_FORMS``): ``LEAN``, open_clip's
+ViT rewritten to do less work per image (``retrieval.model.vit_export``), for the towers it fits; ``AS_WRITTEN``,
+the tower traced as it is, for the others (and when the lean graph fails its check). Needs torch and
+``onnxscript`` (torch's exporter): export time only.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from retrieval.model.image_onnx import AS_WRITTEN, LEAN
 from retrieval.model.text_export import UnsupportedExport, export_module
 
 
@@ -30,15 +33,27 @@ def image_side(model: Any) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def export_image_onnx(model: Any, path: Path) -> Path:
-    """The image tower of an open_clip model as one ONNX file (float32 weights inside)."""
+def export_image_onnx(model: Any, path: Path, lean: bool = True) -> str:
+    """The image tower of an open_clip model as one ONNX file (float32 weights inside); returns its form:
+    ``LEAN`` when asked for and the tower fits it, else ``AS_WRITTEN``."""
     import torch
 
+    from retrieval.model.vit_export import UnsupportedLean, lean_image_tower
+
     check_image_exportable(model)
-    tower = _image_tower(model).eval()
     side = image_side(model)
     example = torch.rand((2, 3, side, side), dtype=torch.float32)
-    return export_module(tower, example, path, "pixels", {0: torch.export.Dim("batch", min=1, max=4096)})
+    dynamic = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if lean:
+        try:
+            export_module(lean_image_tower(model).eval(), example, path, "pixels", dynamic)
+            return LEAN
+        except UnsupportedLean:
+            pass
+        except Exception:  # noqa: BLE001  (an exporter that cannot trace the rewrite: the tower as written)
+            path.unlink(missing_ok=True)
+    export_module(_image_tower(model).eval(), example, path, "pixels", dynamic)
+    return AS_WRITTEN
 
 
 def _image_tower(model: Any) -> Any:

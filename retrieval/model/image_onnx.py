@@ -37,6 +37,11 @@ INT8_FILE = "image-int8.onnx"  # dynamic int8, per channel: kept when its top-10
 RECORD_FILE = "record.json"
 IDENTITY_FILE = "identity.json"
 ONNX, TORCH = "onnx", "torch"
+# The forms of graph the current exporter writes (``retrieval.model.image_export``), as recorded in
+# ``TextTowerRecord.graph``. An export recorded with another ("": made before the lean form) still encodes, as it
+# passed the same check against torch, and is made again after the next run that encodes (``outdated``).
+LEAN, AS_WRITTEN = "vit-lean-1", "as-written-1"
+GRAPH_FORMS = (LEAN, AS_WRITTEN)
 
 
 class ImageEncoder(Protocol):
@@ -139,6 +144,11 @@ class ExportedImageTower:
     @property
     def current(self) -> bool:
         return self.problem is None
+
+    @property
+    def outdated(self) -> bool:
+        """Current, but written by an older exporter than this code's (``GRAPH_FORMS``): to be made again."""
+        return self.current and self.record is not None and self.record.graph not in GRAPH_FORMS
 
     @property
     def has_int8(self) -> bool:

@@ -1,0 +1,125 @@
+"""open_clip's ViT image tower rewritten for export: the same weights and numbers, less work per image on the CPU.
+
+Exported as written, open_clip's ViT runs ``nn.MultiheadAttention``, whose traced graph moves every block's tokens
+to sequence-first and back (8 Transposes a block), splits the QKV projection three ways and reshapes each part;
+its patch embedding is a Conv that ONNX Runtime runs one image at a time; and the last block computes every
+token although the tower keeps only the class token. ``lean_image_tower`` runs the same blocks batch-first with
+one QKV MatMul and one Transpose each way, the patch embedding as one MatMul over the batch, and the last block
+for the class token only (its keys and values still come from every token). Only a model whose tower has exactly
+the parts this repeats is rewritten (``UnsupportedLean`` says why not; ``export_image_onnx`` then exports the tower
+as written). Export time only: needs torch (imported inside, so the module imports without it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UnsupportedLean(Exception):
+    """The image tower has a part the lean rewrite does not repeat; it is exported as written."""
+
+
+def check_lean(model: Any) -> None:
+    """The parts ``lean_image_tower`` repeats: a ``VisionTransformer`` with a square patch Conv, class-token or
+    average pooling (no attentional pooler), and blocks of ``nn.MultiheadAttention`` (one packed QKV weight),
+    LayerNorm, no layer scale and a two-layer MLP."""
+    import torch
+    from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTransformer
+
+    visual = getattr(model, "visual", None)
+    if type(visual) is not VisionTransformer:
+        raise UnsupportedLean(f"{type(visual).__name__} is not open_clip's VisionTransformer")
+    conv = visual.conv1
+    patch = tuple(conv.kernel_size)
+    if (
+        tuple(conv.stride) != patch
+        or tuple(conv.padding) != (0, 0)
+        or tuple(conv.dilation) != (1, 1)
+        or conv.groups != 1
+        or patch[0] != patch[1]
+        or any(side % patch[0] for side in visual.image_size)
+    ):
+        raise UnsupportedLean("the patch embedding is not one patch per stride")
+    if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg") or visual.output_tokens:
+        raise UnsupportedLean(f"pooling {visual.pool_type!r} (or an attentional pooler)")
+    if type(visual.transformer) is not Transformer or not visual.transformer.resblocks:
+        raise UnsupportedLean(f"{type(visual.transformer).__name__} is not open_clip's Transformer")
+    for block in visual.transformer.resblocks:
+        attn = block.attn
+        if (
+            type(block) is not ResidualAttentionBlock
+            or hasattr(block, "ln_1_kv")
+            or not isinstance(attn, torch.nn.MultiheadAttention)
+            or not attn._qkv_same_embed_dim
+            or attn.in_proj_bias is None
+            or attn.bias_k is not None
+            or attn.out_proj.bias is None
+            or not isinstance(block.ls_1, torch.nn.Identity)
+            or not isinstance(block.ls_2, torch.nn.Identity)
+            or not all(isinstance(norm, torch.nn.LayerNorm) for norm in (block.ln_1, block.ln_2))
+            or [name for name, _ in block.mlp.named_children()] != ["c_fc", "gelu", "c_proj"]
+        ):
+            raise UnsupportedLean("a block is not the plain pre-norm MultiheadAttention block")
+
+
+def lean_image_tower(model: Any) -> Any:
+    """A module computing ``normalize(model.encode_image(pixels))`` the lean way, sharing the model's weights;
+    raises ``UnsupportedLean`` for a tower it does not fit."""
+    import torch
+    import torch.nn.functional as F
+
+    check_lean(model)
+    visual = model.visual
+
+    class LeanImageTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            x = self.embed(pixels)
+            blocks = list(self.visual.transformer.resblocks)
+            for block in blocks[:-1]:
+                x = self.block(block, x)
+            class_only = self.visual.pool_type == "tok"  # the other tokens' last outputs are never read
+            x = self.block(blocks[-1], x, class_only)
+            pooled, _ = self.visual._pool(x)
+            if self.visual.proj is not None:
+                pooled = pooled @ self.visual.proj
+            return F.normalize(pooled.float(), dim=-1)
+
+        def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+            """``VisionTransformer._embeds`` with the patch Conv as one MatMul of the batch's patches."""
+            conv = self.visual.conv1
+            batch, channels, side = pixels.shape[0], pixels.shape[1], pixels.shape[-1]
+            patch = conv.kernel_size[0]
+            grid = side // patch
+            patches = pixels.reshape(batch, channels, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5)
+            patches = patches.reshape(batch, grid * grid, channels * patch * patch)
+            x = F.linear(patches, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+            token = self.visual.class_embedding.reshape(1, 1, -1).expand(batch, 1, -1).to(x.dtype)
+            x = torch.cat([token, x], dim=1) + self.visual.positional_embedding.to(x.dtype)
+            return self.visual.ln_pre(self.visual.patch_dropout(x))
+
+        def block(self, block: Any, x: torch.Tensor, class_only: bool = False) -> torch.Tensor:
+            """``ResidualAttentionBlock.forward``, batch-first; ``class_only``: the output of the class token
+            alone (N, 1, D)."""
+            y = block.ln_1(x)
+            attn = block.attn
+            heads, width = attn.num_heads, x.shape[-1]
+            head = width // heads
+            weight, bias = attn.in_proj_weight, attn.in_proj_bias
+            if class_only:
+                q = F.linear(y[:, :1], weight[:width], bias[:width]).reshape(-1, 1, heads, head).transpose(1, 2)
+                kv = F.linear(y, weight[width:], bias[width:]).reshape(y.shape[0], -1, 2, heads, head)
+                k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+                x = x[:, :1]
+            else:
+                qkv = F.linear(y, weight, bias).reshape(y.shape[0], -1, 3, heads, head)
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            scores = (q * head**-0.5) @ k.transpose(-2, -1)
+            mixed = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(x.shape[0], -1, width)
+            x = x + F.linear(mixed, attn.out_proj.weight, attn.out_proj.bias)
+            return x + block.mlp(block.ln_2(x))
+
+    return LeanImageTower()
