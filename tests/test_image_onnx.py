@@ -259,6 +259,7 @@ def _onnx_matches_torch(model, graph: Path) -> float:
     [
         ({}, "vit-lean-1"),  # class-token pooling: the last block computes the class token alone
         ({"pool_type": "avg"}, "vit-lean-1"),  # every token pooled: the last block computes them all
+        ({"final_ln_after_pool": True}, "vit-lean-1"),
         ({"ls_init_value": 0.5}, "as-written-1"),  # layer scale: not repeated by the lean rewrite
         ({"attentional_pool": True}, "as-written-1"),
     ],

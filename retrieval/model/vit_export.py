@@ -50,7 +50,7 @@ def check_lean(model: Any) -> None:
             type(block) is not ResidualAttentionBlock
             or hasattr(block, "ln_1_kv")
             or not isinstance(attn, torch.nn.MultiheadAttention)
-            or not attn._qkv_same_embed_dim
+            or attn.in_proj_weight is None  # keys and values of another width: separate projections
             or attn.in_proj_bias is None
             or attn.bias_k is not None
             or attn.out_proj.bias is None
@@ -83,10 +83,19 @@ def lean_image_tower(model: Any) -> Any:
                 x = self.block(block, x)
             class_only = self.visual.pool_type == "tok"  # the other tokens' last outputs are never read
             x = self.block(blocks[-1], x, class_only)
-            pooled, _ = self.visual._pool(x)
+            pooled = self.pool(x)
             if self.visual.proj is not None:
                 pooled = pooled @ self.visual.proj
             return F.normalize(pooled.float(), dim=-1)
+
+        def pool(self, x: torch.Tensor) -> torch.Tensor:
+            """``VisionTransformer._pool`` without an attentional pooler: the class token or the mean of the
+            others, layer-normed before or after pooling as the tower says."""
+            visual = self.visual
+            if not visual.final_ln_after_pool:
+                x = visual.ln_post(x)
+            pooled = x[:, 0] if visual.pool_type == "tok" else x[:, 1:].mean(dim=1)
+            return visual.ln_post(pooled) if visual.final_ln_after_pool else pooled
 
         def embed(self, pixels: torch.Tensor) -> torch.Tensor:
             """``VisionTransformer._embeds`` with the patch Conv as one MatMul of the batch's patches."""
