@@ -75,6 +75,18 @@ def lean_image_tower(model: Any) -> Any:
         def __init__(self):
             super().__init__()
             self.visual = visual
+            # Weights the rewrite reshapes or splits, made once here so that the graph holds them as plain
+            # initializers (as it does the Linear weights), which int8 quantisation finds beside their MatMuls.
+            conv, attn = visual.conv1, visual.transformer.resblocks[-1].attn
+            width = attn.embed_dim
+            with torch.no_grad():
+                patch_weight = conv.weight.reshape(conv.weight.shape[0], -1).clone()
+                qkv_weight, qkv_bias = attn.in_proj_weight.clone(), attn.in_proj_bias.clone()
+            self.register_buffer("patch_weight", patch_weight, persistent=False)
+            self.register_buffer("last_q_weight", qkv_weight[:width].contiguous(), persistent=False)
+            self.register_buffer("last_q_bias", qkv_bias[:width].contiguous(), persistent=False)
+            self.register_buffer("last_kv_weight", qkv_weight[width:].contiguous(), persistent=False)
+            self.register_buffer("last_kv_bias", qkv_bias[width:].contiguous(), persistent=False)
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
             x = self.embed(pixels)
@@ -105,7 +117,7 @@ def lean_image_tower(model: Any) -> Any:
             grid = side // patch
             patches = pixels.reshape(batch, channels, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5)
             patches = patches.reshape(batch, grid * grid, channels * patch * patch)
-            x = F.linear(patches, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+            x = F.linear(patches, self.patch_weight, conv.bias)
             token = self.visual.class_embedding.reshape(1, 1, -1).expand(batch, 1, -1).to(x.dtype)
             x = torch.cat([token, x], dim=1) + self.visual.positional_embedding.to(x.dtype)
             return self.visual.ln_pre(self.visual.patch_dropout(x))
@@ -117,14 +129,14 @@ def lean_image_tower(model: Any) -> Any:
             attn = block.attn
             heads, width = attn.num_heads, x.shape[-1]
             head = width // heads
-            weight, bias = attn.in_proj_weight, attn.in_proj_bias
-            if class_only:
-                q = F.linear(y[:, :1], weight[:width], bias[:width]).reshape(-1, 1, heads, head).transpose(1, 2)
-                kv = F.linear(y, weight[width:], bias[width:]).reshape(y.shape[0], -1, 2, heads, head)
+            if class_only:  # the last block (its split weights made in __init__)
+                q = F.linear(y[:, :1], self.last_q_weight, self.last_q_bias)
+                q = q.reshape(-1, 1, heads, head).transpose(1, 2)
+                kv = F.linear(y, self.last_kv_weight, self.last_kv_bias).reshape(y.shape[0], -1, 2, heads, head)
                 k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
                 x = x[:, :1]
             else:
-                qkv = F.linear(y, weight, bias).reshape(y.shape[0], -1, 3, heads, head)
+                qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).reshape(y.shape[0], -1, 3, heads, head)
                 q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             scores = (q * head**-0.5) @ k.transpose(-2, -1)
             mixed = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(x.shape[0], -1, width)
