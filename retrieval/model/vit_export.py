@@ -4,10 +4,10 @@ Exported as written, open_clip's ViT runs ``nn.MultiheadAttention``, whose trace
 to sequence-first and back (8 Transposes a block), splits the QKV projection three ways and reshapes each part;
 its patch embedding is a Conv that ONNX Runtime runs one image at a time; and the last block computes every
 token although the tower keeps only the class token. ``lean_image_tower`` runs the same blocks on the batch's
-tokens as rows (every Linear one Gemm, its bias inside), with one QKV Gemm and one Transpose each way around the
-attention, the patch embedding as one MatMul over the batch, and the last block for the class token only (its keys
-and values still come from every token). ViT-B-32-256, 1 thread, batch 16: 9-12 % less CPU an image
-(docs/benchmarks.md). Only a model whose tower has exactly
+tokens as rows (every Linear one Gemm, its bias inside), with a Gemm and a Transpose each for query, key and value
+(the query's weights scaled once), the patch embedding as one MatMul over the batch, and the last block for the
+class token only (its keys and values still come from every token). ViT-B-32-256, 1 thread, batch 16: 11-13 % less
+CPU an image (docs/benchmarks.md). Only a model whose tower has exactly
 the parts this repeats is rewritten (``UnsupportedLean`` says why not; ``export_image_onnx`` then exports the tower
 as written). Export time only: needs torch (imported inside, so the module imports without it).
 """
@@ -78,27 +78,30 @@ def lean_image_tower(model: Any) -> Any:
             super().__init__()
             self.visual = visual
             # Weights the rewrite reshapes or splits, made once here so that the graph holds them as plain
-            # initializers (as it does the Linear weights), which int8 quantisation finds beside their MatMuls.
-            conv, attn = visual.conv1, visual.transformer.resblocks[-1].attn
-            width = attn.embed_dim
+            # initializers (as it does the Linear weights), which int8 quantisation finds beside their MatMuls:
+            # the patch weight as a matrix, and each block's QKV projection as three (the query's scaled by
+            # 1/sqrt(head width): no Split and no scaling of the scores in the graph).
+            conv = visual.conv1
             with torch.no_grad():
-                patch_weight = conv.weight.reshape(conv.weight.shape[0], -1).clone()
-                qkv_weight, qkv_bias = attn.in_proj_weight.clone(), attn.in_proj_bias.clone()
-            self.register_buffer("patch_weight", patch_weight, persistent=False)
-            self.register_buffer("last_q_weight", qkv_weight[:width].contiguous(), persistent=False)
-            self.register_buffer("last_q_bias", qkv_bias[:width].contiguous(), persistent=False)
-            self.register_buffer("last_kv_weight", qkv_weight[width:].contiguous(), persistent=False)
-            self.register_buffer("last_kv_bias", qkv_bias[width:].contiguous(), persistent=False)
+                self.register_buffer("patch_weight", conv.weight.reshape(conv.weight.shape[0], -1).clone(), False)
+                for index, block in enumerate(visual.transformer.resblocks):
+                    attn = block.attn
+                    scale = (attn.embed_dim // attn.num_heads) ** -0.5
+                    weights = attn.in_proj_weight.chunk(3)
+                    biases = attn.in_proj_bias.chunk(3)
+                    for part, weight, bias, factor in zip("qkv", weights, biases, (scale, 1.0, 1.0)):
+                        self.register_buffer(f"{part}_weight_{index}", (weight * factor).contiguous(), False)
+                        self.register_buffer(f"{part}_bias_{index}", (bias * factor).contiguous(), False)
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
             x = self.embed(pixels)
             batch, tokens, width = x.shape
             x = x.reshape(batch * tokens, width)  # the tokens of the batch as rows: every Linear is one Gemm
             blocks = list(self.visual.transformer.resblocks)
-            for block in blocks[:-1]:
-                x = self.block(block, x, batch)
+            for index, block in enumerate(blocks[:-1]):
+                x = self.block(index, block, x, batch)
             class_only = self.visual.pool_type == "tok"  # the other tokens' last outputs are never read
-            x = self.block(blocks[-1], x, batch, class_only)
+            x = self.block(len(blocks) - 1, blocks[-1], x, batch, class_only)
             pooled = self.pool(x.reshape(batch, -1, width))
             if self.visual.proj is not None:
                 pooled = pooled @ self.visual.proj
@@ -126,25 +129,26 @@ def lean_image_tower(model: Any) -> Any:
             x = torch.cat([token, x], dim=1) + self.visual.positional_embedding.to(x.dtype)
             return self.visual.ln_pre(self.visual.patch_dropout(x))
 
-        def block(self, block: Any, x: torch.Tensor, batch: int, class_only: bool = False) -> torch.Tensor:
-            """``ResidualAttentionBlock.forward`` on the batch's tokens as rows (N * L, D); ``class_only``: the
-            output of each image's class token alone (N, D)."""
+        def block(self, index: int, block: Any, x: torch.Tensor, batch: int, class_only: bool = False) -> torch.Tensor:
+            """``ResidualAttentionBlock.forward`` (the ``index``-th) on the batch's tokens as rows (N * L, D);
+            ``class_only``: the output of each image's class token alone (N, D)."""
             y = block.ln_1(x)
-            attn = block.attn
-            heads, width = attn.num_heads, x.shape[-1]
+            heads, width = block.attn.num_heads, x.shape[-1]
             head = width // heads
-            if class_only:  # the last block (its split weights made in __init__)
+
+            def projected(part: str, rows: torch.Tensor) -> torch.Tensor:
+                weight, bias = getattr(self, f"{part}_weight_{index}"), getattr(self, f"{part}_bias_{index}")
+                return F.linear(rows, weight, bias).reshape(batch, -1, heads, head)
+
+            if class_only:
                 x = x.reshape(batch, -1, width)[:, 0]
-                q = F.linear(y.reshape(batch, -1, width)[:, 0], self.last_q_weight, self.last_q_bias)
-                q = q.reshape(batch, 1, heads, head).transpose(1, 2)
-                kv = F.linear(y, self.last_kv_weight, self.last_kv_bias).reshape(batch, -1, 2, heads, head)
-                k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+                q = projected("q", y.reshape(batch, -1, width)[:, 0])
             else:
-                qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).reshape(batch, -1, 3, heads, head)
-                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            scores = (q * head**-0.5) @ k.transpose(-2, -1)
-            mixed = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(x.shape[0], width)
-            x = x + F.linear(mixed, attn.out_proj.weight, attn.out_proj.bias)
+                q = projected("q", y)
+            scores = q.transpose(1, 2) @ projected("k", y).permute(0, 2, 3, 1)  # (N, heads, L or 1, L)
+            mixed = scores.softmax(dim=-1) @ projected("v", y).transpose(1, 2)
+            x = x + F.linear(mixed.transpose(1, 2).reshape(x.shape[0], width), block.attn.out_proj.weight,
+                             block.attn.out_proj.bias)  # fmt: skip
             return x + block.mlp(block.ln_2(x))
 
     return LeanImageTower()
