@@ -6,10 +6,10 @@ its patch embedding is a Conv that ONNX Runtime runs one image at a time; and th
 token although the tower keeps only the class token. ``lean_image_tower`` runs the same blocks on the batch's
 tokens as rows (every Linear one Gemm, its bias inside), with a Gemm and a Transpose each for query, key and value
 (the query's weights scaled once), the patch embedding as one MatMul over the batch, and the last block for the
-class token only (its keys and values still come from every token). ViT-B-32-256, 1 thread, batch 16: 11-13 % less
-CPU an image (docs/benchmarks.md). Only a model whose tower has exactly
-the parts this repeats is rewritten (``UnsupportedLean`` says why not; ``export_image_onnx`` then exports the tower
-as written). Export time only: needs torch (imported inside, so the module imports without it).
+class token only (its keys and values still come from every token). ViT-B-32-256, 1 thread, batch 16: 13-14 % less
+CPU an image, ViT-B-16 18 % (docs/benchmarks.md). Only a model whose tower has exactly the parts this repeats is
+rewritten (``UnsupportedLean`` says why not; ``export_image_onnx`` then exports the tower as written). Export time
+only: needs torch (imported inside, so the module imports without it).
 """
 
 from __future__ import annotations
