@@ -44,14 +44,24 @@ def train_captioner(
     ] = None,
     pretrained: Annotated[str, typer.Option("--pretrained", help="Pretrained tag of --clip, if any.")] = "",
     steps: Annotated[
-        int, typer.Option("--steps", help="Most optimiser steps; --patience usually stops sooner.")
-    ] = 9000,
+        int, typer.Option("--steps", help="Most optimiser steps; the validation curve usually stops the run sooner.")
+    ] = 12000,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validations.")] = 250,
     patience: Annotated[
-        int, typer.Option("--patience", help="Stop after this many validations without a lower loss.")
+        int,
+        typer.Option(
+            "--patience",
+            help="Validations without a better one (the mean of the kinds' losses) before the learning rate is cut "
+            "and training goes on from the best weights; after --lr-cuts cuts, before the run stops.",
+        ),
     ] = 4,
+    lr_cuts: Annotated[
+        int, typer.Option("--lr-cuts", help="How many times the learning rate is cut (by 5) before a stall stops.")
+    ] = 2,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Captions and questions per step.")] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (one-cycle schedule).")] = 1e-3,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Learning rate after warm-up, held until validation stalls.")
+    ] = 1e-3,
     width: Annotated[int, typer.Option("--width", help="Decoder width.")] = 128,
     layers: Annotated[int, typer.Option("--layers", help="Decoder layers (self- and cross-attention each).")] = 3,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Of the LM loss.")] = 0.1,
@@ -90,6 +100,7 @@ def train_captioner(
         steps=steps,
         eval_every=eval_every,
         patience=patience,
+        lr_cuts=lr_cuts,
         batch_size=batch_size,
         lr=lr,
         width=width,

@@ -6,8 +6,11 @@ the prefix only (the caption, or the answer: the question is given, not predicte
 so the image tokens are computed once (``image_token_cache``) and a step costs only the decoder.
 
 It trains by steps on the shared skeleton (``clipsearch.lab.epochs``): every ``eval_every`` steps the validation
-split's loss (teacher forced, without smoothing) and its next-word accuracy are measured, the best is kept (written
-at once), and the run stops after ``patience`` validations without a lower loss, or at ``steps``.
+split's loss (teacher forced, without smoothing) and its next-word accuracy are measured per kind (captions and
+each kind of question), and the best by the mean of the kinds' losses is kept (written at once). The learning rate
+holds after its warm-up until ``patience`` validations bring no better one; then it is cut and training goes on
+from the best weights, and after ``lr_cuts`` cuts the next such stall ends the run (or ``steps`` does). So how
+long the decoder learns at which rate is read from the validation curve of the user's own data.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from clipsearch.lab.epochs import (
     EpochLoop,
     EpochStats,
     FitResult,
+    PlateauSchedule,
     Step,
     Verdict,
     fit,
@@ -56,9 +60,12 @@ class CaptionTrainSettings:
     """How to train the decoder; ``clip`` is the (trained) CLIP model whose image tokens it reads."""
 
     clip: ModelSpec
-    steps: int = 9000  # at most; patience usually ends the run sooner
+    steps: int = 12000  # at most; the validation curve usually ends the run sooner
     eval_every: int = 250
-    patience: int = 4
+    patience: int = 4  # validations without a better one before the learning rate is cut (or, after the cuts, the end)
+    lr_cuts: int = 2  # times the learning rate is cut (by lr_cut, back to the best weights) before a stall ends the run
+    lr_cut: float = 0.2
+    warmup: int = 500  # steps of linear warm-up to lr
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -87,8 +94,9 @@ class CaptionTrainReport:
     settings: dict[str, Any]
     curve: list[dict[str, Any]] = field(default_factory=list)  # one record per validation
     best_step: int | None = None
-    best_val_loss: float | None = None
-    stopped: str = ""  # "patience", "steps" or "interrupted"
+    best_val_loss: float | None = None  # the mean over kinds of the validation loss: the measure that picks the best
+    lr_cuts: list[int] = field(default_factory=list)  # the steps at which the learning rate was cut
+    stopped: str = ""  # "patience" (after the cuts), "steps" or "interrupted"
     prepare_seconds: float = 0.0
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # process CPU time: on a shared machine, wall time says more about the neighbours
@@ -131,6 +139,8 @@ def train_captioner(
         raise UsageError(f"{out_dir} already holds a captioning model: pass --overwrite to replace it")
     if settings.steps < 1 or settings.eval_every < 1 or settings.patience < 1 or settings.batch_size < 2:
         raise UsageError("--steps, --eval-every and --patience must be at least 1 and --batch-size at least 2")
+    if settings.lr_cuts < 0 or not 0 < settings.lr_cut < 1:
+        raise UsageError("--lr-cuts must be 0 or more and the cut a factor between 0 and 1")
     if settings.image_stage < 1:
         raise UsageError("--image-stage counts feature maps back from the last: 1 or more")
     began, cpu_began = time.perf_counter(), time.process_time()
@@ -177,7 +187,8 @@ def train_captioner(
         model.load_state_dict(start.state_dict())
     rng = random.Random(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
+    schedule = PlateauSchedule(optimizer, settings.lr, settings.warmup)
+    best_weights: dict[str, torch.Tensor] = {}
     report = CaptionTrainReport(
         out_dir=str(out_dir),
         clip_model=settings.clip.describe(),
@@ -217,25 +228,38 @@ def train_captioner(
         record: dict[str, Any] = {
             "step": min(stats.epoch * settings.eval_every, settings.steps),
             "loss": stats.mean_loss,
+            "lr": schedule.lr,
             "seconds": stats.seconds,
         }
         if val is not None:
             record["val"] = validate(model, val)
         report.curve.append(record)
-        score = -record["val"]["loss"] if val is not None else -stats.mean_loss
+        score = -record["val"]["kind_mean_loss"] if val is not None else -stats.mean_loss
         return Verdict(score, _curve_line(record))
 
     def keep(round_: int) -> None:
         report.best_step = min(round_ * settings.eval_every, settings.steps)
-        report.best_val_loss = report.curve[-1].get("val", {}).get("loss")
+        report.best_val_loss = report.curve[-1].get("val", {}).get("kind_mean_loss")
+        best_weights.update({name: value.clone() for name, value in model.state_dict().items()})
         save_captioner(model, out_dir, half=settings.save_fp16)  # written at once: an interrupted run keeps it
+
+    def stalled() -> bool:
+        """Validation stopped improving: cut the learning rate and go on from the best weights, while cuts are left."""
+        if len(report.lr_cuts) >= settings.lr_cuts:
+            return False
+        schedule.cut(settings.lr_cut)
+        model.load_state_dict(best_weights)
+        report.lr_cuts.append(report.curve[-1]["step"])
+        return True
 
     def write_report(_result: FitResult) -> None:
         report.seconds = time.perf_counter() - began
         report.cpu_seconds = time.process_time() - cpu_began
         report.write(out_dir / REPORT_FILE)
 
-    loop = EpochLoop(rounds, batches, step, judge, keep, steps_in, write_report, label="validation round")
+    loop = EpochLoop(
+        rounds, batches, step, judge, keep, steps_in, write_report, label="validation round", stalled=stalled
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads or threads)
     try:
@@ -324,24 +348,34 @@ def sequence_loss(model: CaptionDecoder, samples: Samples, batch: Sequence[int],
 
 @torch.inference_mode()
 def validate(model: CaptionDecoder, samples: Samples, batch_size: int = 512) -> dict[str, Any]:
-    """Teacher-forced loss (no smoothing) and next-word accuracy after the prefix, over all and per kind."""
+    """Teacher-forced loss (no smoothing) and next-word accuracy after the prefix, over all and per kind; and the
+    mean of the kinds' losses, which picks the best step: a caption has more words, and less certain ones, than an
+    answer, so the loss over all words is mostly the captions' and can rise while answers still get better."""
     total, right, n = 0.0, 0, 0
-    per_kind: dict[str, list[int]] = {}
+    per_kind: dict[str, list[float]] = {}  # kind -> [sequences all right, sequences, loss sum, target tokens]
     for start in range(0, len(samples), batch_size):
         batch = list(range(start, min(start + batch_size, len(samples))))
         logits, targets, counts = _logits_and_targets(model, samples, batch)
-        total += float(F.cross_entropy(logits[counts], targets[counts], reduction="sum"))
+        losses = torch.zeros(counts.shape)
+        losses[counts] = F.cross_entropy(logits[counts], targets[counts], reduction="none")
+        total += float(losses.sum())
         hits = (logits.argmax(dim=-1) == targets) | ~counts
         n += int(counts.sum())
         right += int((hits & counts).sum())
-        for row, whole in zip(batch, hits.all(dim=1).tolist()):
-            kind = per_kind.setdefault(samples.kinds[row], [0, 0])
+        rows = zip(batch, hits.all(dim=1).tolist(), losses.sum(dim=1).tolist(), counts.sum(dim=1).tolist())
+        for row, whole, loss, tokens in rows:
+            kind = per_kind.setdefault(samples.kinds[row], [0, 0, 0.0, 0])
             kind[0] += whole
             kind[1] += 1
+            kind[2] += loss
+            kind[3] += tokens
+    kind_loss = {kind: loss / max(1, tokens) for kind, (_, _, loss, tokens) in sorted(per_kind.items())}
     return {
         "loss": total / max(1, n),
+        "kind_mean_loss": sum(kind_loss.values()) / max(1, len(kind_loss)),
         "word_accuracy": right / max(1, n),
-        "exact": {kind: hits / count for kind, (hits, count) in sorted(per_kind.items())},
+        "exact": {kind: hits / count for kind, (hits, count, _, _) in sorted(per_kind.items())},
+        "kind_loss": kind_loss,
     }
 
 
@@ -353,9 +387,10 @@ def _counts(kinds: Sequence[str]) -> dict[str, int]:
 
 
 def _curve_line(record: dict[str, Any]) -> str:
-    line = f"step {record['step']}: loss {record['loss']:.4f}, {record['seconds']:.0f} s"
+    line = f"step {record['step']}: loss {record['loss']:.4f}, lr {record['lr']:.1e}, {record['seconds']:.0f} s"
     val = record.get("val")
     if val:
         exact = ", ".join(f"{kind} {100 * value:.0f}" for kind, value in val["exact"].items())
-        line += f"; val loss {val['loss']:.4f}, next word {100 * val['word_accuracy']:.1f}% (all right: {exact})"
+        line += f"; val loss {val['loss']:.4f} (kinds' mean {val['kind_mean_loss']:.4f})"
+        line += f", next word {100 * val['word_accuracy']:.1f}% (all right: {exact})"
     return line

@@ -68,6 +68,8 @@ class EpochLoop:
     after_epoch: Callable[[FitResult], None] = _nothing  # once the best is kept: e.g. write the report
     rate_label: str | None = None  # progress bar: samples per second under this name (None: not shown)
     label: str = "epoch"  # progress bar: what one pass of ``fit`` is called ("validation round" for step-based runs)
+    stalled: Callable[[], bool] | None = None  # patience ran out: True if the trainer changed course (e.g. cut its
+    # learning rate and went back to the best weights) and the run goes on, its patience counted afresh; None: stop
 
 
 @dataclass
@@ -90,6 +92,7 @@ def fit(loop: EpochLoop, progress: bool = True, patience: int | None = None, bas
     """Run ``loop``'s epochs. ``patience``: stop after that many epochs without a better score (None: run all).
     A Ctrl-C before any epoch was kept is raised; after, the result says ``interrupted`` and the caller saves."""
     result = FitResult(baseline=baseline)
+    restarted = 0  # the epoch at which the trainer last changed course: patience counts from it or the best epoch
     try:
         for epoch in range(1, loop.epochs + 1):
             steps = loop.steps_in(epoch)
@@ -104,7 +107,10 @@ def fit(loop: EpochLoop, progress: bool = True, patience: int | None = None, bas
                 result.best_epoch, result.best_score = epoch, verdict.score
                 loop.keep(epoch)
             loop.after_epoch(result)
-            if patience is not None and epoch - result.best_epoch >= patience:
+            if patience is not None and epoch - max(result.best_epoch, restarted) >= patience:
+                if loop.stalled is not None and loop.stalled():
+                    restarted = epoch
+                    continue
                 result.stopped_early = True
                 break
     except KeyboardInterrupt:
@@ -123,6 +129,30 @@ def shuffled_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[li
         rng.shuffle(order)
         for start in range(0, n - size + 1, size):
             yield order[start : start + size]
+
+
+class PlateauSchedule:
+    """A learning rate that warms up linearly to ``lr`` over ``warmup`` steps, then holds until the trainer cuts it
+    (``cut``) because validation stopped improving: how long to learn at the full rate is read from the run's own
+    validation curve, not fixed by a step budget (a one-cycle schedule anneals on time, learning or not). Steps
+    like a torch scheduler (``step()`` after each optimiser step)."""
+
+    def __init__(self, optimizer: Any, lr: float, warmup: int) -> None:
+        self.optimizer, self.lr, self.warmup, self.steps = optimizer, lr, max(1, warmup), 0
+        self._apply()
+
+    def step(self) -> None:
+        self.steps += 1
+        self._apply()
+
+    def cut(self, factor: float) -> None:
+        self.lr *= factor
+        self._apply()
+
+    def _apply(self) -> None:
+        rate = self.lr * min(1.0, (self.steps + 1) / self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
 
 
 def optimiser_step(model: Any, optimizer: Any, schedule: Any, loss: Any, samples: int, clip_norm: float = 1.0) -> Step:
