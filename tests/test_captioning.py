@@ -70,7 +70,9 @@ def test_train_captioner_writes_a_small_decoder_beside_the_clip_model(trained: P
     folder = trained.with_name("clip-cap")
     report = json.loads((folder / "train_report.json").read_text())
     assert [point["step"] for point in report["curve"]] == [3, 6]
-    assert set(report["curve"][0]["val"]["exact"]) == {"caption", "colour", "count", "relation", "shape"}
+    kinds = {"caption", "colour", "count", "relation", "shape"}
+    assert set(report["curve"][0]["val"]["exact"]) == kinds and set(report["curve"][0]["val"]["kind_loss"]) == kinds
+    assert report["best_val_loss"] == min(point["val"]["kind_mean_loss"] for point in report["curve"])
     assert report["data"]["train_sequences"]["caption"] == 160 and report["data"]["train_sequences"]["colour"] == 40
     decoder = load_captioner(folder)
     assert decoder.config.vocabulary[: len(SPECIALS)] == SPECIALS and "circle" in decoder.config.vocabulary
