@@ -39,7 +39,7 @@ class TextTowerRecord:
     min_cosine: float = 0.0  # float32 graph against the torch tower on the probe captions
     top10_same: bool = False  # float32 graph: the same top-10 as the torch tower on the probe captions
     int8_overlap: float | None = None  # int8 graph: mean top-10 overlap with float32 on the probe captions
-    graph: str = ""  # the image tower's form (retrieval.model.image_export.GRAPH_FORMS); "" for the text tower
+    graph: str = ""  # the image tower's form (retrieval.model.image_onnx.GRAPH_FORMS); "" for the text tower
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

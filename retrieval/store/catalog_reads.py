@@ -29,6 +29,7 @@ from retrieval.unit import unit_rows
 # 4: no per-row insert trigger on the keyword table; writers fill it per chunk (retrieval/store/keywords.py).
 # 5: pixel_print, the thumbnail near-duplicates are verified with (retrieval/pixel_print.py); NULL until computed.
 # 6: per-image text (OCR lines, later captions), its passes and its FTS5 trigram index (retrieval/store/image_text.py).
+# 7: a contentless keyword table (no copy of the names) and no index on status alone (retrieval/store/migrations.py).
 SCHEMA_VERSION = 7
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -272,8 +273,8 @@ class CatalogReader:
         return dict(self._all_in("SELECT id, embedding FROM images", "id", ids, " AND status = ?", (STATUS_OK,)))
 
     def sample_embeddings(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``n`` (ids, normalised float32 vectors) of ok rows spread over the id range, found by index
-        seeks (no scan of the table, so it costs the same at 10 rows and at 10 million)."""
+        """Up to ``n`` (ids, normalised float32 vectors) of ok rows spread over the id range, found by seeks along
+        the id (no scan of the table, so it costs the same at 10 rows and at 10 million)."""
         # two seeks along the rowid (OK_BY_ID): asked together, min and max scan every ok row (0.86 s at 10M rows)
         low = self._all(f"SELECT id FROM images WHERE {OK_BY_ID} ORDER BY id LIMIT 1", (STATUS_OK,))
         if not low:

@@ -29,12 +29,9 @@ _DELETE = (
     f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rowid, name, folder) SELECT 'delete', old.id, {_NAME}, {_FOLDER} "
     f"WHERE EXISTS (SELECT 1 FROM {FTS_TABLE}_docsize WHERE id = old.id);"
 ).format(p="old.path")
-CREATE_TABLE = (
-    f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(name, folder, tokenize = 'unicode61', content = '')"
-)
 
 CREATE_STATEMENTS = (
-    CREATE_TABLE,
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(name, folder, tokenize = 'unicode61', content = '')",
     f"CREATE TRIGGER IF NOT EXISTS images_fts_delete AFTER DELETE ON images BEGIN {_DELETE} END",
     f"CREATE TRIGGER IF NOT EXISTS images_fts_update AFTER UPDATE OF path ON images BEGIN {_DELETE} {_INSERT} END",
 )
