@@ -12,10 +12,11 @@ vectors from the same input (max abs difference of the unit vectors, image and t
 
   photos / small  fresh index of 200 x 12 MP / 1,000 x 500x375 JPEGs (scripts/bench_index.py's), from process start
                   to exit, runs alternated A,B / B,A: images/s, wall, CPU (user + system, children included), peak
-                  memory (the process tree's summed PSS, and its max RSS). clipsearch: ``index`` into a new index
-                  (``CLIPSEARCH_EXPORT_TEXT=0``: the text tower export of a first run is not indexing), also
-                  ``--int8``; rclip: its first ``rclip QUERY`` in the folder with an empty database (it indexes,
-                  then answers the query: its cold query is measured apart, see below)
+                  memory (the process tree's summed PSS, and its max RSS), and of_bound: images/s over the float32
+                  decode+encode bound (``bound_onnx``, taken in each round just before that set's runs).
+                  clipsearch: ``index`` into a new index (``CLIPSEARCH_EXPORT_TEXT=0``: the text tower export of a
+                  first run is not indexing), also ``--int8``; rclip: its first ``rclip QUERY`` in the folder with
+                  an empty database (it indexes, then answers the query: its cold query is measured apart, below)
   query           cold text query in a fresh process, median of --query-runs: ``clipsearch search`` (text tower
                   exported) and ``rclip --no-indexing`` on the 200-photo folder
 Without rclip (no --rclip and none on PATH) it says so in one line and exits 0.
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench_index import CACHE, SETS, _exactly, ensure_photos  # noqa: E402
-from scripts.bench_onnx_index import clipsearch, median_of_runs, run_measured  # noqa: E402
+from scripts.bench_onnx_index import bound_onnx, clipsearch, median_of_runs, run_measured  # noqa: E402
 
 MODEL_NAME = "ViT-B-32-256"  # rclip 4's model (its weights: datacomp_s34b_b86k; here seeded random ones)
 RCLIP_SUBDIR = "ViT-B-32-256-datacomp_s34b_b86k"
@@ -222,6 +223,8 @@ def main() -> None:
             if name not in args.only:
                 continue
             folder, count = folders[name]
+            bound = bound_onnx(folder, spec)  # in the same window as the runs it is compared with
+            emit(figure="bound", set=name, round=round_, **bound, load=round(os.getloadavg()[0], 2))
             for side, extra in order:
                 if side == "rclip":
                     datadir = fresh_rclip_datadir(models, args.scratch)
@@ -241,6 +244,7 @@ def main() -> None:
                     side=side,
                     round=round_,
                     images_per_s=round(count / result["wall_s"], 2),
+                    of_bound=round(count / result["wall_s"] / bound["bound"], 3),
                     **result,
                 )
         if "query" in args.only:
