@@ -22,4 +22,17 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as their own bytes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
-    app()
+    try:
+        app()
+    finally:
+        skip_final_collection()
+
+
+def skip_final_collection() -> None:
+    """The command is done: what it made is about to be freed with the interpreter. Moved out of the collector's
+    reach (``gc.freeze``), the objects are still freed and every exit handler still runs, but the collections of
+    the interpreter's shutdown no longer walk them: 0.10-0.13 s of each command's exit (a 2-photo `index`, idle
+    machine: 0.15 s from the last exit handler to the process's end, 0.04-0.05 s frozen)."""
+    import gc
+
+    gc.freeze()

@@ -87,7 +87,13 @@ class _PlainFirst:
             plain = plain_value(annotation, info, value, many)
             if plain is not NOT_PLAIN:
                 return plain
-            path = None if many else plain_path(annotation, info, value)
-            if path is not None:
-                return self.coerce_cli_path(path, info, path_type=annotation, param=param, ctx=ctx)
+            if many:  # `index FOLDER...`: a list of paths, each checked as typer checks one
+                items = get_args(annotation) if get_origin(annotation) is list else ()
+                paths = [plain_path(items[0], info, item) for item in value] if len(items) == 1 else [None]
+                if paths and None not in paths:
+                    return [self.coerce_cli_path(path, info, path_type=Path, param=param, ctx=ctx) for path in paths]
+            else:
+                path = plain_path(annotation, info, value)
+                if path is not None:
+                    return self.coerce_cli_path(path, info, path_type=annotation, param=param, ctx=ctx)
         return self.typer_coercion(self.parameter).coerce(value, param=param, ctx=ctx)
