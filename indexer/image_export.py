@@ -31,7 +31,7 @@ from retrieval.model.image_onnx import (
     cached_image_tower,
     image_tower_cache,
 )
-from retrieval.model.text_onnx import TextTowerRecord, stamp_files
+from retrieval.model.text_onnx import TextTowerRecord, graph_files, stamp_files
 from retrieval.store.catalog import Catalog, MetaKey
 from retrieval.store.layout import IndexLayout
 from retrieval.store.write_lock import write_lock
@@ -136,7 +136,8 @@ def _export(catalog: Catalog):
             form, as_onnx, min_cosine, top10_same = _checked_graph(encoder.model, work, pixels, reference, lean=False)
         int8_overlap = _int8_variant(work, pixels, as_onnx)
         (work / IDENTITY_FILE).write_text(identity.to_json())  # a new index of this model records it, torch-free
-        names = [TOWER_FILE, IDENTITY_FILE] + ([INT8_FILE] if int8_overlap is not None else [])
+        graphs = [TOWER_FILE] + ([INT8_FILE] if int8_overlap is not None else [])
+        names = [IDENTITY_FILE] + [name for graph in graphs for name in graph_files(work, graph)]
         files, digest = stamp_files(work, names)
         record = TextTowerRecord(
             folder=str(target),
@@ -188,17 +189,17 @@ def _int8_variant(work: Path, pixels: np.ndarray, as_float: np.ndarray) -> float
     """Quantise the checked float32 graph to int8 (dynamic, per channel) and keep it when its top-10 among the
     probes agrees with float32's (mean overlap >= ``INT8_MIN_OVERLAP``); returns that overlap, None when dropped
     or when quantisation fails (float32 alone is then exported)."""
-    from retrieval.model.text_export import quantize_int8
+    from retrieval.model.text_export import quantize_int8, remove_graph
 
     try:
         quantize_int8(work / TOWER_FILE, work / INT8_FILE, per_channel=True)
         as_int8 = load_graph(work, INT8_FILE).encode_images(pixels)
     except Exception:  # noqa: BLE001  (an int8 variant is optional: float32 stands on its own)
-        (work / INT8_FILE).unlink(missing_ok=True)
+        remove_graph(work / INT8_FILE)
         return None
     overlap = top_k_overlap((np.arange(len(as_float)), as_float), as_float, as_int8)
     if overlap < INT8_MIN_OVERLAP:
-        (work / INT8_FILE).unlink()
+        remove_graph(work / INT8_FILE)
         return None
     return overlap
 

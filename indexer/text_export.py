@@ -133,7 +133,7 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
     from retrieval.model.clip_tokenizer import UnsupportedTokenizer, save_tokenizer
     from retrieval.model.encoder import Encoder
     from retrieval.model.spec import spec_key
-    from retrieval.model.text_export import UnsupportedExport, export_onnx, quantize_int8
+    from retrieval.model.text_export import UnsupportedExport, export_onnx, move_graph, quantize_int8, remove_graph
 
     identity = catalog.model_identity()
     spec = identity.spec()
@@ -171,9 +171,9 @@ def _export(catalog: Catalog, layout: IndexLayout, precision: str) -> TextTowerR
             overlap = top_k_overlap(database, as_float, load_graph(work, INT8_FILE).encode_texts(captions))
             if precision == "int8" or overlap >= INT8_MIN_OVERLAP:
                 chosen = INT8_FILE
-        os.replace(work / chosen, work / TOWER_FILE)
+        move_graph(work / chosen, work / TOWER_FILE)
         for leftover in (FLOAT_FILE, INT8_FILE):
-            (work / leftover).unlink(missing_ok=True)
+            remove_graph(work / leftover)
         names = sorted(p.name for p in work.iterdir())
         files, digest = stamp_files(work, names)
         folder = f"{FOLDER_PREFIX}{digest[:16]}"

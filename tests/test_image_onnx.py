@@ -334,3 +334,58 @@ def test_an_export_of_an_older_exporter_encodes_and_is_made_again(settings, phot
     again = export_image_tower(index_dir)
     assert again.exported and again.record.graph == "vit-lean-1" and _recorded(index_dir)["graph"] == "vit-lean-1"
     assert not cached_image_tower(report.record.model_key).outdated
+
+
+def test_an_export_keeps_its_weights_in_one_recorded_side_file(settings, photo_folder, tmp_path, cache_home):
+    """Each graph's weights sit in one side file beside it (a session builds in half the time): recorded with the
+    graph, so a missing or altered side file makes the export not current until it is made again."""
+    from retrieval.model.text_onnx import side_file
+
+    index_dir = _index(tmp_path, photo_folder, settings)
+    report = export_image_tower(index_dir)
+    graphs = [name for name in report.record.files if name.endswith(".onnx")]
+    assert "image.onnx" in graphs
+    for graph in graphs:
+        side = report.folder / side_file(graph)
+        assert side.name in report.record.files and side.stat().st_size > (report.folder / graph).stat().st_size
+    tower = cached_image_tower(report.record.model_key)
+    pixels = probe_pixels(int(tower.open().session.get_inputs()[0].shape[-1]), (0.5,) * 3, (0.25,) * 3)[:4]
+    vectors = tower.open().encode_images(pixels)
+
+    side = report.folder / side_file("image.onnx")
+    weights = side.read_bytes()
+    side.write_bytes(weights[:-4] + bytes(4))  # same size, other weights
+    assert cached_image_tower(report.record.model_key).problem == "the cached image tower's files changed"
+    side.unlink()
+    assert not cached_image_tower(report.record.model_key).current
+    again = export_image_tower(index_dir)
+    assert again.exported and cached_image_tower(again.record.model_key).current
+    np.testing.assert_allclose(cached_image_tower(again.record.model_key).open().encode_images(pixels), vectors,
+                               atol=1e-6)  # fmt: skip
+
+
+def test_an_export_with_its_weights_inside_keeps_working(settings, photo_folder, tmp_path, cache_home):
+    """An export made before side files (weights inside the graph, none recorded) is current and encodes the
+    same; it is not made again."""
+    from dataclasses import replace
+
+    import onnx
+
+    from retrieval.model.text_onnx import side_file, stamp_files
+
+    index_dir = _index(tmp_path, photo_folder, settings)
+    report = export_image_tower(index_dir)
+    tower = cached_image_tower(report.record.model_key)
+    pixels = probe_pixels(int(tower.open().session.get_inputs()[0].shape[-1]), (0.5,) * 3, (0.25,) * 3)[:4]
+    vectors = tower.open().encode_images(pixels)
+    graphs = [name for name in report.record.files if name.endswith(".onnx")]
+    for graph in graphs:
+        onnx.save_model(onnx.load(str(report.folder / graph)), str(report.folder / graph))  # weights inside
+        (report.folder / side_file(graph)).unlink()
+    files, digest = stamp_files(report.folder, [*graphs, "identity.json"])
+    (report.folder / RECORD_FILE).write_text(replace(report.record, files=files, digest=digest).to_json())
+
+    tower = cached_image_tower(report.record.model_key)
+    assert tower.current and not tower.outdated and not list(report.folder.glob("*.data"))
+    np.testing.assert_allclose(tower.open().encode_images(pixels), vectors, atol=1e-6)
+    assert not export_image_tower(index_dir).exported

@@ -307,3 +307,26 @@ def test_the_optimised_graph_is_kept_beside_the_export_and_answers_the_same(expo
     os.utime(graph, ns=(graph.stat().st_atime_ns, graph.stat().st_mtime_ns + 1000))  # another graph: not reused
     OnnxTextEncoder(folder, record, keep_optimized=True)
     assert [p.name for p in folder.glob(f"{TOWER_FILE}.ort-*.onnx")] not in ([], [kept.name])
+
+
+@pytest.mark.slow
+def test_the_text_tower_keeps_its_weights_in_a_recorded_side_file(exported, tmp_path):
+    """The graph's weights sit in one side file beside it, recorded with it: without it the export is not used."""
+    import shutil
+
+    from retrieval.model.text_onnx import side_file
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(exported[0], index_dir)
+    catalog = Catalog(IndexLayout(index_dir).catalog)
+    record = TextTowerRecord.from_json(catalog.get_meta(MetaKey.TEXT_TOWER))
+    catalog.close()
+    folder = index_dir / record.folder
+    side = folder / side_file(TOWER_FILE)
+    assert side.name in record.files and side.stat().st_size > (folder / TOWER_FILE).stat().st_size
+    assert not [p.name for p in folder.glob("text-*.onnx*")]  # the float32/int8 work files went with their graphs
+    with SearchEngine(index_dir, device="cpu") as engine:
+        assert isinstance(engine.text_encoder, OnnxTextEncoder)
+    side.unlink()
+    with SearchEngine(index_dir, device="cpu") as engine:
+        assert isinstance(engine.text_encoder, Encoder) and "files changed" in engine.text_choice.reason

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.model.image_onnx import AS_WRITTEN, LEAN
-from retrieval.model.text_export import UnsupportedExport, export_module
+from retrieval.model.text_export import UnsupportedExport, export_module, remove_graph
 
 
 def check_image_exportable(model: Any) -> None:
@@ -34,7 +34,7 @@ def image_side(model: Any) -> int:
 
 
 def export_image_onnx(model: Any, path: Path, lean: bool = True) -> str:
-    """The image tower of an open_clip model as one ONNX file (float32 weights inside); returns its form:
+    """The image tower of an open_clip model as an ONNX graph (float32 weights in its side file); returns its form:
     ``LEAN`` when asked for and the tower fits it, else ``AS_WRITTEN``."""
     import torch
 
@@ -51,7 +51,7 @@ def export_image_onnx(model: Any, path: Path, lean: bool = True) -> str:
         except UnsupportedLean:
             pass
         except Exception:  # noqa: BLE001  (an exporter that cannot trace the rewrite: the tower as written)
-            path.unlink(missing_ok=True)
+            remove_graph(path)
     export_module(_image_tower(model).eval(), example, path, "pixels", dynamic)
     return AS_WRITTEN
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ def check_exportable(model: Any) -> None:
 
 
 def export_onnx(model: Any, path: Path) -> Path:
-    """The text tower of an open_clip CLIP as one ONNX file (float32 weights inside)."""
+    """The text tower of an open_clip CLIP as an ONNX graph (float32 weights in its side file)."""
     import torch
 
     check_exportable(model)
@@ -44,8 +45,8 @@ def export_onnx(model: Any, path: Path) -> Path:
 
 
 def export_module(module: Any, example: Any, path: Path, input_name: str, dynamic: dict) -> Path:
-    """One module of one input as one ONNX file with ``features`` as its output: torch's dynamo exporter, quiet,
-    weights inside the file; ``dynamic`` maps the input's dynamic axes to ``torch.export.Dim``s."""
+    """One module of one input as an ONNX graph with ``features`` as its output: torch's dynamo exporter, quiet,
+    saved by ``save_graph``; ``dynamic`` maps the input's dynamic axes to ``torch.export.Dim``s."""
     import torch
 
     with _quiet(), torch.inference_mode(False), torch.no_grad():
@@ -60,7 +61,7 @@ def export_module(module: Any, example: Any, path: Path, input_name: str, dynami
             external_data=False,
             verbose=False,
         )
-    return path
+    return save_graph(path, path)
 
 
 def quantize_int8(source: Path, target: Path, per_channel: bool = False) -> Path:
@@ -71,7 +72,64 @@ def quantize_int8(source: Path, target: Path, per_channel: bool = False) -> Path
 
     with _quiet():
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=per_channel)
+    return save_graph(target, target)
+
+
+SIDE_FILE_MIN_BYTES = 1024  # smaller tensors stay in the graph (onnx's default; it makes no measurable difference)
+
+
+def save_graph(source: Path, target: Path) -> Path:
+    """The one form every exported graph is written in: the graph at ``target``, all its weights of at least
+    ``SIDE_FILE_MIN_BYTES`` in one side file beside it (``text_onnx.side_file``), packed without alignment (ONNX
+    Runtime reads them into its own memory either way: 4 or 64 KB alignment built as fast, peaked as high).
+    ``source`` (weights inline or in its own side file) may be ``target``."""
+    import onnx
+
+    from retrieval.model.text_onnx import side_file
+
+    model = onnx.load(str(source))  # with its side file's weights, if it has one
+    side = target.with_name(side_file(target.name))
+    side.unlink(missing_ok=True)  # onnx appends to a side file that exists
+    onnx.save_model(
+        model,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=side.name,
+        size_threshold=SIDE_FILE_MIN_BYTES,
+    )
+    if side.exists():
+        side.chmod(target.stat().st_mode & 0o777)  # onnx creates it private; it is as readable as its graph
     return target
+
+
+def move_graph(source: Path, target: Path) -> Path:
+    """Rename a graph written by ``save_graph`` and its side file, the side file's bytes untouched (only the name
+    the graph points at changes): what was checked is what is kept."""
+    import onnx
+
+    from retrieval.model.text_onnx import side_file
+
+    model = onnx.load(str(source), load_external_data=False)
+    old, new = side_file(source.name), side_file(target.name)
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    if (source.parent / old).exists():
+        os.replace(source.parent / old, target.parent / new)
+    onnx.save_model(model, str(target))
+    if source != target:
+        source.unlink()
+    return target
+
+
+def remove_graph(path: Path) -> None:
+    """A graph and its side file gone (a dropped variant, a failed export)."""
+    from retrieval.model.text_onnx import side_file
+
+    path.unlink(missing_ok=True)
+    path.with_name(side_file(path.name)).unlink(missing_ok=True)
 
 
 def _text_tower(model: Any) -> Any:
