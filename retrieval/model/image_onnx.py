@@ -2,8 +2,9 @@
 
 The export depends only on the model, so it lives in a per-user cache keyed by the model's identity
 (``$XDG_CACHE_HOME/clipsearch/image-towers/<key digest>``): another index of the same model never needs torch to
-make it again. The folder holds the graph, the model's ``ModelIdentity`` (``identity.json``: what a new index
-records, and the preprocessing ``retrieval.model.pixels`` repeats without torch) and ``record.json`` (a
+make it again. The folder holds the graphs (each with its weights in a side file, ``text_onnx.side_file``), the
+model's ``ModelIdentity`` (``identity.json``: what a new index records, and the preprocessing
+``retrieval.model.pixels`` repeats without torch) and ``record.json`` (a
 ``TextTowerRecord``: the same facts as for the text tower); an index's catalog records the export it checked
 (``MetaKey.IMAGE_TOWER``). A tower is used only when the record's model is the index's model and the files are the
 ones recorded. ``choose_image_backend`` is the one rule for which backend encodes images.
