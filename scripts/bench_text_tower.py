@@ -30,7 +30,7 @@ from indexer.pipeline import IndexSettings, index_paths  # noqa: E402
 from indexer.text_export import export_text_tower, probe_captions  # noqa: E402
 from retrieval.model.encoder import Encoder  # noqa: E402
 from retrieval.model.spec import ModelSpec  # noqa: E402
-from retrieval.model.text_onnx import OnnxTextEncoder, TextTowerRecord  # noqa: E402
+from retrieval.model.text_onnx import OnnxTextEncoder, TextTowerRecord, graph_files  # noqa: E402
 from retrieval.store.catalog import Catalog, MetaKey  # noqa: E402
 from retrieval.store.layout import IndexLayout  # noqa: E402
 from retrieval.store.topk import top_k  # noqa: E402
@@ -162,7 +162,7 @@ def vitb32_speed(work: Path) -> dict:
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)  # fmt: skip
         results[precision] = json.loads(done.stdout) | {
             "export_s": round(exported_s, 1),
-            "file_mb": round((kept / "text.onnx").stat().st_size / 1e6, 1),
+            "file_mb": round(sum((kept / name).stat().st_size for name in graph_files(kept, "text.onnx")) / 1e6, 1),
             "int8_top10_overlap_probes": record.int8_overlap,
         }
     return results
