@@ -112,7 +112,7 @@ def move_graph(source: Path, target: Path) -> Path:
 
     model = onnx.load(str(source), load_external_data=False)
     old, new = side_file(source.name), side_file(target.name)
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    for tensor in model.graph.initializer:  # save_graph moves initializers only (attributes stay inline)
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value == old:
                 entry.value = new
