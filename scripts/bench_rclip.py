@@ -234,7 +234,8 @@ def main() -> None:
                     index_dir = Path(tempfile.mkdtemp(prefix="clipsearch-", dir=args.scratch))
                     checkout = args.baseline if side == "baseline" else ROOT
                     command, env = clipsearch(checkout, "index", str(folder), "--index", str(index_dir), "-q")
-                    result = run_measured([*command, "--model", spec, *extra], env, ROOT)
+                    # run in the checkout: `python -c` imports from its working directory before PYTHONPATH
+                    result = run_measured([*command, "--model", spec, *extra], env, checkout)
                     assert f"added {count}" in result["out"], result["out"]
                     shutil.rmtree(index_dir, ignore_errors=True)
                 result.pop("out")
