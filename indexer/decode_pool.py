@@ -6,9 +6,6 @@ it encodes, so threads decode beside the encoder with no batch pickled through a
 5.6 against rclip's 1.5 s for 1,000 web-sized JPEGs, docs/benchmarks.md). Each file is its own task, so a slow
 file holds back only its batch; batches come out in file order. At most ``AHEAD`` batches are in flight, so
 decoded images are held for their batch and the few queued behind it, never for a whole run.
-
-One pool may be started before its run (``start_decode_pool``: the CLI's head start for a new index,
-``indexer.head_start``); a run takes it through ``decode_pool_for`` only when it asks for exactly those files.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from retrieval.images import DecodedItem, ImageFileDataset, refuse_bombs_in_every_thread
-from retrieval.model.pixels import SquareCrop
 
 AHEAD = 3  # batches in flight: enough that the encoder never waits, few enough to keep memory flat
 
@@ -57,32 +53,3 @@ class DecodePool:
         """Stop handing out work; the threads finish the files in hand (what was queued is dropped)."""
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-_STARTED: dict[tuple, DecodePool] = {}  # a pool started before its run (indexer.head_start), by what it decodes
-
-
-def start_decode_pool(paths: list[str], crop: SquareCrop, batch_size: int, threads: int) -> None:
-    """Start decoding ``paths`` now, for a run expected to ask for exactly them (``decode_pool_for``)."""
-    drop_started()
-    if threads > 0:
-        dataset = ImageFileDataset(paths, crop, crop.side)
-        _STARTED[_shape(paths, crop, batch_size, threads)] = DecodePool(dataset, batch_size, threads)
-
-
-def decode_pool_for(paths: list[str], crop: SquareCrop, batch_size: int, threads: int) -> DecodePool:
-    """The pool started ahead for exactly these files, crop, batch size and threads; else a new one. A started pool
-    that does not match is dropped: a run decodes its own plan, never a guess at it."""
-    pool = _STARTED.pop(_shape(paths, crop, batch_size, threads), None)
-    drop_started()
-    return pool or DecodePool(ImageFileDataset(paths, crop, crop.side), batch_size, threads)
-
-
-def drop_started() -> None:
-    """Stop a started pool no run took (its threads finish the files in hand)."""
-    while _STARTED:
-        _STARTED.popitem()[1].close()
-
-
-def _shape(paths: list[str], crop: SquareCrop, batch_size: int, threads: int) -> tuple:
-    return tuple(paths), crop, batch_size, threads

@@ -109,9 +109,10 @@ def encode_and_commit(work: Sequence[WorkItem], options: EncodeOptions, sink: Ch
 
 def _onnx_front(paths: list[str], options: EncodeOptions) -> _Front:
     """Workers crop to uint8 squares (no torch anywhere); the encoder normalises and encodes a batch at a time."""
-    from indexer.decode_pool import decode_pool_for
+    from indexer.decode_pool import DecodePool
 
-    pool = decode_pool_for(paths, options.onnx, options.batch_size, options.workers)  # or the CLI's head start
+    crop = options.onnx
+    pool = DecodePool(ImageFileDataset(paths, crop, crop.side), options.batch_size, options.workers)  # forks now
 
     def feed(out: Channel) -> None:
         for batch in pool:

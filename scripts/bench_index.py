@@ -357,8 +357,7 @@ NO_EXPORT = {"CLIPSEARCH_EXPORT_TEXT": "0"}  # the ONNX text-tower export after 
 
 def figures(args) -> None:
     """One JSON line per figure, on --device (default auto: the GPU where there is one). For scripts/gpu_check.sh."""
-    from indexer.pipeline import IndexSettings, index_paths
-    from indexer.run_shape import default_batch_size
+    from indexer.pipeline import IndexSettings, default_batch_size, index_paths
     from retrieval.model.device import resolve_device
     from retrieval.model.spec import ModelSpec
 

@@ -215,44 +215,6 @@ def test_indexing_with_an_existing_export_never_imports_torch(settings, photo_fo
     assert len([line for line in out.splitlines() if line.endswith((".jpg", ".png"))]) == 3 and "heavy: []" in out
 
 
-def test_a_new_index_decodes_ahead_and_its_run_encodes_exactly_its_own_plan(
-    settings, photo_folder, tmp_path, cache_home
-):
-    """`clipsearch index` into a new index starts decoding before the indexer is imported (indexer.head_start):
-    the run takes those batches when its own plan is the same files, and stores the vectors a run without the head
-    start stores; a file that came in between makes the run drop them and decode its own plan; a refresh (the
-    index exists) starts nothing."""
-    from dataclasses import replace
-
-    from indexer import decode_pool
-    from indexer.head_start import start_decoding_new_index
-
-    _index(tmp_path, photo_folder, settings, "first")  # torch, then the export: later runs encode with ONNX
-    threaded = replace(settings, workers=2)
-    plain = _vectors_by_name(_index(tmp_path, photo_folder, threaded, "plain"), photo_folder)
-
-    def start(name: str) -> decode_pool.DecodePool | None:
-        started = start_decoding_new_index(tmp_path / name, [photo_folder], settings.model, CPU, 8, 2)
-        return next(iter(decode_pool._STARTED.values())) if started else None
-
-    ahead = start("ahead")
-    assert ahead is not None
-    taken = _vectors_by_name(_index(tmp_path, photo_folder, threaded, "ahead"), photo_folder)
-    assert not decode_pool._STARTED and not ahead.waiting and next(ahead.upcoming, None) is None  # all delivered
-    assert sorted(taken) == sorted(plain) and len(taken) == 16
-    assert min(float(np.dot(plain[name], taken[name])) for name in plain) >= 0.99999
-
-    stale = start("stale")
-    from tests.conftest import make_images
-
-    make_images(photo_folder / "late", 1, seed=7)
-    late = _vectors_by_name(_index(tmp_path, photo_folder, threaded, "stale"), photo_folder)
-    assert len(late) == 17 and not decode_pool._STARTED
-    assert stale.executor._shutdown  # dropped, not drained into the run
-
-    assert start("stale") is None and not decode_pool._STARTED  # the index exists: a refresh plans from its catalog
-
-
 def test_a_batch_split_over_lanes_gives_the_same_vectors(settings, photo_folder, tmp_path, cache_home):
     """Indexing runs a part of each batch per core at once (``lanes``): every image's vector is the one a single
     run of the whole batch gives."""

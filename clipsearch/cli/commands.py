@@ -101,50 +101,42 @@ def index(
     ] = None,
 ) -> None:
     """Index folders of images (only what changed since the last run)."""
-    from indexer.decode_pool import drop_started
-    from indexer.head_start import start_decoding_new_index
     from indexer.preflight import check_folders
-    from retrieval.store.recorded_model import model_for_index
 
     device = resolve_device(device)  # once, here: everything below takes the Device
     check_folders(resolve_index_dir(index_dir), paths or [])  # before torch and the model load
     quiet_libraries()
-    spec = model_for_index(resolve_index_dir(index_dir), model, pretrained)
-    if ray is None:  # a new index: decoding starts now, while the indexer imports (indexer.head_start)
-        start_decoding_new_index(resolve_index_dir(index_dir), paths or [], spec, device, batch_size, workers, int8)
-    try:
-        from indexer.pipeline import IndexSettings, index_paths
-        from indexer.ray_runner import RaySettings
-        from retrieval.store.index_types import parse_memory
+    from indexer.pipeline import IndexSettings, index_paths
+    from indexer.ray_runner import RaySettings
+    from retrieval.store.index_types import parse_memory
+    from retrieval.store.recorded_model import model_for_index
 
-        settings = IndexSettings(
-            model=spec,
-            batch_size=batch_size,
-            workers=workers,
-            device=device,
-            wait_for_lock=not no_wait,
-            index_type=index_type,
-            max_memory=parse_memory(max_memory),
-            int8=int8,
-            ray=RaySettings(ray, ray_gpus_per_worker, ray_workers) if ray else None,
-            ocr=ocr,
-            captions=captions,
-            captioner=captioner,
-        )
-        if watch:
-            _watch(resolve_index_dir(index_dir), paths or [], settings, progress=not quiet)
-            return
-        summary = index_paths(
-            resolve_index_dir(index_dir),
-            paths or [],
-            settings,
-            progress=not quiet,
-            on_wait=lambda message: typer.echo(f"clipsearch: {message}", err=True),
-            on_export=announce_export,
-        )
-        _report_run(summary)
-    finally:
-        drop_started()  # the run took it, or nothing will
+    settings = IndexSettings(
+        model=model_for_index(resolve_index_dir(index_dir), model, pretrained),
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        wait_for_lock=not no_wait,
+        index_type=index_type,
+        max_memory=parse_memory(max_memory),
+        int8=int8,
+        ray=RaySettings(ray, ray_gpus_per_worker, ray_workers) if ray else None,
+        ocr=ocr,
+        captions=captions,
+        captioner=captioner,
+    )
+    if watch:
+        _watch(resolve_index_dir(index_dir), paths or [], settings, progress=not quiet)
+        return
+    summary = index_paths(
+        resolve_index_dir(index_dir),
+        paths or [],
+        settings,
+        progress=not quiet,
+        on_wait=lambda message: typer.echo(f"clipsearch: {message}", err=True),
+        on_export=announce_export,
+    )
+    _report_run(summary)
 
 
 def announce_export() -> None:

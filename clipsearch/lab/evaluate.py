@@ -261,7 +261,7 @@ def _reference_run(captioned: CaptionedSet, settings: EvalSettings, index_dir: P
 
 
 def _reference_workers(settings: EvalSettings) -> int:
-    from indexer.run_shape import default_workers
+    from indexer.pipeline import default_workers
 
     return default_workers(settings.device) if settings.workers is None else settings.workers
 
