@@ -141,7 +141,7 @@ def bound_onnx(folder: Path, model: str) -> dict:
     """The same bound for the ONNX path, with the encoder exactly as a run opens it (``indexer.pipeline``: one
     session, a lane per core, its default batch): E is the best this encoder does on all C cores; a 2-thread
     session at batch 32 is ~10 % slower here, and a bound taken with it flatters the run."""
-    from indexer.run_shape import default_batch_size, encode_lanes
+    from indexer.pipeline import default_batch_size, encode_lanes
     from retrieval.images import ImageFileDataset
     from retrieval.model.device import CPU
     from retrieval.model.image_onnx import cached_image_tower, shared_image_encoder
