@@ -42,7 +42,7 @@ from retrieval.model.image_onnx import (
     ImageEncoder,
     cached_image_tower,
     choose_image_backend,
-    shared_image_encoder,
+    indexing_encoder,
 )
 from retrieval.model.ocr import require_ocr
 from retrieval.model.pixels import SquareCrop, crop_for
@@ -215,11 +215,11 @@ class ImageEncoding:
         return crop_for(identity.image_size, identity.preprocess) if self.onnx and identity else None
 
     def load(self) -> ImageEncoder:
-        """The encoder: one ONNX Runtime session running a part of each batch per core (``encode_lanes``), or
+        """The encoder: one ONNX Runtime session running a part of each batch per core (``indexing_encoder``), or
         the torch model, also when the session does not open."""
         if self.onnx:
             try:
-                return shared_image_encoder(self.tower, 1, False, self.settings.int8, encode_lanes())
+                return indexing_encoder(self.tower, self.settings.int8)  # opened already by open_encoder_early?
             except Exception as error:  # noqa: BLE001  (torch encodes the same crops: the run goes on)
                 warnings.warn(f"the ONNX image tower did not open ({error}); encoding with torch", stacklevel=2)
         return Encoder.load(self.settings.model, self.device, int8=self.settings.int8)
@@ -555,12 +555,6 @@ def default_workers(device: Device, onnx: bool = False) -> int:
     if onnx:
         return max(1, min(16, cores))
     return max(1, min(16 if device.is_cuda else 4, cores))
-
-
-def encode_lanes() -> int:
-    """The ONNX session's runs at once, one intra-op thread each: one per core. The decode threads share the
-    cores; a run's part of a batch is its own, so no thread waits for another at every operator."""
-    return os.cpu_count() or 1
 
 
 @dataclass

@@ -141,14 +141,14 @@ def bound_onnx(folder: Path, model: str) -> dict:
     """The same bound for the ONNX path, with the encoder exactly as a run opens it (``indexer.pipeline``: one
     session, a lane per core, its default batch): E is the best this encoder does on all C cores; a 2-thread
     session at batch 32 is ~10 % slower here, and a bound taken with it flatters the run."""
-    from indexer.pipeline import default_batch_size, encode_lanes
+    from indexer.pipeline import default_batch_size
     from retrieval.images import ImageFileDataset
     from retrieval.model.device import CPU
-    from retrieval.model.image_onnx import cached_image_tower, shared_image_encoder
+    from retrieval.model.image_onnx import cached_image_tower, indexing_encoder
     from retrieval.model.spec import ModelSpec, spec_key
 
     tower = cached_image_tower(spec_key(ModelSpec(model, None), check=False))
-    encoder = shared_image_encoder(tower, 1, False, False, encode_lanes())
+    encoder = indexing_encoder(tower)
     batch = default_batch_size(CPU, onnx=True)
     paths = [str(p) for p in sorted(folder.glob("photo_*.jpg"))[:32]]
     dataset = ImageFileDataset(paths, encoder.crop, encoder.side)

@@ -215,6 +215,28 @@ def test_indexing_with_an_existing_export_never_imports_torch(settings, photo_fo
     assert len([line for line in out.splitlines() if line.endswith((".jpg", ".png"))]) == 3 and "heavy: []" in out
 
 
+def test_a_new_index_opens_its_encoder_while_the_indexer_imports(settings, photo_folder, tmp_path, cache_home):
+    """`clipsearch index` into a new index starts building the session first (indexer.early_encoder); the run then
+    encodes with that very session, and stores what a run that opened its own stores. A refresh starts nothing."""
+    import threading
+    from dataclasses import replace
+
+    from indexer.early_encoder import open_encoder_early
+    from retrieval.model import image_onnx
+
+    _index(tmp_path, photo_folder, settings, "first")  # torch, then the export: later runs encode with ONNX
+    own = _vectors_by_name(_index(tmp_path, photo_folder, replace(settings, workers=2), "own"), photo_folder)
+    image_onnx._OPEN.clear()
+    assert open_encoder_early(tmp_path / "early", settings.model, CPU)
+    for thread in [t for t in threading.enumerate() if t.name == "clipsearch-early-encoder"]:
+        thread.join()
+    (opened,) = image_onnx._OPEN.values()
+    early = _vectors_by_name(_index(tmp_path, photo_folder, replace(settings, workers=2), "early"), photo_folder)
+    assert list(image_onnx._OPEN.values()) == [opened]  # the run's own open found it
+    assert sorted(early) == sorted(own) and min(float(np.dot(own[n], early[n])) for n in own) >= 0.99999
+    assert not open_encoder_early(tmp_path / "early", settings.model, CPU)  # it exists now: maybe nothing to encode
+
+
 def test_a_batch_split_over_lanes_gives_the_same_vectors(settings, photo_folder, tmp_path, cache_home):
     """Indexing runs a part of each batch per core at once (``lanes``): every image's vector is the one a single
     run of the whole batch gives."""

@@ -101,18 +101,22 @@ def index(
     ] = None,
 ) -> None:
     """Index folders of images (only what changed since the last run)."""
+    from indexer.early_encoder import open_encoder_early
     from indexer.preflight import check_folders
+    from retrieval.store.recorded_model import model_for_index
 
     device = resolve_device(device)  # once, here: everything below takes the Device
     check_folders(resolve_index_dir(index_dir), paths or [])  # before torch and the model load
     quiet_libraries()
+    spec = model_for_index(resolve_index_dir(index_dir), model, pretrained)
+    if ray is None and paths:  # a new index: its session builds while the indexer imports (indexer.early_encoder)
+        open_encoder_early(resolve_index_dir(index_dir), spec, device, int8)
     from indexer.pipeline import IndexSettings, index_paths
     from indexer.ray_runner import RaySettings
     from retrieval.store.index_types import parse_memory
-    from retrieval.store.recorded_model import model_for_index
 
     settings = IndexSettings(
-        model=model_for_index(resolve_index_dir(index_dir), model, pretrained),
+        model=spec,
         batch_size=batch_size,
         workers=workers,
         device=device,

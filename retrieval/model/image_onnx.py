@@ -185,6 +185,18 @@ def shared_image_encoder(
         return _OPEN[key]
 
 
+def indexing_encoder(tower: ExportedImageTower, int8: bool = False) -> OnnxImageEncoder:
+    """The session an indexing run encodes with (``shared_image_encoder``, so opened once per process): 1 intra-op
+    thread that sleeps when idle, a part of each batch run at once per core (``encode_lanes``)."""
+    return shared_image_encoder(tower, 1, False, int8, encode_lanes())
+
+
+def encode_lanes() -> int:
+    """The ONNX session's runs at once, one intra-op thread each: one per core. The decode threads share the
+    cores; a run's part of a batch is its own, so no thread waits for another at every operator."""
+    return os.cpu_count() or 1
+
+
 def cached_image_tower(model_key: str) -> ExportedImageTower:
     """The image tower cached for ``model_key``: current when its record is of that model and its files intact."""
     folder = image_tower_cache(model_key)
