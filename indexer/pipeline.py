@@ -219,7 +219,7 @@ class ImageEncoding:
         the torch model, also when the session does not open."""
         if self.onnx:
             try:
-                return indexing_encoder(self.tower, self.settings.int8)  # opened already by open_encoder_early?
+                return indexing_encoder(self.tower, self.settings.int8)  # the CLI may have opened it already
             except Exception as error:  # noqa: BLE001  (torch encodes the same crops: the run goes on)
                 warnings.warn(f"the ONNX image tower did not open ({error}); encoding with torch", stacklevel=2)
         return Encoder.load(self.settings.model, self.device, int8=self.settings.int8)

@@ -88,8 +88,8 @@ class _PlainFirst:
             if plain is not NOT_PLAIN:
                 return plain
             if many:  # `index FOLDER...`: a list of paths, each checked as typer checks one
-                items = get_args(annotation) if get_origin(annotation) is list else ()
-                paths = [plain_path(items[0], info, item) for item in value] if len(items) == 1 else [None]
+                (item_type,) = get_args(annotation) if get_origin(annotation) is list else (None,)
+                paths = [plain_path(item_type, info, item) for item in value]
                 if paths and None not in paths:
                     return [self.coerce_cli_path(path, info, path_type=Path, param=param, ctx=ctx) for path in paths]
             else:
