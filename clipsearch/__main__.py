@@ -1,5 +1,5 @@
 """`python -m clipsearch`: the same command line as the `clipsearch` script."""
 
-from clipsearch.cli import main
+from clipsearch.launch import main
 
 main()

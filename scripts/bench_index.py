@@ -191,7 +191,7 @@ def index_rate(folder: Path, model: str, args, int8: bool = False) -> dict:
 
 def clipsearch(*arguments: str) -> list[str]:
     """The `clipsearch` command line run from this checkout (installed or not)."""
-    return [sys.executable, "-c", "from clipsearch.cli import main; main()", *arguments]
+    return [sys.executable, "-m", "clipsearch", *arguments]
 
 
 def command_rate(folder: Path, model: str, args) -> float:
@@ -279,7 +279,7 @@ def encoder_only_pinned(model: str, device, batch_size: int, seconds: float = 3.
 def clipsearch_in(checkout: Path, *arguments: str) -> tuple[list[str], dict]:
     """The `clipsearch` command of another checkout (e.g. an older commit exported to a folder), and its env."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    return [sys.executable, "-c", "from clipsearch.cli import main; main()", *arguments], env
+    return [sys.executable, "-m", "clipsearch", *arguments], env
 
 
 def timed_index_command(

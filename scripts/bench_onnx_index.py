@@ -118,7 +118,7 @@ def run_measured(command: list[str], env: dict, cwd: Path) -> dict:
 
 def clipsearch(checkout: Path, *arguments: str) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": str(checkout), "CLIPSEARCH_EXPORT_TEXT": "0"}
-    return [sys.executable, "-c", "from clipsearch.cli import main; main()", *arguments], env
+    return [sys.executable, "-m", "clipsearch", *arguments], env
 
 
 def fresh_index(checkout: Path, folder: Path, model: str, count: int, scratch: Path, *extra: str) -> dict:

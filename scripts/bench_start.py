@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ENTRY = "from clipsearch.cli import main; main()"
+ENTRY = ["-m", "clipsearch"]  # as installed: clipsearch.launch where the checkout has it
 
 
 def timed(command: list[str], checkout: Path) -> tuple[float, float]:
@@ -30,7 +30,7 @@ def timed(command: list[str], checkout: Path) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": str(checkout), "CLIPSEARCH_EXPORT_TEXT": "0"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", ENTRY, *command], env=env, cwd=checkout, check=True, capture_output=True)
+    subprocess.run([sys.executable, *ENTRY, *command], env=env, cwd=checkout, check=True, capture_output=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime

@@ -221,20 +221,51 @@ def test_a_new_index_opens_its_encoder_while_the_indexer_imports(settings, photo
     import threading
     from dataclasses import replace
 
-    from indexer.early_encoder import open_encoder_early
+    from indexer.early_encoder import THREAD_NAME, open_encoder_early
     from retrieval.model import image_onnx
 
     _index(tmp_path, photo_folder, settings, "first")  # torch, then the export: later runs encode with ONNX
     own = _vectors_by_name(_index(tmp_path, photo_folder, replace(settings, workers=2), "own"), photo_folder)
     image_onnx._OPEN.clear()
     assert open_encoder_early(tmp_path / "early", settings.model, CPU)
-    for thread in [t for t in threading.enumerate() if t.name == "clipsearch-early-encoder"]:
+    for thread in [t for t in threading.enumerate() if t.name == THREAD_NAME]:
         thread.join()
     (opened,) = image_onnx._OPEN.values()
     early = _vectors_by_name(_index(tmp_path, photo_folder, replace(settings, workers=2), "early"), photo_folder)
     assert list(image_onnx._OPEN.values()) == [opened]  # the run's own open found it
     assert sorted(early) == sorted(own) and min(float(np.dot(own[n], early[n])) for n in own) >= 0.99999
     assert not open_encoder_early(tmp_path / "early", settings.model, CPU)  # it exists now: maybe nothing to encode
+
+
+def test_the_command_opens_a_new_index_encoder_before_its_own_imports(
+    settings, photo_folder, tmp_path, cache_home, monkeypatch
+):
+    """`clipsearch index FOLDER --index NEW --model M`: ``clipsearch.launch`` starts building the session before
+    the command line is imported, and the command's run encodes with that very session."""
+    import threading
+
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+    from clipsearch.launch import open_encoder_first, plain_index_request
+    from indexer.early_encoder import THREAD_NAME
+    from retrieval.model import image_onnx
+
+    monkeypatch.setenv("CLIPSEARCH_EXPORT_TEXT", "0")
+    _index(tmp_path, photo_folder, settings, "first")  # torch, then the export: later runs encode with ONNX
+    image_onnx._OPEN.clear()
+    argv = ["index", str(photo_folder), "--index", str(tmp_path / "new"), "--model", settings.model.name, "-q"]
+    assert open_encoder_first(plain_index_request(argv, {}))
+    for thread in [t for t in threading.enumerate() if t.name == THREAD_NAME]:
+        thread.join()
+    (opened,) = image_onnx._OPEN.values()
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert list(image_onnx._OPEN.values()) == [opened]  # the run's own open found it
+    assert len(_vectors_by_name(tmp_path / "new", photo_folder)) == 16
+    assert not open_encoder_first(plain_index_request(argv, {}))  # it exists now: maybe nothing to encode
+    missing = ["index", str(tmp_path / "no such folder"), "--index", str(tmp_path / "other")]
+    assert not open_encoder_first(plain_index_request(missing, {}))  # a typo exits at once, nothing to wait for
 
 
 def test_a_batch_split_over_lanes_gives_the_same_vectors(settings, photo_folder, tmp_path, cache_home):
@@ -247,6 +278,9 @@ def test_a_batch_split_over_lanes_gives_the_same_vectors(settings, photo_folder,
     split = tower.open(threads=1, lanes=2).encode_images(pixels)
     assert split.shape == whole.shape
     assert np.min(np.sum(whole * split, axis=1)) >= 1 - 1e-6
+    crops = np.random.default_rng(4).integers(0, 256, (7, tower.open().side, tower.open().side, 3), dtype=np.uint8)
+    whole, split = tower.open(threads=1).encode_crops(crops), tower.open(threads=1, lanes=2).encode_crops(crops)
+    assert split.shape == whole.shape and np.min(np.sum(whole * split, axis=1)) >= 1 - 1e-6  # each lane normalises
 
 
 def _tiny_clip(**vision: object):

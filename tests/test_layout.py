@@ -159,6 +159,7 @@ DEVICE_ENTRIES = {
     ("indexer/reindex.py", "reindex"),
     ("clipsearch/lab/evaluate.py", "evaluate"),
     ("clipsearch/lab/training.py", "train_model"),
+    ("clipsearch/launch.py", "open_encoder_first"),  # the command's entry, before the CLI: --device left at auto
 }
 
 
