@@ -162,7 +162,9 @@ def test_cpu_indexing_encodes_with_the_cached_tower_as_torch_does(settings, phot
     first = _index(tmp_path, photo_folder, settings, "torch")
     assert cached_image_tower(_recorded(first)["model_key"]).current
     second = _index(tmp_path, photo_folder, replace(settings, workers=1), "onnx")
-    assert index_info(second, device=CPU).image_encoding == "ONNX float32 image tower (exported, current)"
+    assert index_info(second, device=CPU).image_encoding == (
+        "ONNX float32 image tower (exported, current; lean ViT graph)"
+    )
     by_torch, by_onnx = _vectors_by_name(first, photo_folder), _vectors_by_name(second, photo_folder)
     assert sorted(by_onnx) == sorted(by_torch) and len(by_onnx) == 16
     cosines = [float(np.dot(by_torch[name], by_onnx[name])) for name in by_torch]
@@ -337,21 +339,36 @@ def test_a_vit_exports_lean_where_it_fits_and_as_written_elsewhere(vision, form,
         assert ops.count("Transpose") < as_written.count("Transpose") and len(ops) < len(as_written)
 
 
+def _info_encode_line(index_dir: Path) -> str:
+    """The line `clipsearch info` prints for the image tower."""
+    from tests.test_cli import invoke
+
+    result = invoke("info", "--index", index_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("encode:")]
+    return line
+
+
 def test_an_export_of_an_older_exporter_encodes_and_is_made_again(settings, photo_folder, tmp_path, cache_home):
     """An export recorded before the lean form (no ``graph`` in its record) is still used, then made again by the
-    next export run, in the lean form."""
+    next export run, in the lean form; `clipsearch info` names the form on its image tower line."""
     from retrieval.model.text_onnx import TextTowerRecord
 
     index_dir = _index(tmp_path, photo_folder, settings)
     report = export_image_tower(index_dir)
     assert report.record.graph == "vit-lean-1"
+    assert _info_encode_line(index_dir) == "encode:  ONNX float32 image tower (exported, current; lean ViT graph)"
     old = {key: value for key, value in json.loads(report.record.to_json()).items() if key != "graph"}
     (report.folder / RECORD_FILE).write_text(json.dumps(old))
     tower = cached_image_tower(report.record.model_key)
     assert tower.current and tower.outdated and TextTowerRecord.from_json(json.dumps(old)).graph == ""
+    assert _info_encode_line(index_dir) == (
+        "encode:  ONNX float32 image tower (exported, current; older export: re-made at the next index run)"
+    )
     again = export_image_tower(index_dir)
     assert again.exported and again.record.graph == "vit-lean-1" and _recorded(index_dir)["graph"] == "vit-lean-1"
     assert not cached_image_tower(report.record.model_key).outdated
+    assert _info_encode_line(index_dir).endswith("(exported, current; lean ViT graph)")
 
 
 def test_an_export_keeps_its_weights_in_one_recorded_side_file(settings, photo_folder, tmp_path, cache_home):

@@ -43,6 +43,8 @@ ONNX, TORCH = "onnx", "torch"
 # passed the same check against torch, and is made again after the next run that encodes (``outdated``).
 LEAN, AS_WRITTEN = "vit-lean-1", "as-written-1"
 GRAPH_FORMS = (LEAN, AS_WRITTEN)
+GRAPH_FORM_WORDS = {LEAN: "lean ViT graph", AS_WRITTEN: "graph as written"}  # as `clipsearch info` says them
+OLDER_FORM_WORDS = "older export: re-made at the next index run"
 
 
 class ImageEncoder(Protocol):
@@ -156,6 +158,13 @@ class ExportedImageTower:
         return self.current and self.record is not None and self.record.graph not in GRAPH_FORMS
 
     @property
+    def graph_form(self) -> str:
+        """The recorded form of the graph in plain words, for a person (``GRAPH_FORM_WORDS``)."""
+        if self.record is None:
+            return ""
+        return GRAPH_FORM_WORDS.get(self.record.graph, OLDER_FORM_WORDS)
+
+    @property
     def has_int8(self) -> bool:
         """Whether the export kept an int8 graph (its top-10 agreed with float32's on the probes)."""
         return self.record is not None and INT8_FILE in self.record.files
@@ -238,5 +247,5 @@ def choose_image_backend(device: Device, tower: ExportedImageTower, int8: bool =
     if why is not None:
         return BackendChoice(TORCH, why, f"torch model on {device}")
     precision = "int8" if int8 else (tower.record.precision if tower.record else "?")
-    return BackendChoice(ONNX, "--int8: int8 graph, checked against float32" if int8 else "exported, current",
-                         f"ONNX {precision} image tower")  # fmt: skip
+    reason = "--int8: int8 graph, checked against float32" if int8 else "exported, current"
+    return BackendChoice(ONNX, f"{reason}; {tower.graph_form}", f"ONNX {precision} image tower")
