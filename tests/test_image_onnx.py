@@ -371,6 +371,41 @@ def test_an_export_of_an_older_exporter_encodes_and_is_made_again(settings, phot
     assert _info_encode_line(index_dir).endswith("(exported, current; lean ViT graph)")
 
 
+def test_a_lean_graph_that_misses_its_check_falls_back_to_the_tower_as_written(
+    settings, photo_folder, tmp_path, cache_home, monkeypatch
+):
+    """When the lean graph does not match torch (here: its patch weights negated), the index run exports the
+    tower as written instead: current, recorded as such, encoding as torch does, and named so by `info`."""
+    import torch
+
+    from retrieval.model import vit_export
+
+    lean = vit_export.lean_image_tower
+
+    def wrong_lean_tower(model):
+        tower = lean(model)
+        with torch.no_grad():
+            tower.patch_weight.neg_()  # its own copy: the model's weights stay as they are
+        return tower
+
+    monkeypatch.setattr(vit_export, "lean_image_tower", wrong_lean_tower)
+    index_dir = _index(tmp_path, photo_folder, settings)  # torch encodes, then the export (the CPU's default)
+    record = _recorded(index_dir)
+    assert record["graph"] == "as-written-1" and record["min_cosine"] >= 0.9999 and record["top10_same"]
+    tower = cached_image_tower(record["model_key"])
+    assert tower.current and not tower.outdated and tower.record.graph == "as-written-1"
+    assert _info_encode_line(index_dir) == "encode:  ONNX float32 image tower (exported, current; graph as written)"
+    pixels = np.random.default_rng(5).standard_normal((12, 3, tower.open().side, tower.open().side))
+    pixels = pixels.astype(np.float32)
+    encoder = Encoder.load(settings.model, CPU)
+    assert np.min(np.sum(encoder.encode_images(pixels) * tower.open().encode_images(pixels), axis=1)) >= 0.9999
+
+    from retrieval.model.image_export import export_image_onnx
+
+    assert export_image_onnx(encoder.model, tmp_path / "wrong.onnx") == "vit-lean-1"  # the wrong graph exports...
+    assert _onnx_matches_torch(encoder.model, tmp_path / "wrong.onnx") < 0.9999  # ... and misses the check
+
+
 def test_an_export_keeps_its_weights_in_one_recorded_side_file(settings, photo_folder, tmp_path, cache_home):
     """Each graph's weights sit in one side file beside it (a session builds in half the time): recorded with the
     graph, so a missing or altered side file makes the export not current until it is made again."""
