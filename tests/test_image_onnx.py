@@ -459,3 +459,43 @@ def test_an_export_with_its_weights_inside_keeps_working(settings, photo_folder,
     assert tower.current and not tower.outdated and not list(report.folder.glob("*.data"))
     np.testing.assert_allclose(tower.open().encode_images(pixels), vectors, atol=1e-6)
     assert not export_image_tower(index_dir).exported
+
+
+def test_towers_whose_weights_would_not_fit_in_one_protobuf_still_export(tmp_path, monkeypatch):
+    """Protobuf holds at most 2 GB (ViT-H-14's image tower is ~2.5 GB in float32): no step of an export writes the
+    weights inside one graph. Here the limit is made small, below the tiny towers' weights, and refused where onnx
+    meets it; both towers still export, with their weights in the side file, and encode as torch does."""
+    import onnx
+    import torch
+    from onnx.serialization import _ProtobufSerializer
+
+    from retrieval.model.image_export import export_image_onnx
+    from retrieval.model.text_export import export_onnx
+    from retrieval.model.text_onnx import cpu_session, side_file
+
+    limit = 400_000
+    serialize = _ProtobufSerializer.serialize_proto
+
+    def within_limit(self, proto):
+        if proto.ByteSize() > limit:
+            raise ValueError(f"The proto size is larger than the limit ({limit:,} bytes here, 2 GB in protobuf)")
+        return serialize(self, proto)
+
+    model = _tiny_clip()
+    assert sum(p.numel() * 4 for p in model.visual.parameters()) > limit
+    monkeypatch.setattr(_ProtobufSerializer, "serialize_proto", within_limit)
+    for lean, form in ((True, "vit-lean-1"), (False, "as-written-1")):
+        graph = tmp_path / f"{form}.onnx"
+        assert export_image_onnx(model, graph, lean=lean) == form
+        assert (tmp_path / side_file(graph.name)).stat().st_size > limit
+        assert _onnx_matches_torch(model, graph) >= 0.9999
+    with pytest.raises(ValueError, match="larger than the limit"):  # the same weights inside the graph: refused
+        onnx.save_model(onnx.load(str(graph)), str(tmp_path / "inline.onnx"))
+
+    export_onnx(model, tmp_path / "text.onnx")
+    tokens = np.random.default_rng(4).integers(1, 1000, (3, 32))  # the whole context: what encode_text takes
+    tokens[:, -1] = 49407  # end of text: the highest id, where the tower pools
+    with torch.no_grad():
+        reference = torch.nn.functional.normalize(model.encode_text(torch.from_numpy(tokens)), dim=-1).numpy()
+    (features,) = cpu_session(tmp_path / "text.onnx", 1).run(None, {"tokens": tokens})
+    assert np.min(np.sum(reference * unit_rows(features), axis=1)) >= 0.9999

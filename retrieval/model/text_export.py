@@ -46,7 +46,10 @@ def export_onnx(model: Any, path: Path) -> Path:
 
 def export_module(module: Any, example: Any, path: Path, input_name: str, dynamic: dict) -> Path:
     """One module of one input as an ONNX graph with ``features`` as its output: torch's dynamo exporter, quiet,
-    saved by ``save_graph``; ``dynamic`` maps the input's dynamic axes to ``torch.export.Dim``s."""
+    saved by ``save_graph``; ``dynamic`` maps the input's dynamic axes to ``torch.export.Dim``s. The exporter
+    writes the weights to a side file at once, for every size (torch 2.14 would itself only above 1.5 GB), so no
+    step puts graph and weights in one protobuf (2 GB at most; ViT-H-14's image tower is ~2.5 GB); ``save_graph``
+    then writes the same bytes as from inline weights."""
     import torch
 
     with _quiet(), torch.inference_mode(False), torch.no_grad():
@@ -58,7 +61,7 @@ def export_module(module: Any, example: Any, path: Path, input_name: str, dynami
             output_names=["features"],
             dynamic_shapes={input_name: dynamic},
             dynamo=True,
-            external_data=False,
+            external_data=True,
             verbose=False,
         )
     return save_graph(path, path)
@@ -88,6 +91,8 @@ def save_graph(source: Path, target: Path) -> Path:
     from retrieval.model.text_onnx import side_file
 
     model = onnx.load(str(source))  # with its side file's weights, if it has one
+    for tensor in model.graph.initializer:
+        tensor.ClearField("data_location")  # loaded back inline: the default, written as when it was never out
     side = target.with_name(side_file(target.name))
     side.unlink(missing_ok=True)  # onnx appends to a side file that exists
     onnx.save_model(
