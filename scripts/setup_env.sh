@@ -16,3 +16,7 @@ if [ -n "$extras" ]; then
 else
     "${pip[@]}" install -e "$root"
 fi
+# The project's own modules compiled now: an editable install leaves that to the first run, and where
+# PYTHONDONTWRITEBYTECODE is set (as on this machine) every command would compile them again: a 2-photo new index
+# took 0.780 s (1.334 s CPU) from a fresh clone, 0.726 s (1.254 s CPU) compiled (scripts/bench_start.py, 8 runs a side).
+"$root/.venv/bin/python" -m compileall -q -j 0 "$root/retrieval" "$root/indexer" "$root/clipsearch" >/dev/null
