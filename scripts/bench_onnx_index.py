@@ -7,8 +7,9 @@ For each side, fresh processes of `clipsearch index` on a fresh index (ViT-B-32,
 photos of scripts/bench_index.py: 200 x 12 MP and 1,000 x 500x375 JPEGs), from process start to exit:
   img/s, wall, CPU (user + system of the process and its decode workers), peak memory of the process tree
   (RSS summed, and PSS summed: forked workers share pages, which RSS counts once per process), load
-  bound      the decode+encode bound of that side's encoder: C / (C / E + 1 / D), E the encoder's images/s on
-             all C cores on prepared batches, D one worker's images/s decoding on one core
+  bound      the decode+encode bound of that side's encoder: 1 / (1 / E + 1 / D), E the encoder's images/s on
+             all C cores on prepared batches, D the images/s of the run's decode threads (bound_onnx; the torch
+             side: bench_index.decode_bound)
   refresh    `clipsearch index` of an index of 100 photos after 2 new ones were copied in (text tower current)
   watch      `index --watch`: a photo copied in as soon as it says it is watching, seconds to its committed row
   session    the image session alone, each configuration in a fresh process (memory pattern on/off, weight
