@@ -266,7 +266,7 @@ def peak():  # VmHWM: this process's own high-water mark (ru_maxrss would includ
         line = next(line for line in status if line.startswith("VmHWM"))
     os.write(2, f"\\nPEAK_KIB {line.split()[1]}\\n".encode())
 atexit.register(peak)
-from clipsearch.cli import main
+from clipsearch.launch import main  # the command as installed
 main()
 """
 
