@@ -75,10 +75,10 @@ def open_encoder_first(request: IndexRequest) -> bool:
         return False
     from indexer.early_encoder import open_encoder_early
     from retrieval.model.device import resolve_device
-    from retrieval.store.layout import default_index_dir
+    from retrieval.store.layout import resolve_index_dir
     from retrieval.store.recorded_model import model_for_index
 
-    index_dir = (request.index_dir or default_index_dir()).expanduser()
+    index_dir = resolve_index_dir(request.index_dir)
     try:
         spec, device = model_for_index(None, request.model, request.pretrained), resolve_device("auto")
     except Exception:  # noqa: BLE001  (whatever is wrong, the command says it in its own words)

@@ -6,7 +6,6 @@ import os
 import sys
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import typer
@@ -93,12 +92,6 @@ def user_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def resolve_index_dir(index: Path | None) -> Path:
-    from retrieval.store.layout import default_index_dir
-
-    return (index or default_index_dir()).expanduser()
 
 
 def quiet_libraries() -> None:

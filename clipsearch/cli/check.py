@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
-from clipsearch.cli.app import app, resolve_index_dir, user_errors
+from clipsearch.cli.app import app, user_errors
 from clipsearch.cli.options import IndexOption, NoWaitOption, output_options
 from clipsearch.cli.output import FOR_REPORTS, Output, Report, emit, line
+from retrieval.store.layout import resolve_index_dir
 
 
 @app.command()

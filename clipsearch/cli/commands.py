@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from clipsearch.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
+from clipsearch.cli.app import app, quiet_libraries, user_errors
 from clipsearch.cli.options import (
     AddOption,
     BF16TextOption,
@@ -34,6 +34,7 @@ from clipsearch.cli.output import FOR_LISTS, FOR_REPORTS, Output, Report, emit, 
 from retrieval.model.device import resolve_device
 from retrieval.search.arguments import check_query
 from retrieval.store.filters import Filters
+from retrieval.store.layout import resolve_index_dir
 
 
 @app.command()

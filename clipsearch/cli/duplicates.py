@@ -6,10 +6,11 @@ from typing import Annotated
 
 import typer
 
-from clipsearch.cli.app import app, resolve_index_dir, user_errors
+from clipsearch.cli.app import app, user_errors
 from clipsearch.cli.options import IndexOption, output_options
 from clipsearch.cli.output import FOR_LISTS, Output, Report, emit, line
 from retrieval.search.duplicate_defaults import DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD
+from retrieval.store.layout import resolve_index_dir
 
 ThresholdOption = Annotated[
     float,

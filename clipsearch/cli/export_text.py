@@ -6,8 +6,9 @@ from typing import Annotated
 
 import typer
 
-from clipsearch.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
+from clipsearch.cli.app import app, quiet_libraries, user_errors
 from clipsearch.cli.options import IndexOption, NoWaitOption
+from retrieval.store.layout import resolve_index_dir
 
 
 @app.command("export-text")

@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from clipsearch.cli.app import app, resolve_index_dir, user_errors
+from clipsearch.cli.app import app, user_errors
 from clipsearch.cli.options import IndexOption, NoWaitOption
+from retrieval.store.layout import resolve_index_dir
 
 
 @app.command()

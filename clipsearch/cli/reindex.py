@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
-from clipsearch.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
+from clipsearch.cli.app import app, quiet_libraries, user_errors
 from clipsearch.cli.options import DeviceOption, IndexOption, MaxMemoryOption, NoWaitOption
 from retrieval.store.index_types import AUTO, choices_help
+from retrieval.store.layout import resolve_index_dir
 
 
 @app.command()

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clipsearch.cli.app import app, quiet_libraries, resolve_index_dir, user_errors
+from clipsearch.cli.app import app, quiet_libraries, user_errors
 from clipsearch.cli.options import BF16TextOption, DeviceOption, IndexOption
+from retrieval.store.layout import resolve_index_dir
 
 if TYPE_CHECKING:
     from retrieval.model.device import Device

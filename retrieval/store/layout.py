@@ -20,6 +20,11 @@ def default_index_dir() -> Path:
     return Path(data_home) / "clipsearch" / "index"
 
 
+def resolve_index_dir(index: Path | None) -> Path:
+    """``--index`` as given (``~`` expanded), else ``default_index_dir``."""
+    return (index or default_index_dir()).expanduser()
+
+
 @dataclass(frozen=True)
 class IndexLayout:
     """The files of one index folder: the catalog is the truth, the FAISS file is derived from it."""
