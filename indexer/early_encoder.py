@@ -31,19 +31,24 @@ from retrieval.model.spec import ModelSpec, spec_key
 from retrieval.store.layout import IndexLayout
 
 THREAD_NAME = "clipsearch-early-encoder"
+_STARTED: set[tuple[Path, ModelSpec, bool]] = set()  # what this process started opening (launch, then the command)
 
 
 def open_encoder_early(index_dir: Path, model: ModelSpec, device: Device, int8: bool = False) -> bool:
     """Start opening the session a first run into ``index_dir`` will encode with; returns whether it started (a
-    new index, encoded on this CPU with the cached ONNX tower)."""
-    if device.is_cuda or IndexLayout(Path(index_dir).expanduser()).catalog.exists():
+    new index, encoded on this CPU with the cached ONNX tower), or had been started already in this process."""
+    index_dir = Path(index_dir).expanduser()
+    if device.is_cuda or IndexLayout(index_dir).catalog.exists():
         return False
+    if (index_dir, model, int8) in _STARTED:
+        return True
     try:
         tower = cached_image_tower(spec_key(model, check=False))
     except Exception:  # noqa: BLE001  (a spec that cannot be keyed: the run says why, in its own words)
         return False
     if choose_image_backend(device, tower, int8).backend != ONNX:
         return False
+    _STARTED.add((index_dir, model, int8))
     threading.Thread(target=_open_quietly, args=(tower, int8), name=THREAD_NAME).start()
     return True
 

@@ -250,8 +250,10 @@ def test_the_command_opens_a_new_index_encoder_before_its_own_imports(
 
     from clipsearch.cli import app
     from clipsearch.launch import open_encoder_first, plain_index_request
-    from indexer.early_encoder import THREAD_NAME
+    from indexer import early_encoder
+    from indexer.early_encoder import THREAD_NAME, open_encoder_early
     from retrieval.model import image_onnx
+    from retrieval.store.recorded_model import model_for_index
 
     monkeypatch.setenv("CLIPSEARCH_EXPORT_TEXT", "0")
     _index(tmp_path, photo_folder, settings, "first")  # torch, then the export: later runs encode with ONNX
@@ -261,6 +263,11 @@ def test_the_command_opens_a_new_index_encoder_before_its_own_imports(
     for thread in [t for t in threading.enumerate() if t.name == THREAD_NAME]:
         thread.join()
     (opened,) = image_onnx._OPEN.values()
+    spec = model_for_index(None, settings.model.name, None)  # as the command reads the same arguments
+    looked_up = []
+    with monkeypatch.context() as patch:  # the command's own start finds it under way: nothing looked up again
+        patch.setattr(early_encoder, "cached_image_tower", lambda key: looked_up.append(key))
+        assert open_encoder_early(tmp_path / "new", spec, CPU) and not looked_up
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert list(image_onnx._OPEN.values()) == [opened]  # the run's own open found it
