@@ -107,11 +107,12 @@ def index(
     from retrieval.store.recorded_model import model_for_index
 
     device = resolve_device(device)  # once, here: everything below takes the Device
-    check_folders(resolve_index_dir(index_dir), paths or [])  # before torch and the model load
+    index_dir = resolve_index_dir(index_dir)
+    check_folders(index_dir, paths or [])  # before torch and the model load
     quiet_libraries()
-    spec = model_for_index(resolve_index_dir(index_dir), model, pretrained)
+    spec = model_for_index(index_dir, model, pretrained)
     if ray is None and paths:  # a new index: its session builds while the indexer imports (indexer.early_encoder)
-        open_encoder_early(resolve_index_dir(index_dir), spec, device, int8)
+        open_encoder_early(index_dir, spec, device, int8)
     from indexer.pipeline import IndexSettings, index_paths
     from indexer.ray_runner import RaySettings
     from retrieval.store.index_types import parse_memory
@@ -131,10 +132,10 @@ def index(
         captioner=captioner,
     )
     if watch:
-        _watch(resolve_index_dir(index_dir), paths or [], settings, progress=not quiet)
+        _watch(index_dir, paths or [], settings, progress=not quiet)
         return
     summary = index_paths(
-        resolve_index_dir(index_dir),
+        index_dir,
         paths or [],
         settings,
         progress=not quiet,
